@@ -1,0 +1,111 @@
+//! The RabbitMQ side of the contract (SPEC §3–4): exchange, queue and routing-key names, the
+//! topology every service declares idempotently at start-up, and connecting with retry.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio_util::sync::CancellationToken;
+
+/// Direct exchange where producers publish purchases, routing key [`PURCHASE_ROUTING_KEY`].
+pub const PURCHASES_EXCHANGE: &str = "upline.purchases";
+/// Quorum queue the workers consume.
+pub const PURCHASES_QUEUE: &str = "upline.purchases";
+pub const PURCHASE_ROUTING_KEY: &str = "purchase";
+/// Fanout exchange for purchase messages that could not be read at all.
+pub const PURCHASES_DLX: &str = "upline.purchases.dlx";
+/// Durable queue keeping dead-lettered purchases for inspection and replay.
+pub const PURCHASES_DEAD_QUEUE: &str = "upline.purchases.dead";
+/// Topic exchange of earning events, routing key `earning.<level>.<earner_id>`.
+pub const EARNINGS_EXCHANGE: &str = "upline.earnings";
+/// Header of a dead-lettered message saying why it could not be processed.
+pub const ERROR_HEADER: &str = "x-upline-error";
+/// Deliveries of one message after which RabbitMQ dead-letters it (a message that keeps
+/// crashing workers must not stall the queue).
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Opens a connection driven by tokio; `name` shows in the RabbitMQ management UI.
+///
+/// # Errors
+/// The broker is unreachable or refuses the credentials.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let mut props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
+        .with_connection_name(name.into());
+    props.client_properties.insert("product".into(), AMQPValue::LongString("upline".into()));
+    Connection::connect(url, props).await
+}
+
+/// Connects, retrying with exponential backoff (up to 5 s apart) until it succeeds or `cancel`
+/// fires (`None`).
+pub async fn connect_with_retry(url: &str, name: &str, cancel: &CancellationToken) -> Option<Connection> {
+    let attempt = || async { connect(url, name).await };
+    let retrying = attempt
+        .retry(backoff())
+        .sleep(tokio::time::sleep)
+        .notify(|e: &lapin::Error, wait: Duration| {
+            tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable; retrying");
+        });
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        conn = retrying => conn.ok(),
+    }
+}
+
+/// Backoff for reconnecting: 100 ms doubling to 5 s, forever.
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+}
+
+/// Declares the whole topology of SPEC §3; idempotent.
+///
+/// # Errors
+/// A broker error, e.g. a queue that exists with other arguments.
+pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare(PURCHASES_EXCHANGE, ExchangeKind::Direct, durable, FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(PURCHASES_DLX, ExchangeKind::Fanout, durable, FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(EARNINGS_EXCHANGE, ExchangeKind::Topic, durable, FieldTable::default())
+        .await?;
+
+    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(PURCHASES_DLX.into()));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    channel.queue_declare(PURCHASES_QUEUE, durable_queue, args).await?;
+    channel
+        .queue_bind(PURCHASES_QUEUE, PURCHASES_EXCHANGE, PURCHASE_ROUTING_KEY, QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    channel.queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, FieldTable::default()).await?;
+    channel
+        .queue_bind(PURCHASES_DEAD_QUEUE, PURCHASES_DLX, "", QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+/// Properties of every message upline publishes: persistent JSON.
+pub fn persistent_json() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+/// Properties for a dead-lettered copy: the original's, plus [`ERROR_HEADER`].
+pub fn with_error_header(original: &BasicProperties, reason: &str) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
+    original.clone().with_headers(headers).with_delivery_mode(2)
+}

@@ -1,0 +1,181 @@
+//! PostgreSQL access shared by the services: the pool, the migrations (`migrations/`), creating
+//! the database when it is missing, and the earnings reads that both the api and the notifier
+//! serve.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::Retryable;
+use rust_decimal::Decimal;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgExecutor, PgPool, Postgres};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseSettings;
+use crate::events::{EarningEvent, Totals};
+use crate::money::Money;
+use crate::UserId;
+
+/// The schema, compiled in from `migrations/`.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Connects (retrying with backoff until the server answers or `cancel` fires), creating the
+/// database if it does not exist, and applies pending migrations.
+///
+/// # Errors
+/// A malformed URL, a failed migration, or cancellation before the database answered.
+pub async fn connect_and_migrate(settings: &DatabaseSettings, cancel: &CancellationToken) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(&settings.url).context("database.url is not a PostgreSQL URL")?;
+    let create = || async {
+        if !Postgres::database_exists(&settings.url).await? {
+            match Postgres::create_database(&settings.url).await {
+                // Another service created it first.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                other => other?,
+            }
+            tracing::info!(database = options.get_database().unwrap_or("postgres"), "created database");
+        }
+        Ok::<_, sqlx::Error>(())
+    };
+    let ready = create
+        .retry(crate::amqp::backoff())
+        .sleep(tokio::time::sleep)
+        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)) || is_starting_up(e))
+        .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable; retrying"));
+    tokio::select! {
+        () = cancel.cancelled() => anyhow::bail!("cancelled while waiting for PostgreSQL"),
+        r = ready => r.context("creating the database")?,
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .context("connecting to PostgreSQL")?;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    Ok(pool)
+}
+
+fn is_starting_up(e: &sqlx::Error) -> bool {
+    // 57P03: the database system is starting up.
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("57P03"))
+}
+
+/// Whether an error is worth retrying (connection lost, server restarting, serialization
+/// failure, deadlock) rather than a bug or bad data.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => {
+            let code = d.code();
+            let code = code.as_deref().unwrap_or("");
+            // 40001 serialization_failure, 40P01 deadlock, 08xxx connection, 57Pxx shutdown, 53xxx resources
+            code == "40001" || code == "40P01" || code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+        }
+        _ => false,
+    }
+}
+
+/// A row of `earnings`, convertible to the event of SPEC §4.
+#[derive(Debug, sqlx::FromRow)]
+pub struct EarningRow {
+    pub id: i64,
+    pub earner_id: i64,
+    pub seq: i64,
+    pub source_user_id: i64,
+    pub purchase_id: String,
+    pub level: i16,
+    pub rate: Decimal,
+    pub amount: Decimal,
+    pub currency: String,
+    pub totals: sqlx::types::Json<Totals>,
+    pub created_at: OffsetDateTime,
+}
+
+impl From<EarningRow> for EarningEvent {
+    fn from(r: EarningRow) -> Self {
+        EarningEvent {
+            earning_id: r.id,
+            seq: r.seq,
+            earner_id: r.earner_id,
+            source_user_id: r.source_user_id,
+            purchase_id: r.purchase_id,
+            level: r.level,
+            rate: r.rate.normalize(),
+            amount: Money::from_total(r.amount),
+            currency: r.currency,
+            totals: r.totals.0,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// The columns of [`EarningRow`], for queries that select earnings.
+pub const EARNING_COLUMNS: &str =
+    "id, earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency, totals, created_at";
+
+/// A user's earnings with `seq` greater than `after_seq`, oldest first, at most `limit`.
+///
+/// # Errors
+/// Database errors.
+pub async fn earnings_after(
+    db: impl PgExecutor<'_>,
+    earner_id: UserId,
+    after_seq: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<EarningEvent>> {
+    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
+        "select {EARNING_COLUMNS} from earnings where earner_id = $1 and seq > $2 order by seq limit $3"
+    ))
+    .bind(earner_id)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(EarningEvent::from).collect())
+}
+
+/// A user's newest earnings, newest first.
+///
+/// # Errors
+/// Database errors.
+pub async fn recent_earnings(db: impl PgExecutor<'_>, earner_id: UserId, limit: i64) -> sqlx::Result<Vec<EarningEvent>> {
+    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
+        "select {EARNING_COLUMNS} from earnings where earner_id = $1 order by seq desc limit $2"
+    ))
+    .bind(earner_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(EarningEvent::from).collect())
+}
+
+/// Earnings with `id` greater than `after_id` across all users, oldest first (the admin feed).
+///
+/// # Errors
+/// Database errors.
+pub async fn all_earnings_after(db: impl PgExecutor<'_>, after_id: i64, limit: i64) -> sqlx::Result<Vec<EarningEvent>> {
+    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
+        "select {EARNING_COLUMNS} from earnings where id > $1 order by id limit $2"
+    ))
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(EarningEvent::from).collect())
+}
+
+/// The `seq` of a user's latest earning (0 when none); `None` when the user does not exist.
+///
+/// # Errors
+/// Database errors.
+pub async fn latest_seq(db: impl PgExecutor<'_>, user_id: UserId) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar("select earnings_seq from users where id = $1")
+        .bind(user_id)
+        .fetch_optional(db)
+        .await
+}

@@ -1,0 +1,24 @@
+//! Code shared by every upline service: typed configuration, money and ids, the commission
+//! rules, the wire formats of purchase and earning events, the RabbitMQ topology, database
+//! access, authentication tokens, shutdown, telemetry and the health/metrics endpoints.
+//!
+//! The services (`upline-api`, `upline-worker`, `upline-notifier`) depend on this crate and on
+//! nothing of each other's.
+
+pub mod amqp;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod events;
+pub mod http;
+pub mod money;
+pub mod purchase;
+pub mod rules;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use money::Money;
+
+/// A user's id: the `users.id` primary key.
+pub type UserId = i64;
