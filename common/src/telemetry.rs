@@ -30,3 +30,13 @@ pub fn metrics() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Logs a loud warning when the built-in development secrets are in use.
+pub fn warn_on_development_secrets(settings: &crate::Settings) {
+    if settings.uses_development_secrets() {
+        tracing::warn!(
+            "USING DEVELOPMENT SECRETS: set auth.token_secret, auth.admin_token and auth.producer_token \
+             (UPLINE__AUTH__…) before exposing this service"
+        );
+    }
+}

@@ -1,1 +1,94 @@
+//! upline-worker: consumes purchases from `upline.purchases`, records each purchase and its
+//! commissions exactly once in PostgreSQL, and publishes one earning event per credited
+//! commission to `upline.earnings` through a transactional outbox (SPEC §1, §3, §4).
+//! Any number of workers may run side by side on the same queue.
 
+pub mod consumer;
+pub mod ledger;
+pub mod outbox;
+pub mod process;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use upline_common::http::Probes;
+use upline_common::{amqp, Settings};
+
+use crate::process::Ctx;
+
+/// Runs a worker until `shutdown` fires: the health/metrics server on `listener`, the
+/// consumers and the outbox relay, reconnecting to RabbitMQ whenever the connection is lost.
+///
+/// # Errors
+/// Invalid settings or a database that cannot be migrated.
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let rules = Arc::new(settings.commission.rules()?);
+    let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
+    let probes = Probes::new(db.clone());
+    let ctx = Ctx { db, rules, outbox_ready: Arc::new(Notify::new()) };
+
+    let app = upline_common::http::ops_routes::<()>(probes.clone());
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+    });
+
+    tracing::info!(consumers = settings.worker.consumers, prefetch = settings.worker.prefetch, "worker starting");
+    while !shutdown.is_cancelled() {
+        let Some(conn) = amqp::connect_with_retry(&settings.amqp.url, "upline-worker", &shutdown).await else {
+            break;
+        };
+        probes.broker_up.store(true, Ordering::Relaxed);
+        let conn = Arc::new(conn);
+        let result = session(&ctx, &settings, &conn, &shutdown).await;
+        probes.broker_up.store(false, Ordering::Relaxed);
+        let _ = conn.close(200, "worker session over").await;
+        match result {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "broker session failed; reconnecting"),
+        }
+    }
+    http.await.context("health server task")?.context("health server")?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// One broker connection's worth of work: topology, consumers, relay. Ends when `shutdown`
+/// fires (`Ok`) or any part fails (`Err`, after stopping the others).
+async fn session(ctx: &Ctx, settings: &Settings, conn: &Arc<lapin::Connection>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    amqp::declare_topology(&channel).await.context("declaring the topology")?;
+    let _ = channel.close(200, "topology declared").await;
+
+    let session = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    for i in 0..settings.worker.consumers {
+        let (ctx, conn, cancel) = (ctx.clone(), conn.clone(), session.clone());
+        let prefetch = settings.worker.prefetch;
+        let tag = format!("upline-worker-{}-{i}", std::process::id());
+        tasks.spawn(async move { consumer::consume(ctx, &conn, prefetch, tag, cancel).await });
+    }
+    {
+        let (db, conn, ready, cancel) = (ctx.db.clone(), conn.clone(), ctx.outbox_ready.clone(), session.clone());
+        let poll = Duration::from_millis(settings.worker.outbox_poll_ms);
+        tasks.spawn(async move { outbox::relay(db, &conn, ready, poll, cancel).await });
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            session.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        Some(e) if !shutdown.is_cancelled() => Err(e),
+        _ => Ok(()),
+    }
+}
