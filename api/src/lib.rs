@@ -1,1 +1,81 @@
+//! upline-api: the REST API of SPEC §6 — registration and the referral tree, purchase intake
+//! (validated, published to RabbitMQ with publisher confirms, answered 202), reports, admin,
+//! health and metrics.
 
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod publisher;
+pub mod routes;
+pub mod store;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use upline_common::auth::Auth;
+use upline_common::http::Probes;
+use upline_common::rules::Rules;
+use upline_common::Settings;
+
+use crate::publisher::Publisher;
+use crate::routes::{purchases, reports, users};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub auth: Auth,
+    pub rules: Arc<Rules>,
+    pub publisher: Publisher,
+    pub max_direct: i32,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState, probes: Probes) -> Router {
+    Router::new()
+        .route("/api/users", post(users::register).get(users::list))
+        .route("/api/users/{id}", get(users::get))
+        .route("/api/users/{id}/referrer", put(users::set_referrer))
+        .route("/api/users/{id}/deactivate", post(users::deactivate))
+        .route("/api/users/{id}/reactivate", post(users::reactivate))
+        .route("/api/users/{id}/token", post(users::token))
+        .route("/api/users/{id}/earnings", get(reports::earnings))
+        .route("/api/users/{id}/referrals", get(reports::referrals))
+        .route("/api/purchases", post(purchases::create))
+        .route("/api/purchases/{purchase_id}", get(purchases::get))
+        .route("/api/leaderboard", get(reports::leaderboard))
+        .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+        .merge(upline_common::http::ops_routes(probes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Serves the api on `listener` until `shutdown` fires (in-flight requests are finished).
+///
+/// # Errors
+/// Invalid settings, a database that cannot be migrated, or a server error.
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let rules = Arc::new(settings.commission.rules()?);
+    let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
+    let probes = Probes::new(db.clone());
+    let publisher = Publisher::new(&settings.amqp.url, probes.broker_up.clone());
+    publisher.warm_up().await;
+    let state = AppState {
+        db,
+        auth: Auth::new(&settings.auth),
+        rules,
+        publisher: publisher.clone(),
+        max_direct: settings.referrals.max_direct,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "api listening");
+    axum::serve(listener, router(state, probes))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    publisher.close().await;
+    tracing::info!("api stopped");
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `ApiError`: every failure a client can see, mapped to `application/problem+json` in one
+//! place (SPEC §6). Database and other internal errors become a logged, generic 500; their
+//! text never reaches the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// A failure, with the status and stable `code` it is reported with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid_json`: the body is not a JSON object.
+    #[error("the request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// 422 `validation_failed`: `field` is missing or wrong.
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    /// 401 `unauthorized`: no `Authorization: Bearer …` credentials.
+    #[error("this endpoint needs credentials: Authorization: Bearer <token>")]
+    Unauthorized,
+    /// 403 `forbidden`: credentials that do not allow this.
+    #[error("these credentials do not allow this request")]
+    Forbidden,
+    /// 404 `not_found`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 404 `referrer_not_found`.
+    #[error("no user matches the given referrer")]
+    ReferrerNotFound,
+    /// 409 `email_taken` (emails are compared case-insensitively).
+    #[error("a user with this email already exists")]
+    EmailTaken,
+    /// 409 `referral_limit_reached`.
+    #[error("the referrer already has the most direct referrals allowed ({0})")]
+    ReferralLimitReached(i32),
+    /// 409 `referrer_inactive`.
+    #[error("the referrer is inactive")]
+    ReferrerInactive,
+    /// 409 `already_referred`: a referrer is set once.
+    #[error("this user already has a referrer")]
+    AlreadyReferred,
+    /// 422 `self_referral`.
+    #[error("a user cannot refer themselves")]
+    SelfReferral,
+    /// 422 `referral_cycle`.
+    #[error("the referrer is in this user's downline; the referral graph must stay a forest")]
+    ReferralCycle,
+    /// 422 `unknown_buyer`.
+    #[error("buyer_id: no user with id {0}")]
+    UnknownBuyer(i64),
+    /// 503 `broker_unavailable`: the purchase was not accepted; retry later.
+    #[error("the message broker is unavailable; the purchase was not accepted, retry later")]
+    BrokerUnavailable,
+    /// 500 `internal_error`: logged with its cause chain, reported without it.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Validation { field: field.into(), message: message.into() }
+    }
+
+    /// The HTTP status and stable machine code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            ApiError::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::ReferrerNotFound => (StatusCode::NOT_FOUND, "referrer_not_found"),
+            ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
+            ApiError::ReferralLimitReached(_) => (StatusCode::CONFLICT, "referral_limit_reached"),
+            ApiError::ReferrerInactive => (StatusCode::CONFLICT, "referrer_inactive"),
+            ApiError::AlreadyReferred => (StatusCode::CONFLICT, "already_referred"),
+            ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, "self_referral"),
+            ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, "referral_cycle"),
+            ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_buyer"),
+            ApiError::BrokerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("database"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let detail = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "internal error");
+                "an internal error occurred; it has been logged".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({
+            "type": format!("/problems/{code}"),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "detail": detail,
+            "code": code,
+        });
+        if let ApiError::Validation { field, .. } = &self {
+            body["field"] = json!(field);
+        }
+        if let ApiError::UnknownBuyer(_) = &self {
+            body["field"] = json!("buyer_id");
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Maps a named constraint violation to an [`ApiError`] (rw's `on_constraint`).
+pub trait ResultExt<T> {
+    fn on_constraint(self, name: &str, f: impl FnOnce() -> ApiError) -> Result<T, ApiError>;
+}
+
+impl<T, E: Into<ApiError>> ResultExt<T> for Result<T, E> {
+    fn on_constraint(self, name: &str, f: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
+        self.map_err(|e| match e.into() {
+            ApiError::Internal(inner) => match inner.downcast_ref::<sqlx::Error>() {
+                Some(sqlx::Error::Database(db)) if db.constraint() == Some(name) => f(),
+                _ => ApiError::Internal(inner),
+            },
+            other => other,
+        })
+    }
+}

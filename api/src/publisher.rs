@@ -1,0 +1,112 @@
+//! Publishing purchases to `upline.purchases` over one long-lived channel with publisher
+//! confirms (pipelined: many requests share the channel, each awaits its own confirm).
+//! A lost connection is re-opened on the next publish; while the broker is down, publishing
+//! fails fast with `broker_unavailable`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::{Channel, Connection};
+use tokio::sync::Mutex;
+use upline_common::amqp;
+use upline_common::purchase::Purchase;
+
+/// How long a request waits for the broker before answering 503.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A shared, reconnecting purchase publisher.
+#[derive(Clone)]
+pub struct Publisher {
+    url: Arc<str>,
+    link: Arc<Mutex<Option<(Connection, Channel)>>>,
+    broker_up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why a purchase was not accepted by the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
+    #[error("broker did not confirm: {0}")]
+    NotConfirmed(String),
+}
+
+impl Publisher {
+    pub fn new(url: &str, broker_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Publisher { url: url.into(), link: Arc::new(Mutex::new(None)), broker_up }
+    }
+
+    /// A channel in confirm mode, (re)connecting and declaring the topology if needed.
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, channel)) = link.as_ref() {
+            if conn.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        self.broker_up.store(false, Ordering::Relaxed);
+        *link = None;
+        let connect = async {
+            let conn = amqp::connect(&self.url, "upline-api").await?;
+            let channel = conn.create_channel().await?;
+            amqp::declare_topology(&channel).await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>((conn, channel))
+        };
+        let (conn, channel) = tokio::time::timeout(BROKER_TIMEOUT, connect)
+            .await
+            .map_err(|_| PublishError::Unreachable("timed out connecting".into()))?
+            .map_err(|e| PublishError::Unreachable(e.to_string()))?;
+        *link = Some((conn, channel.clone()));
+        self.broker_up.store(true, Ordering::Relaxed);
+        Ok(channel)
+    }
+
+    /// Connects now, so that readiness reflects the broker before the first purchase.
+    pub async fn warm_up(&self) {
+        if let Err(e) = self.channel().await {
+            tracing::warn!(error = %e, "RabbitMQ not reachable yet; purchases answer 503 until it is");
+        }
+    }
+
+    /// Publishes one purchase (persistent, mandatory) and waits for the broker's confirm.
+    ///
+    /// # Errors
+    /// [`PublishError`] when the broker is unreachable, nacks, or cannot route the message.
+    pub async fn publish(&self, purchase: &Purchase) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let body = purchase.to_json();
+        let confirm = async {
+            channel
+                .basic_publish(
+                    amqp::PURCHASES_EXCHANGE,
+                    amqp::PURCHASE_ROUTING_KEY,
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &body,
+                    amqp::persistent_json().with_message_id(purchase.purchase_id.as_str().into()),
+                )
+                .await?
+                .await
+        };
+        match tokio::time::timeout(BROKER_TIMEOUT, confirm).await {
+            Err(_) => Err(PublishError::NotConfirmed("timed out waiting for the confirm".into())),
+            Ok(Err(e)) => {
+                self.broker_up.store(false, Ordering::Relaxed);
+                Err(PublishError::Unreachable(e.to_string()))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::NotConfirmed("message was unroutable".into())),
+            Ok(Ok(other)) => Err(PublishError::NotConfirmed(format!("{other:?}"))),
+        }
+    }
+
+    /// Closes the connection (at shutdown).
+    pub async fn close(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            let _ = conn.close(200, "api stopping").await;
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The REST resources of SPEC §6, one file each.
+
+pub mod purchases;
+pub mod reports;
+pub mod users;

@@ -1,0 +1,353 @@
+//! The api's persistence module: every SQL statement the REST handlers run.
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use time::OffsetDateTime;
+use upline_common::money::Money;
+use upline_common::UserId;
+
+use crate::error::{ApiError, ResultExt};
+
+/// A user as the API shows it (the token is added at registration only).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct User {
+    pub id: UserId,
+    pub name: String,
+    pub email: String,
+    pub referral_code: String,
+    pub referrer_id: Option<UserId>,
+    pub is_active: bool,
+    pub direct_referrals: i32,
+    #[serde(serialize_with = "money")]
+    pub total_earnings: Decimal,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+fn money<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+    Money::from_total(*d).serialize(s)
+}
+
+const USER_COLUMNS: &str =
+    "id, name, email, referral_code, referrer_id, is_active, direct_referrals, total_earnings, created_at";
+
+/// Fetches a user.
+///
+/// # Errors
+/// Database errors.
+pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!("select {USER_COLUMNS} from users where id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Users with id greater than `after`, by id.
+///
+/// # Errors
+/// Database errors.
+pub async fn users_page(db: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
+    sqlx::query_as(&format!("select {USER_COLUMNS} from users where id > $1 order by id limit $2"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+}
+
+/// The id of the user with this referral code.
+///
+/// # Errors
+/// Database errors.
+pub async fn user_id_by_code(db: impl PgExecutor<'_>, code: &str) -> sqlx::Result<Option<UserId>> {
+    sqlx::query_scalar("select id from users where referral_code = $1")
+        .bind(code.trim().to_ascii_uppercase())
+        .fetch_optional(db)
+        .await
+}
+
+/// Takes one of the referrer's direct-referral slots, atomically: the row lock on the
+/// referrer serialises concurrent sign-ups, so the limit holds under any concurrency.
+///
+/// # Errors
+/// 404 `referrer_not_found`, 409 `referrer_inactive`, 409 `referral_limit_reached`.
+pub async fn take_referral_slot(tx: &mut PgConnection, referrer_id: UserId, max_direct: i32) -> Result<(), ApiError> {
+    let row: Option<(bool, i32)> = sqlx::query_as(
+        "select is_active, direct_referrals from users where id = $1 for update",
+    )
+    .bind(referrer_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        None => Err(ApiError::ReferrerNotFound),
+        Some((false, _)) => Err(ApiError::ReferrerInactive),
+        Some((true, n)) if n >= max_direct => Err(ApiError::ReferralLimitReached(max_direct)),
+        Some(_) => {
+            sqlx::query("update users set direct_referrals = direct_referrals + 1 where id = $1")
+                .bind(referrer_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Inserts a new user.
+///
+/// # Errors
+/// 409 `email_taken`; a duplicate referral code is reported as `Ok(None)` so the caller can
+/// draw another.
+pub async fn insert_user(
+    tx: &mut PgConnection,
+    name: &str,
+    email: &str,
+    referral_code: &str,
+    referrer_id: Option<UserId>,
+) -> Result<Option<User>, ApiError> {
+    let inserted = sqlx::query_as(&format!(
+        "insert into users (name, email, referral_code, referrer_id) values ($1, $2, $3, $4) returning {USER_COLUMNS}"
+    ))
+    .bind(name)
+    .bind(email)
+    .bind(referral_code)
+    .bind(referrer_id)
+    .fetch_one(&mut *tx)
+    .await
+    .on_constraint("users_email_key", || ApiError::EmailTaken);
+    match inserted {
+        Ok(user) => Ok(Some(user)),
+        Err(ApiError::Internal(e))
+            if matches!(e.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Database(d)) if d.constraint() == Some("users_referral_code_key")) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Serialises every change of an existing user's referrer, so that two concurrent changes
+/// cannot close a cycle between them. Held until the transaction ends.
+///
+/// # Errors
+/// Database errors.
+pub async fn lock_referral_graph(tx: &mut PgConnection) -> sqlx::Result<()> {
+    // An arbitrary constant naming "the referral graph" among advisory locks.
+    sqlx::query("select pg_advisory_xact_lock(7_001_001)").execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Locks a user's row and returns its current referrer (`Err` 404 if there is no such user).
+///
+/// # Errors
+/// 404 when the user does not exist.
+pub async fn lock_user_referrer(tx: &mut PgConnection, id: UserId) -> Result<Option<UserId>, ApiError> {
+    let row: Option<(Option<UserId>,)> = sqlx::query_as("select referrer_id from users where id = $1 for update")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    row.map(|r| r.0).ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))
+}
+
+/// Whether `user` is `candidate` or one of its ancestors, i.e. making `user` refer to
+/// `candidate`… would close a cycle when `candidate`'s upline contains `user`.
+///
+/// # Errors
+/// Database errors.
+pub async fn upline_contains(tx: &mut PgConnection, start: UserId, user: UserId) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        r#"with recursive up (id, referrer_id) as (
+               select id, referrer_id from users where id = $1
+               union all
+               select u.id, u.referrer_id from users u join up on u.id = up.referrer_id
+           )
+           select exists (select 1 from up where id = $2)"#,
+    )
+    .bind(start)
+    .bind(user)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Sets a user's referrer.
+///
+/// # Errors
+/// Database errors.
+pub async fn set_referrer(tx: &mut PgConnection, id: UserId, referrer_id: UserId) -> sqlx::Result<()> {
+    sqlx::query("update users set referrer_id = $2 where id = $1")
+        .bind(id)
+        .bind(referrer_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Activates or deactivates a user; `None` if there is no such user.
+///
+/// # Errors
+/// Database errors.
+pub async fn set_active(db: &PgPool, id: UserId, active: bool) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!("update users set is_active = $2 where id = $1 returning {USER_COLUMNS}"))
+        .bind(id)
+        .bind(active)
+        .fetch_optional(db)
+        .await
+}
+
+/// Whether a user exists.
+///
+/// # Errors
+/// Database errors.
+pub async fn user_exists(db: &PgPool, id: UserId) -> sqlx::Result<bool> {
+    sqlx::query_scalar("select exists (select 1 from users where id = $1)")
+        .bind(id)
+        .fetch_one(db)
+        .await
+}
+
+/// A purchase as recorded by a worker.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PurchaseRow {
+    pub purchase_id: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub buyer_id: Option<i64>,
+    pub amount: Option<Decimal>,
+    pub currency: Option<String>,
+    pub profit: Option<Decimal>,
+    pub occurred_at: Option<OffsetDateTime>,
+    pub processed_at: OffsetDateTime,
+}
+
+/// One level's outcome of a purchase.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LevelRow {
+    pub level: i16,
+    pub earner_id: Option<i64>,
+    pub outcome: String,
+    pub rate: Decimal,
+    pub amount: Decimal,
+    pub earning_id: Option<i64>,
+}
+
+/// A later message that reused the purchase id with other content.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ConflictRow {
+    pub body: sqlx::types::Json<serde_json::Value>,
+    pub received_at: OffsetDateTime,
+}
+
+/// A purchase with its levels and conflicts.
+///
+/// # Errors
+/// Database errors.
+pub async fn purchase(db: &PgPool, id: &str) -> sqlx::Result<Option<(PurchaseRow, Vec<LevelRow>, Vec<ConflictRow>)>> {
+    let Some(row) = sqlx::query_as::<_, PurchaseRow>(
+        r#"select purchase_id, status, reason, buyer_id, amount, currency, profit, occurred_at, processed_at
+           from purchases where purchase_id = $1"#,
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let levels = sqlx::query_as(
+        "select level, earner_id, outcome, rate, amount, earning_id from purchase_levels where purchase_id = $1 order by level",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    let conflicts = sqlx::query_as(
+        "select body, received_at from purchase_conflicts where purchase_id = $1 order by id limit 100",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    Ok(Some((row, levels, conflicts)))
+}
+
+/// A user's total per level.
+///
+/// # Errors
+/// Database errors.
+pub async fn level_totals(db: &PgPool, user_id: UserId) -> sqlx::Result<Vec<(i16, Decimal, i64)>> {
+    sqlx::query_as("select level, total, count from earner_levels where user_id = $1 order by level")
+        .bind(user_id)
+        .fetch_all(db)
+        .await
+}
+
+/// What each referral (buyer) brought a user, per level, largest first.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ReferralEarnings {
+    pub source_user_id: UserId,
+    pub name: String,
+    pub level: i16,
+    #[serde(serialize_with = "money")]
+    pub total: Decimal,
+    pub count: i64,
+}
+
+/// The `by_referral` report, at most `limit` rows.
+///
+/// # Errors
+/// Database errors.
+pub async fn earnings_by_referral(db: &PgPool, user_id: UserId, limit: i64) -> sqlx::Result<Vec<ReferralEarnings>> {
+    sqlx::query_as(
+        r#"select r.source_user_id, u.name, r.level, r.total, r.count
+           from earner_referrals r join users u on u.id = r.source_user_id
+           where r.user_id = $1 order by r.total desc, r.source_user_id, r.level limit $2"#,
+    )
+    .bind(user_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// A member of someone's downline.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Referral {
+    pub id: UserId,
+    pub name: String,
+    pub is_active: bool,
+    pub referrer_id: Option<UserId>,
+    pub direct_referrals: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// Direct referrals of any of `ids`, by id.
+///
+/// # Errors
+/// Database errors.
+pub async fn referrals_of(db: &PgPool, ids: &[UserId]) -> sqlx::Result<Vec<Referral>> {
+    sqlx::query_as(
+        "select id, name, is_active, referrer_id, direct_referrals, created_at from users where referrer_id = any($1) order by id",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// A leaderboard entry; no emails.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Leader {
+    pub user_id: UserId,
+    pub name: String,
+    #[serde(serialize_with = "money")]
+    pub total_earnings: Decimal,
+}
+
+/// The top earners.
+///
+/// # Errors
+/// Database errors.
+pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
+    sqlx::query_as(
+        r#"select id as user_id, name, total_earnings from users where total_earnings > 0
+           order by total_earnings desc, id limit $1"#,
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
