@@ -1,0 +1,410 @@
+//! `upline demo`: builds a realistic referral forest through the running api, drives a stream
+//! of purchases (half over REST, half published straight onto `upline.purchases`), waits
+//! until every purchase is processed, prints what was paid by level, and checks it against an
+//! independent recomputation from the database.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::stream::{self, StreamExt};
+use lapin::options::BasicPublishOptions;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::{Decimal, RoundingStrategy};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use upline_common::{amqp, Settings};
+
+/// Options of `upline demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Base URL of the running api.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Users in the referral forest.
+    #[arg(long, default_value_t = 3000)]
+    pub users: usize,
+    /// Purchases to drive (half over REST, half straight onto the queue).
+    #[arg(long, default_value_t = 6000)]
+    pub purchases: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Random seed (the same seed gives the same forest shape and amounts).
+    #[arg(long, default_value_t = 2026)]
+    pub seed: u64,
+}
+
+/// A planned user: index of its referrer in the plan (if any).
+struct PlannedUser {
+    referrer: Option<usize>,
+    depth: usize,
+}
+
+/// A planned purchase.
+struct PlannedPurchase {
+    id: String,
+    buyer: usize,
+    amount: Decimal,
+    profit: Option<Decimal>,
+}
+
+/// Runs the demo.
+///
+/// # Errors
+/// The pipeline is not running, a request fails, or the check finds a difference.
+pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let api = args.api.trim_end_matches('/').to_owned();
+    let ready = http.get(format!("{api}/readyz")).send().await;
+    if !matches!(&ready, Ok(r) if r.status().is_success()) {
+        bail!("the pipeline is not answering at {api}/readyz; start it first with `upline run`");
+    }
+    let admin = settings.auth.admin_token.expose_secret().to_owned();
+    let producer = settings.auth.producer_token.expose_secret().to_owned();
+    let rules = settings.commission.rules()?;
+    let db = upline_common::db::connect_and_migrate(&settings.database, &cancel).await?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let run_id = format!("{:x}", time::OffsetDateTime::now_utc().unix_timestamp());
+    let max_direct = usize::try_from(settings.referrals.max_direct).unwrap_or(0);
+
+    // 1. The forest: ~4 % roots; everyone else joins under an existing user with room, chosen
+    //    by preferential attachment (people with referrals attract more): a heavy tail capped
+    //    at max_direct.
+    let plan = plan_forest(&mut rng, args.users, max_direct);
+    let started = Instant::now();
+    let ids = register(&http, &api, &run_id, &plan, args.concurrency).await?;
+    let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
+    let roots = plan.iter().filter(|u| u.referrer.is_none()).count();
+    println!(
+        "registered {} users over REST in {:.1}s: {roots} roots, deepest chain {deepest} levels",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // 2. Some people leave: deactivate ~3 %.
+    let mut inactive = 0;
+    for &id in &ids {
+        if rng.gen_bool(0.03) {
+            let r = http.post(format!("{api}/api/users/{id}/deactivate")).bearer_auth(&admin).send().await?;
+            ensure_ok(r, "deactivating a user").await?;
+            inactive += 1;
+        }
+    }
+    println!("deactivated {inactive} users");
+
+    // 3. Purchases: 55 % small (50–1000), the rest a long tail above 1000; 20 % carry a profit.
+    let purchases: Vec<PlannedPurchase> = (0..args.purchases)
+        .map(|i| {
+            let amount = if rng.gen_bool(0.55) {
+                paise(&mut rng, 5_000, 100_000)
+            } else {
+                // log-uniform from 1000.01 to 500000
+                let exp: f64 = rng.gen_range(0.0..(500.0f64).ln());
+                let rupees = 1000.01 * exp.exp();
+                Decimal::new((rupees * 100.0) as i64, 2)
+            };
+            let profit = rng.gen_bool(0.2).then(|| {
+                let share = Decimal::new(rng.gen_range(5..40), 2);
+                (amount * share).round_dp(2)
+            });
+            PlannedPurchase { id: format!("demo-{run_id}-{i}"), buyer: rng.gen_range(0..plan.len()), amount, profit }
+        })
+        .collect();
+    let conn = amqp::connect(&settings.amqp.url, "upline-demo").await.context("connecting to RabbitMQ")?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    let started = Instant::now();
+    let (rest, queue): (Vec<_>, Vec<_>) = purchases.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let ids = Arc::new(ids);
+    let rest_task = {
+        let (http, api, ids) = (http.clone(), api.clone(), ids.clone());
+        let bodies: Vec<Value> = rest.iter().map(|(_, p)| body(p, &ids)).collect();
+        let concurrency = args.concurrency;
+        tokio::spawn(async move {
+            let results: Vec<anyhow::Result<()>> = stream::iter(bodies)
+                .map(|b| {
+                    let (http, api, producer) = (http.clone(), api.clone(), producer.clone());
+                    async move {
+                        let r = http.post(format!("{api}/api/purchases")).bearer_auth(&producer).json(&b).send().await?;
+                        ensure_ok(r, "posting a purchase").await
+                    }
+                })
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            results.into_iter().collect::<anyhow::Result<Vec<()>>>()
+        })
+    };
+    let mut confirms = Vec::with_capacity(queue.len());
+    for (_, p) in &queue {
+        let payload = serde_json::to_vec(&body(p, &ids))?;
+        confirms.push(
+            channel
+                .basic_publish(amqp::PURCHASES_EXCHANGE, amqp::PURCHASE_ROUTING_KEY, BasicPublishOptions::default(), &payload, amqp::persistent_json())
+                .await?,
+        );
+    }
+    // A few producers retry: republish 5 % of the queued purchases; they must pay once.
+    let mut republished = 0;
+    for (_, p) in queue.iter().filter(|(i, _)| i % 40 == 1) {
+        let payload = serde_json::to_vec(&body(p, &ids))?;
+        confirms.push(
+            channel
+                .basic_publish(amqp::PURCHASES_EXCHANGE, amqp::PURCHASE_ROUTING_KEY, BasicPublishOptions::default(), &payload, amqp::persistent_json())
+                .await?,
+        );
+        republished += 1;
+    }
+    for c in confirms {
+        if !c.await?.is_ack() {
+            bail!("RabbitMQ refused a purchase");
+        }
+    }
+    rest_task.await.context("REST producer task")??;
+    let _ = conn.close(200, "demo done").await;
+    let sent = started.elapsed();
+    println!(
+        "sent {} purchases in {:.1}s: {} over REST, {} straight onto the queue (+{republished} republished duplicates)",
+        purchases.len(),
+        sent.as_secs_f64(),
+        rest.len(),
+        queue.len()
+    );
+
+    // 4. Wait until every purchase is processed.
+    let prefix = format!("demo-{run_id}-%");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let done: i64 = sqlx::query_scalar("select count(*) from purchases where purchase_id like $1")
+            .bind(&prefix)
+            .fetch_one(&db)
+            .await?;
+        eprint!("\r  processed {done}/{}   ", purchases.len());
+        if done as usize >= purchases.len() {
+            eprintln!();
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {} purchases were processed within 5 minutes", purchases.len());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let total_time = started.elapsed();
+    println!(
+        "all {} purchases processed {:.1}s after the first was sent ({:.0} purchases/s end to end)",
+        purchases.len(),
+        total_time.as_secs_f64(),
+        purchases.len() as f64 / total_time.as_secs_f64()
+    );
+
+    // 5. What was paid, by level.
+    let rows: Vec<(i16, String, i64, Decimal)> = sqlx::query_as(
+        r#"select l.level, l.outcome, count(*), coalesce(sum(l.amount), 0)
+           from purchase_levels l where l.purchase_id like $1 group by 1, 2 order by 1, 2"#,
+    )
+    .bind(&prefix)
+    .fetch_all(&db)
+    .await?;
+    println!("\n{:<6} {:<8} {:>9} {:>9} {:>9} {:>11} {:>16}", "level", "rate", "paid", "inactive", "below", "no_referrer", "amount (INR)");
+    let mut paid_by_level: HashMap<i16, Decimal> = HashMap::new();
+    for (level, rate) in rules.rates.iter().enumerate() {
+        let level = i16::try_from(level + 1).expect("at most 10 levels");
+        let count = |o: &str| rows.iter().filter(|r| r.0 == level && r.1 == o).map(|r| r.2).sum::<i64>();
+        let amount: Decimal = rows.iter().filter(|r| r.0 == level).map(|r| r.3).sum();
+        paid_by_level.insert(level, amount);
+        println!(
+            "{:<6} {:<8} {:>9} {:>9} {:>9} {:>11} {:>16}",
+            level,
+            format!("{}%", (rate * Decimal::ONE_HUNDRED).normalize()),
+            count("paid") + count("capped"),
+            count("inactive"),
+            count("below_threshold"),
+            count("no_referrer"),
+            amount.round_dp(2)
+        );
+    }
+    let statuses: Vec<(String, i64)> = sqlx::query_as("select status, count(*) from purchases where purchase_id like $1 group by 1")
+        .bind(&prefix)
+        .fetch_all(&db)
+        .await?;
+    println!("purchases by status: {statuses:?}");
+
+    // 6. Independent recomputation from the database's users and the purchases as sent.
+    if rules.cap_per_level.is_some() {
+        println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
+        return Ok(());
+    }
+    let expected = recompute(&db, &purchases, &ids, &rules.rates, rules.min_purchase.as_decimal()).await?;
+    let actual: Vec<(i64, Decimal)> = sqlx::query_as(
+        "select earner_id, sum(amount) from earnings where purchase_id like $1 group by 1",
+    )
+    .bind(&prefix)
+    .fetch_all(&db)
+    .await?;
+    let actual: HashMap<i64, Decimal> = actual.into_iter().collect();
+    let mut mismatches = 0;
+    for (earner, want) in &expected.by_earner {
+        let got = actual.get(earner).copied().unwrap_or_default();
+        if got != *want {
+            mismatches += 1;
+            if mismatches <= 5 {
+                println!("  earner {earner}: expected {want}, recorded {got}");
+            }
+        }
+    }
+    mismatches += actual.keys().filter(|k| !expected.by_earner.contains_key(k)).count();
+    for (level, want) in &expected.by_level {
+        let got = paid_by_level.get(level).copied().unwrap_or_default();
+        if got != *want {
+            mismatches += 1;
+            println!("  level {level}: expected {want}, recorded {got}");
+        }
+    }
+    let earned: Decimal = expected.by_level.values().sum();
+    if mismatches > 0 {
+        bail!("check FAILED: {mismatches} difference(s) between the ledger and the recomputation");
+    }
+    println!(
+        "check passed: {} earners, {} INR in total, equal to an independent recomputation, level by level and earner by earner",
+        expected.by_earner.len(),
+        earned.round_dp(2)
+    );
+    Ok(())
+}
+
+fn paise(rng: &mut StdRng, low: i64, high: i64) -> Decimal {
+    Decimal::new(rng.gen_range(low..=high), 2)
+}
+
+fn body(p: &PlannedPurchase, ids: &[i64]) -> Value {
+    let mut b = json!({
+        "purchase_id": p.id,
+        "buyer_id": ids[p.buyer],
+        "amount": p.amount.to_string(),
+        "currency": "INR",
+    });
+    if let Some(profit) = p.profit {
+        b["profit"] = json!(profit.to_string());
+    }
+    b
+}
+
+fn plan_forest(rng: &mut StdRng, users: usize, max_direct: usize) -> Vec<PlannedUser> {
+    let mut plan: Vec<PlannedUser> = Vec::with_capacity(users);
+    let mut children = Vec::with_capacity(users);
+    // Users that can still take referrals, repeated by weight (1 + referrals so far).
+    let mut tickets: Vec<usize> = Vec::new();
+    for i in 0..users {
+        let root = tickets.is_empty() || max_direct == 0 || rng.gen_bool(0.04);
+        let referrer = if root {
+            None
+        } else {
+            loop {
+                let pick = tickets[rng.gen_range(0..tickets.len())];
+                if children[pick] < max_direct {
+                    break Some(pick);
+                }
+                tickets.retain(|&t| t != pick);
+                if tickets.is_empty() {
+                    break None;
+                }
+            }
+        };
+        let depth = referrer.map_or(0, |r: usize| plan[r].depth + 1);
+        if let Some(r) = referrer {
+            children[r] += 1;
+            tickets.push(r);
+        }
+        plan.push(PlannedUser { referrer, depth });
+        children.push(0);
+        tickets.push(i);
+    }
+    plan
+}
+
+async fn register(http: &reqwest::Client, api: &str, run_id: &str, plan: &[PlannedUser], concurrency: usize) -> anyhow::Result<Vec<i64>> {
+    let mut ids = vec![0i64; plan.len()];
+    let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
+    // Depth by depth, so that every referrer exists before its referrals.
+    for depth in 0..=deepest {
+        let wave: Vec<(usize, Option<i64>)> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.depth == depth)
+            .map(|(i, u)| (i, u.referrer.map(|r| ids[r])))
+            .collect();
+        let created: Vec<anyhow::Result<(usize, i64)>> = stream::iter(wave)
+            .map(|(i, referrer)| async move {
+                let body = json!({
+                    "name": format!("Demo User {i}"),
+                    "email": format!("demo-{run_id}-{i}@example.com"),
+                    "referrer_id": referrer,
+                });
+                let r = http.post(format!("{api}/api/users")).json(&body).send().await?;
+                let status = r.status();
+                let v: Value = r.json().await?;
+                if !status.is_success() {
+                    bail!("registering user {i}: {status} {v}");
+                }
+                Ok((i, v["id"].as_i64().context("registration answer without id")?))
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        for c in created {
+            let (i, id) = c?;
+            ids[i] = id;
+        }
+    }
+    Ok(ids)
+}
+
+async fn ensure_ok(r: reqwest::Response, what: &str) -> anyhow::Result<()> {
+    let status = r.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = r.text().await.unwrap_or_default();
+    bail!("{what}: {status} {text}")
+}
+
+struct Expected {
+    by_level: HashMap<i16, Decimal>,
+    by_earner: HashMap<i64, Decimal>,
+}
+
+/// Recomputes the commissions from first principles: the referrer map and active flags as the
+/// database holds them, the purchases as they were sent, SPEC §2's rules written out plainly.
+async fn recompute(db: &PgPool, purchases: &[PlannedPurchase], ids: &[i64], rates: &[Decimal], min: Decimal) -> anyhow::Result<Expected> {
+    let users: Vec<(i64, Option<i64>, bool)> = sqlx::query_as("select id, referrer_id, is_active from users where id = any($1)")
+        .bind(ids)
+        .fetch_all(db)
+        .await?;
+    let users: HashMap<i64, (Option<i64>, bool)> = users.into_iter().map(|(id, r, a)| (id, (r, a))).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut by_level = HashMap::new();
+    let mut by_earner = HashMap::new();
+    for p in purchases {
+        if !seen.insert(&p.id) || p.amount <= min {
+            continue;
+        }
+        let base = p.profit.unwrap_or(p.amount);
+        let mut current = ids[p.buyer];
+        for (i, rate) in rates.iter().enumerate() {
+            let Some(referrer) = users.get(&current).and_then(|u| u.0) else { break };
+            current = referrer;
+            let active = users.get(&referrer).is_some_and(|u| u.1);
+            let amount = (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
+            if active && !amount.is_zero() {
+                *by_level.entry(i16::try_from(i + 1).expect("at most 10 levels")).or_insert(Decimal::ZERO) += amount;
+                *by_earner.entry(referrer).or_insert(Decimal::ZERO) += amount;
+            }
+        }
+    }
+    Ok(Expected { by_level, by_earner })
+}

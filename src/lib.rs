@@ -1,0 +1,6 @@
+//! The `upline` launcher: every service in one process for a single machine, and the
+//! operator's commands. The services themselves live in `upline-api`, `upline-worker` and
+//! `upline-notifier`; this crate only wires them together.
+
+pub mod cli;
+pub mod demo;
