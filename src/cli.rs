@@ -47,8 +47,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => run_all(settings, shutdown).await,
         Command::Migrate => {
-            let pool = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
-            let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations").fetch_one(&pool).await?;
+            let pool =
+                upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
+            let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+                .fetch_one(&pool)
+                .await?;
             println!("database ready: {applied} migration(s) applied");
             Ok(())
         }
@@ -69,7 +72,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding {key} = {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {key} = {addr}"))
 }
 
 /// Runs the three services side by side until `shutdown` fires or one of them fails (then
@@ -79,7 +84,10 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListen
 /// The first service error.
 pub async fn run_all(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Create and migrate once, before the services race to do it.
-    upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?.close().await;
+    upline_common::db::connect_and_migrate(&settings.database, &shutdown)
+        .await?
+        .close()
+        .await;
     let api = bind(settings.api.bind, "api.bind").await?;
     let worker = bind(settings.worker.bind, "worker.bind").await?;
     let notifier = bind(settings.notifier.bind, "notifier.bind").await?;
@@ -90,14 +98,26 @@ pub async fn run_all(settings: Settings, shutdown: CancellationToken) -> anyhow:
         worker.local_addr()?
     );
     let mut services = JoinSet::new();
-    services.spawn(named("api", upline_api::run(settings.clone(), api, shutdown.clone())));
-    services.spawn(named("worker", upline_worker::run(settings.clone(), worker, shutdown.clone())));
-    services.spawn(named("notifier", upline_notifier::run(settings, notifier, shutdown.clone())));
+    services.spawn(named(
+        "api",
+        upline_api::run(settings.clone(), api, shutdown.clone()),
+    ));
+    services.spawn(named(
+        "worker",
+        upline_worker::run(settings.clone(), worker, shutdown.clone()),
+    ));
+    services.spawn(named(
+        "notifier",
+        upline_notifier::run(settings, notifier, shutdown.clone()),
+    ));
     let mut first_error = None;
     while let Some(joined) = services.join_next().await {
         let result = joined.context("service task panicked").and_then(|r| r);
         if let Err(e) = result {
-            tracing::error!(error = format!("{e:#}"), "service failed; stopping the others");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "service failed; stopping the others"
+            );
             shutdown.cancel();
             first_error.get_or_insert(e);
         } else if !shutdown.is_cancelled() {
@@ -107,6 +127,9 @@ pub async fn run_all(settings: Settings, shutdown: CancellationToken) -> anyhow:
     first_error.map_or(Ok(()), Err)
 }
 
-async fn named(name: &'static str, service: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+async fn named(
+    name: &'static str,
+    service: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     service.await.with_context(|| format!("{name} service"))
 }

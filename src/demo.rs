@@ -57,8 +57,14 @@ struct PlannedPurchase {
 ///
 /// # Errors
 /// The pipeline is not running, a request fails, or the check finds a difference.
-pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+pub async fn run(
+    settings: &Settings,
+    args: DemoArgs,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let api = args.api.trim_end_matches('/').to_owned();
     let ready = http.get(format!("{api}/readyz")).send().await;
     if !matches!(&ready, Ok(r) if r.status().is_success()) {
@@ -90,7 +96,11 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
     let mut inactive = 0;
     for &id in &ids {
         if rng.gen_bool(0.03) {
-            let r = http.post(format!("{api}/api/users/{id}/deactivate")).bearer_auth(&admin).send().await?;
+            let r = http
+                .post(format!("{api}/api/users/{id}/deactivate"))
+                .bearer_auth(&admin)
+                .send()
+                .await?;
             ensure_ok(r, "deactivating a user").await?;
             inactive += 1;
         }
@@ -112,14 +122,22 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
                 let share = Decimal::new(rng.gen_range(5..40), 2);
                 (amount * share).round_dp(2)
             });
-            PlannedPurchase { id: format!("demo-{run_id}-{i}"), buyer: rng.gen_range(0..plan.len()), amount, profit }
+            PlannedPurchase {
+                id: format!("demo-{run_id}-{i}"),
+                buyer: rng.gen_range(0..plan.len()),
+                amount,
+                profit,
+            }
         })
         .collect();
-    let conn = amqp::connect(&settings.amqp.url, "upline-demo").await.context("connecting to RabbitMQ")?;
+    let conn = amqp::connect(&settings.amqp.url, "upline-demo")
+        .await
+        .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     let started = Instant::now();
-    let (rest, queue): (Vec<_>, Vec<_>) = purchases.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let (rest, queue): (Vec<_>, Vec<_>) =
+        purchases.iter().enumerate().partition(|(i, _)| i % 2 == 0);
     let ids = Arc::new(ids);
     let rest_task = {
         let (http, api, ids) = (http.clone(), api.clone(), ids.clone());
@@ -130,7 +148,12 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
                 .map(|b| {
                     let (http, api, producer) = (http.clone(), api.clone(), producer.clone());
                     async move {
-                        let r = http.post(format!("{api}/api/purchases")).bearer_auth(&producer).json(&b).send().await?;
+                        let r = http
+                            .post(format!("{api}/api/purchases"))
+                            .bearer_auth(&producer)
+                            .json(&b)
+                            .send()
+                            .await?;
                         ensure_ok(r, "posting a purchase").await
                     }
                 })
@@ -145,7 +168,13 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
         let payload = serde_json::to_vec(&body(p, &ids))?;
         confirms.push(
             channel
-                .basic_publish(amqp::PURCHASES_EXCHANGE, amqp::PURCHASE_ROUTING_KEY, BasicPublishOptions::default(), &payload, amqp::persistent_json())
+                .basic_publish(
+                    amqp::PURCHASES_EXCHANGE,
+                    amqp::PURCHASE_ROUTING_KEY,
+                    BasicPublishOptions::default(),
+                    &payload,
+                    amqp::persistent_json(),
+                )
                 .await?,
         );
     }
@@ -155,7 +184,13 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
         let payload = serde_json::to_vec(&body(p, &ids))?;
         confirms.push(
             channel
-                .basic_publish(amqp::PURCHASES_EXCHANGE, amqp::PURCHASE_ROUTING_KEY, BasicPublishOptions::default(), &payload, amqp::persistent_json())
+                .basic_publish(
+                    amqp::PURCHASES_EXCHANGE,
+                    amqp::PURCHASE_ROUTING_KEY,
+                    BasicPublishOptions::default(),
+                    &payload,
+                    amqp::persistent_json(),
+                )
                 .await?,
         );
         republished += 1;
@@ -180,17 +215,21 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
     let prefix = format!("demo-{run_id}-%");
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let done: i64 = sqlx::query_scalar("select count(*) from purchases where purchase_id like $1")
-            .bind(&prefix)
-            .fetch_one(&db)
-            .await?;
+        let done: i64 =
+            sqlx::query_scalar("select count(*) from purchases where purchase_id like $1")
+                .bind(&prefix)
+                .fetch_one(&db)
+                .await?;
         eprint!("\r  processed {done}/{}   ", purchases.len());
         if done as usize >= purchases.len() {
             eprintln!();
             break;
         }
         if Instant::now() > deadline {
-            bail!("only {done} of {} purchases were processed within 5 minutes", purchases.len());
+            bail!(
+                "only {done} of {} purchases were processed within 5 minutes",
+                purchases.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -210,11 +249,19 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
     .bind(&prefix)
     .fetch_all(&db)
     .await?;
-    println!("\n{:<6} {:<8} {:>9} {:>9} {:>9} {:>11} {:>16}", "level", "rate", "paid", "inactive", "below", "no_referrer", "amount (INR)");
+    println!(
+        "\n{:<6} {:<8} {:>9} {:>9} {:>9} {:>11} {:>16}",
+        "level", "rate", "paid", "inactive", "below", "no_referrer", "amount (INR)"
+    );
     let mut paid_by_level: HashMap<i16, Decimal> = HashMap::new();
     for (level, rate) in rules.rates.iter().enumerate() {
         let level = i16::try_from(level + 1).expect("at most 10 levels");
-        let count = |o: &str| rows.iter().filter(|r| r.0 == level && r.1 == o).map(|r| r.2).sum::<i64>();
+        let count = |o: &str| {
+            rows.iter()
+                .filter(|r| r.0 == level && r.1 == o)
+                .map(|r| r.2)
+                .sum::<i64>()
+        };
         let amount: Decimal = rows.iter().filter(|r| r.0 == level).map(|r| r.3).sum();
         paid_by_level.insert(level, amount);
         println!(
@@ -228,10 +275,12 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
             amount.round_dp(2)
         );
     }
-    let statuses: Vec<(String, i64)> = sqlx::query_as("select status, count(*) from purchases where purchase_id like $1 group by 1")
-        .bind(&prefix)
-        .fetch_all(&db)
-        .await?;
+    let statuses: Vec<(String, i64)> = sqlx::query_as(
+        "select status, count(*) from purchases where purchase_id like $1 group by 1",
+    )
+    .bind(&prefix)
+    .fetch_all(&db)
+    .await?;
     println!("purchases by status: {statuses:?}");
 
     // 6. Independent recomputation from the database's users and the purchases as sent.
@@ -239,7 +288,14 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
         println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
         return Ok(());
     }
-    let expected = recompute(&db, &purchases, &ids, &rules.rates, rules.min_purchase.as_decimal()).await?;
+    let expected = recompute(
+        &db,
+        &purchases,
+        &ids,
+        &rules.rates,
+        rules.min_purchase.as_decimal(),
+    )
+    .await?;
     let actual: Vec<(i64, Decimal)> = sqlx::query_as(
         "select earner_id, sum(amount) from earnings where purchase_id like $1 group by 1",
     )
@@ -257,7 +313,10 @@ pub async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken)
             }
         }
     }
-    mismatches += actual.keys().filter(|k| !expected.by_earner.contains_key(k)).count();
+    mismatches += actual
+        .keys()
+        .filter(|k| !expected.by_earner.contains_key(k))
+        .count();
     for (level, want) in &expected.by_level {
         let got = paid_by_level.get(level).copied().unwrap_or_default();
         if got != *want {
@@ -327,7 +386,13 @@ fn plan_forest(rng: &mut StdRng, users: usize, max_direct: usize) -> Vec<Planned
     plan
 }
 
-async fn register(http: &reqwest::Client, api: &str, run_id: &str, plan: &[PlannedUser], concurrency: usize) -> anyhow::Result<Vec<i64>> {
+async fn register(
+    http: &reqwest::Client,
+    api: &str,
+    run_id: &str,
+    plan: &[PlannedUser],
+    concurrency: usize,
+) -> anyhow::Result<Vec<i64>> {
     let mut ids = vec![0i64; plan.len()];
     let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
     // Depth by depth, so that every referrer exists before its referrals.
@@ -345,13 +410,20 @@ async fn register(http: &reqwest::Client, api: &str, run_id: &str, plan: &[Plann
                     "email": format!("demo-{run_id}-{i}@example.com"),
                     "referrer_id": referrer,
                 });
-                let r = http.post(format!("{api}/api/users")).json(&body).send().await?;
+                let r = http
+                    .post(format!("{api}/api/users"))
+                    .json(&body)
+                    .send()
+                    .await?;
                 let status = r.status();
                 let v: Value = r.json().await?;
                 if !status.is_success() {
                     bail!("registering user {i}: {status} {v}");
                 }
-                Ok((i, v["id"].as_i64().context("registration answer without id")?))
+                Ok((
+                    i,
+                    v["id"].as_i64().context("registration answer without id")?,
+                ))
             })
             .buffer_unordered(concurrency)
             .collect()
@@ -380,12 +452,20 @@ struct Expected {
 
 /// Recomputes the commissions from first principles: the referrer map and active flags as the
 /// database holds them, the purchases as they were sent, SPEC §2's rules written out plainly.
-async fn recompute(db: &PgPool, purchases: &[PlannedPurchase], ids: &[i64], rates: &[Decimal], min: Decimal) -> anyhow::Result<Expected> {
-    let users: Vec<(i64, Option<i64>, bool)> = sqlx::query_as("select id, referrer_id, is_active from users where id = any($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await?;
-    let users: HashMap<i64, (Option<i64>, bool)> = users.into_iter().map(|(id, r, a)| (id, (r, a))).collect();
+async fn recompute(
+    db: &PgPool,
+    purchases: &[PlannedPurchase],
+    ids: &[i64],
+    rates: &[Decimal],
+    min: Decimal,
+) -> anyhow::Result<Expected> {
+    let users: Vec<(i64, Option<i64>, bool)> =
+        sqlx::query_as("select id, referrer_id, is_active from users where id = any($1)")
+            .bind(ids)
+            .fetch_all(db)
+            .await?;
+    let users: HashMap<i64, (Option<i64>, bool)> =
+        users.into_iter().map(|(id, r, a)| (id, (r, a))).collect();
     let mut seen = std::collections::HashSet::new();
     let mut by_level = HashMap::new();
     let mut by_earner = HashMap::new();
@@ -396,15 +476,23 @@ async fn recompute(db: &PgPool, purchases: &[PlannedPurchase], ids: &[i64], rate
         let base = p.profit.unwrap_or(p.amount);
         let mut current = ids[p.buyer];
         for (i, rate) in rates.iter().enumerate() {
-            let Some(referrer) = users.get(&current).and_then(|u| u.0) else { break };
+            let Some(referrer) = users.get(&current).and_then(|u| u.0) else {
+                break;
+            };
             current = referrer;
             let active = users.get(&referrer).is_some_and(|u| u.1);
-            let amount = (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
+            let amount =
+                (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
             if active && !amount.is_zero() {
-                *by_level.entry(i16::try_from(i + 1).expect("at most 10 levels")).or_insert(Decimal::ZERO) += amount;
+                *by_level
+                    .entry(i16::try_from(i + 1).expect("at most 10 levels"))
+                    .or_insert(Decimal::ZERO) += amount;
                 *by_earner.entry(referrer).or_insert(Decimal::ZERO) += amount;
             }
         }
     }
-    Ok(Expected { by_level, by_earner })
+    Ok(Expected {
+        by_level,
+        by_earner,
+    })
 }

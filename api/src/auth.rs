@@ -16,8 +16,14 @@ pub struct Authenticated(pub Caller);
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized)?;
         let value = header.to_str().map_err(|_| ApiError::Forbidden)?;
         let token = value
             .strip_prefix("Bearer ")
@@ -27,7 +33,11 @@ impl FromRequestParts<AppState> for Authenticated {
         if token.is_empty() {
             return Err(ApiError::Unauthorized);
         }
-        state.auth.identify(token).map(Authenticated).ok_or(ApiError::Forbidden)
+        state
+            .auth
+            .identify(token)
+            .map(Authenticated)
+            .ok_or(ApiError::Forbidden)
     }
 }
 

@@ -36,10 +36,13 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::extract::Path(raw) = axum::extract::Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::NotFound("no such resource".into()))?;
-        raw.parse().map(PathId).map_err(|_| ApiError::NotFound(format!("no user with id {raw:?}")))
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| ApiError::NotFound("no such resource".into()))?;
+        raw.parse()
+            .map(PathId)
+            .map_err(|_| ApiError::NotFound(format!("no user with id {raw:?}")))
     }
 }
 

@@ -58,7 +58,11 @@ pub fn router(state: AppState, probes: Probes) -> Router {
 ///
 /// # Errors
 /// Invalid settings, a database that cannot be migrated, or a server error.
-pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let rules = Arc::new(settings.commission.rules()?);
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());

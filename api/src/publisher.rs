@@ -36,7 +36,11 @@ pub enum PublishError {
 
 impl Publisher {
     pub fn new(url: &str, broker_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        Publisher { url: url.into(), link: Arc::new(Mutex::new(None)), broker_up }
+        Publisher {
+            url: url.into(),
+            link: Arc::new(Mutex::new(None)),
+            broker_up,
+        }
     }
 
     /// A channel in confirm mode, (re)connecting and declaring the topology if needed.
@@ -53,7 +57,9 @@ impl Publisher {
             let conn = amqp::connect(&self.url, "upline-api").await?;
             let channel = conn.create_channel().await?;
             amqp::declare_topology(&channel).await?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
             Ok::<_, lapin::Error>((conn, channel))
         };
         let (conn, channel) = tokio::time::timeout(BROKER_TIMEOUT, connect)
@@ -84,7 +90,10 @@ impl Publisher {
                 .basic_publish(
                     amqp::PURCHASES_EXCHANGE,
                     amqp::PURCHASE_ROUTING_KEY,
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     &body,
                     amqp::persistent_json().with_message_id(purchase.purchase_id.as_str().into()),
                 )
@@ -92,13 +101,17 @@ impl Publisher {
                 .await
         };
         match tokio::time::timeout(BROKER_TIMEOUT, confirm).await {
-            Err(_) => Err(PublishError::NotConfirmed("timed out waiting for the confirm".into())),
+            Err(_) => Err(PublishError::NotConfirmed(
+                "timed out waiting for the confirm".into(),
+            )),
             Ok(Err(e)) => {
                 self.broker_up.store(false, Ordering::Relaxed);
                 Err(PublishError::Unreachable(e.to_string()))
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::NotConfirmed("message was unroutable".into())),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                Err(PublishError::NotConfirmed("message was unroutable".into()))
+            }
             Ok(Ok(other)) => Err(PublishError::NotConfirmed(format!("{other:?}"))),
         }
     }

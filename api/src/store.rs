@@ -48,11 +48,13 @@ pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<Us
 /// # Errors
 /// Database errors.
 pub async fn users_page(db: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
-    sqlx::query_as(&format!("select {USER_COLUMNS} from users where id > $1 order by id limit $2"))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&format!(
+        "select {USER_COLUMNS} from users where id > $1 order by id limit $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
 }
 
 /// The id of the user with this referral code.
@@ -71,13 +73,16 @@ pub async fn user_id_by_code(db: impl PgExecutor<'_>, code: &str) -> sqlx::Resul
 ///
 /// # Errors
 /// 404 `referrer_not_found`, 409 `referrer_inactive`, 409 `referral_limit_reached`.
-pub async fn take_referral_slot(tx: &mut PgConnection, referrer_id: UserId, max_direct: i32) -> Result<(), ApiError> {
-    let row: Option<(bool, i32)> = sqlx::query_as(
-        "select is_active, direct_referrals from users where id = $1 for update",
-    )
-    .bind(referrer_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+pub async fn take_referral_slot(
+    tx: &mut PgConnection,
+    referrer_id: UserId,
+    max_direct: i32,
+) -> Result<(), ApiError> {
+    let row: Option<(bool, i32)> =
+        sqlx::query_as("select is_active, direct_referrals from users where id = $1 for update")
+            .bind(referrer_id)
+            .fetch_optional(&mut *tx)
+            .await?;
     match row {
         None => Err(ApiError::ReferrerNotFound),
         Some((false, _)) => Err(ApiError::ReferrerInactive),
@@ -116,9 +121,7 @@ pub async fn insert_user(
     .on_constraint("users_email_key", || ApiError::EmailTaken);
     match inserted {
         Ok(user) => Ok(Some(user)),
-        Err(ApiError::Internal(e))
-            if matches!(e.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Database(d)) if d.constraint() == Some("users_referral_code_key")) =>
-        {
+        Err(ApiError::Internal(e)) if matches!(e.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Database(d)) if d.constraint() == Some("users_referral_code_key")) => {
             Ok(None)
         }
         Err(e) => Err(e),
@@ -132,7 +135,9 @@ pub async fn insert_user(
 /// Database errors.
 pub async fn lock_referral_graph(tx: &mut PgConnection) -> sqlx::Result<()> {
     // An arbitrary constant naming "the referral graph" among advisory locks.
-    sqlx::query("select pg_advisory_xact_lock(7_001_001)").execute(&mut *tx).await?;
+    sqlx::query("select pg_advisory_xact_lock(7001001)")
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
@@ -140,12 +145,17 @@ pub async fn lock_referral_graph(tx: &mut PgConnection) -> sqlx::Result<()> {
 ///
 /// # Errors
 /// 404 when the user does not exist.
-pub async fn lock_user_referrer(tx: &mut PgConnection, id: UserId) -> Result<Option<UserId>, ApiError> {
-    let row: Option<(Option<UserId>,)> = sqlx::query_as("select referrer_id from users where id = $1 for update")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    row.map(|r| r.0).ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))
+pub async fn lock_user_referrer(
+    tx: &mut PgConnection,
+    id: UserId,
+) -> Result<Option<UserId>, ApiError> {
+    let row: Option<(Option<UserId>,)> =
+        sqlx::query_as("select referrer_id from users where id = $1 for update")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    row.map(|r| r.0)
+        .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))
 }
 
 /// Whether `user` is `candidate` or one of its ancestors, i.e. making `user` refer to
@@ -153,7 +163,11 @@ pub async fn lock_user_referrer(tx: &mut PgConnection, id: UserId) -> Result<Opt
 ///
 /// # Errors
 /// Database errors.
-pub async fn upline_contains(tx: &mut PgConnection, start: UserId, user: UserId) -> sqlx::Result<bool> {
+pub async fn upline_contains(
+    tx: &mut PgConnection,
+    start: UserId,
+    user: UserId,
+) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         r#"with recursive up (id, referrer_id) as (
                select id, referrer_id from users where id = $1
@@ -172,7 +186,11 @@ pub async fn upline_contains(tx: &mut PgConnection, start: UserId, user: UserId)
 ///
 /// # Errors
 /// Database errors.
-pub async fn set_referrer(tx: &mut PgConnection, id: UserId, referrer_id: UserId) -> sqlx::Result<()> {
+pub async fn set_referrer(
+    tx: &mut PgConnection,
+    id: UserId,
+    referrer_id: UserId,
+) -> sqlx::Result<()> {
     sqlx::query("update users set referrer_id = $2 where id = $1")
         .bind(id)
         .bind(referrer_id)
@@ -186,11 +204,13 @@ pub async fn set_referrer(tx: &mut PgConnection, id: UserId, referrer_id: UserId
 /// # Errors
 /// Database errors.
 pub async fn set_active(db: &PgPool, id: UserId, active: bool) -> sqlx::Result<Option<User>> {
-    sqlx::query_as(&format!("update users set is_active = $2 where id = $1 returning {USER_COLUMNS}"))
-        .bind(id)
-        .bind(active)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "update users set is_active = $2 where id = $1 returning {USER_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(active)
+    .fetch_optional(db)
+    .await
 }
 
 /// Whether a user exists.
@@ -240,7 +260,10 @@ pub struct ConflictRow {
 ///
 /// # Errors
 /// Database errors.
-pub async fn purchase(db: &PgPool, id: &str) -> sqlx::Result<Option<(PurchaseRow, Vec<LevelRow>, Vec<ConflictRow>)>> {
+pub async fn purchase(
+    db: &PgPool,
+    id: &str,
+) -> sqlx::Result<Option<(PurchaseRow, Vec<LevelRow>, Vec<ConflictRow>)>> {
     let Some(row) = sqlx::query_as::<_, PurchaseRow>(
         r#"select purchase_id, status, reason, buyer_id, amount, currency, profit, occurred_at, processed_at
            from purchases where purchase_id = $1"#,
@@ -271,10 +294,12 @@ pub async fn purchase(db: &PgPool, id: &str) -> sqlx::Result<Option<(PurchaseRow
 /// # Errors
 /// Database errors.
 pub async fn level_totals(db: &PgPool, user_id: UserId) -> sqlx::Result<Vec<(i16, Decimal, i64)>> {
-    sqlx::query_as("select level, total, count from earner_levels where user_id = $1 order by level")
-        .bind(user_id)
-        .fetch_all(db)
-        .await
+    sqlx::query_as(
+        "select level, total, count from earner_levels where user_id = $1 order by level",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
 }
 
 /// What each referral (buyer) brought a user, per level, largest first.
@@ -292,7 +317,11 @@ pub struct ReferralEarnings {
 ///
 /// # Errors
 /// Database errors.
-pub async fn earnings_by_referral(db: &PgPool, user_id: UserId, limit: i64) -> sqlx::Result<Vec<ReferralEarnings>> {
+pub async fn earnings_by_referral(
+    db: &PgPool,
+    user_id: UserId,
+    limit: i64,
+) -> sqlx::Result<Vec<ReferralEarnings>> {
     sqlx::query_as(
         r#"select r.source_user_id, u.name, r.level, r.total, r.count
            from earner_referrals r join users u on u.id = r.source_user_id

@@ -35,20 +35,25 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
         .with_connection_name(name.into());
-    props.client_properties.insert("product".into(), AMQPValue::LongString("upline".into()));
+    props
+        .client_properties
+        .insert("product".into(), AMQPValue::LongString("upline".into()));
     Connection::connect(url, props).await
 }
 
 /// Connects, retrying with exponential backoff (up to 5 s apart) until it succeeds or `cancel`
 /// fires (`None`).
-pub async fn connect_with_retry(url: &str, name: &str, cancel: &CancellationToken) -> Option<Connection> {
+pub async fn connect_with_retry(
+    url: &str,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Option<Connection> {
     let attempt = || async { connect(url, name).await };
-    let retrying = attempt
-        .retry(backoff())
-        .sleep(tokio::time::sleep)
-        .notify(|e: &lapin::Error, wait: Duration| {
+    let retrying = attempt.retry(backoff()).sleep(tokio::time::sleep).notify(
+        |e: &lapin::Error, wait: Duration| {
             tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable; retrying");
-        });
+        },
+    );
     tokio::select! {
         () = cancel.cancelled() => None,
         conn = retrying => conn.ok(),
@@ -69,29 +74,75 @@ pub fn backoff() -> ExponentialBuilder {
 /// # Errors
 /// A broker error, e.g. a queue that exists with other arguments.
 pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .exchange_declare(PURCHASES_EXCHANGE, ExchangeKind::Direct, durable, FieldTable::default())
+        .exchange_declare(
+            PURCHASES_EXCHANGE,
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(PURCHASES_DLX, ExchangeKind::Fanout, durable, FieldTable::default())
+        .exchange_declare(
+            PURCHASES_DLX,
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(EARNINGS_EXCHANGE, ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            EARNINGS_EXCHANGE,
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
 
-    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(PURCHASES_DLX.into()));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
-    channel.queue_declare(PURCHASES_QUEUE, durable_queue, args).await?;
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(PURCHASES_DLX.into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
     channel
-        .queue_bind(PURCHASES_QUEUE, PURCHASES_EXCHANGE, PURCHASE_ROUTING_KEY, QueueBindOptions::default(), FieldTable::default())
+        .queue_declare(PURCHASES_QUEUE, durable_queue, args)
         .await?;
-    channel.queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, FieldTable::default()).await?;
     channel
-        .queue_bind(PURCHASES_DEAD_QUEUE, PURCHASES_DLX, "", QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            PURCHASES_QUEUE,
+            PURCHASES_EXCHANGE,
+            PURCHASE_ROUTING_KEY,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            PURCHASES_DEAD_QUEUE,
+            PURCHASES_DLX,
+            "",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     Ok(())
 }
@@ -106,6 +157,9 @@ pub fn persistent_json() -> BasicProperties {
 /// Properties for a dead-lettered copy: the original's, plus [`ERROR_HEADER`].
 pub fn with_error_header(original: &BasicProperties, reason: &str) -> BasicProperties {
     let mut headers = original.headers().clone().unwrap_or_default();
-    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
     original.clone().with_headers(headers).with_delivery_mode(2)
 }

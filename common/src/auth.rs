@@ -52,7 +52,10 @@ impl Auth {
 
     /// A signed token for `user_id`.
     pub fn issue(&self, user_id: UserId) -> String {
-        let claims = Claims { sub: user_id.to_string(), iat: time::OffsetDateTime::now_utc().unix_timestamp() };
+        let claims = Claims {
+            sub: user_id.to_string(),
+            iat: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing with an HMAC key cannot fail")
     }
@@ -76,7 +79,11 @@ impl Auth {
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]

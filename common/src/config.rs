@@ -137,7 +137,10 @@ impl Settings {
     /// Like [`Settings::load`] with an explicit file (which may be absent).
     pub fn load_from(file: &Path) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
             .add_source(config::File::from(file).required(false))
             .add_source(
                 config::Environment::with_prefix("UPLINE")
@@ -175,9 +178,17 @@ impl Settings {
         }
         if !self.is_development() {
             for (key, value, dev) in [
-                ("auth.token_secret", &self.auth.token_secret, DEV_TOKEN_SECRET),
+                (
+                    "auth.token_secret",
+                    &self.auth.token_secret,
+                    DEV_TOKEN_SECRET,
+                ),
                 ("auth.admin_token", &self.auth.admin_token, DEV_ADMIN_TOKEN),
-                ("auth.producer_token", &self.auth.producer_token, DEV_PRODUCER_TOKEN),
+                (
+                    "auth.producer_token",
+                    &self.auth.producer_token,
+                    DEV_PRODUCER_TOKEN,
+                ),
             ] {
                 let value = value.expose_secret();
                 if value == dev || value.len() < 16 {
@@ -221,13 +232,19 @@ impl CommissionSettings {
     /// A rate that is not a decimal in `(0, 1]`, 0 or more than 10 levels, a bad amount.
     pub fn rules(&self) -> anyhow::Result<Rules> {
         if self.rates.is_empty() || self.rates.len() > 10 {
-            bail!("commission.rates must list 1 to 10 levels, found {}", self.rates.len());
+            bail!(
+                "commission.rates must list 1 to 10 levels, found {}",
+                self.rates.len()
+            );
         }
         let rates = self
             .rates
             .iter()
             .map(|r| {
-                let rate: Decimal = r.trim().parse().with_context(|| format!("commission.rates: {r:?} is not a decimal"))?;
+                let rate: Decimal = r
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("commission.rates: {r:?} is not a decimal"))?;
                 if rate <= Decimal::ZERO || rate > Decimal::ONE {
                     bail!("commission.rates: {r} must be greater than 0 and at most 1");
                 }
@@ -238,13 +255,23 @@ impl CommissionSettings {
             .map_err(|e| anyhow::anyhow!("commission.min_purchase: {e}"))?;
         let cap_per_level = match self.cap_per_level.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(cap) => Some(Money::parse(cap).map_err(|e| anyhow::anyhow!("commission.cap_per_level: {e}"))?),
+            Some(cap) => Some(
+                Money::parse(cap).map_err(|e| anyhow::anyhow!("commission.cap_per_level: {e}"))?,
+            ),
         };
         let currency = self.currency.trim().to_ascii_uppercase();
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            bail!("commission.currency must be a three-letter code, found {:?}", self.currency);
+            bail!(
+                "commission.currency must be a three-letter code, found {:?}",
+                self.currency
+            );
         }
-        Ok(Rules { rates, min_purchase, cap_per_level, currency })
+        Ok(Rules {
+            rates,
+            min_purchase,
+            cap_per_level,
+            currency,
+        })
     }
 }
 
@@ -255,7 +282,10 @@ mod tests {
     #[test]
     fn built_in_defaults_give_the_rules_of_the_contract() {
         let settings = Settings::load_from(Path::new("/nonexistent.toml")).expect("defaults load");
-        let rules = settings.commission.rules().expect("default rules are valid");
+        let rules = settings
+            .commission
+            .rules()
+            .expect("default rules are valid");
         assert_eq!(rules.rates, vec![Decimal::new(5, 2), Decimal::new(1, 2)]);
         assert_eq!(rules.min_purchase.to_string(), "1000.00");
         assert_eq!(rules.cap_per_level, None);
@@ -265,7 +295,9 @@ mod tests {
 
     #[test]
     fn rates_outside_zero_to_one_are_refused() {
-        let mut c = Settings::load_from(Path::new("/nonexistent.toml")).expect("defaults load").commission;
+        let mut c = Settings::load_from(Path::new("/nonexistent.toml"))
+            .expect("defaults load")
+            .commission;
         c.rates = vec!["1.5".into()];
         assert!(c.rules().is_err());
         c.rates = vec![];

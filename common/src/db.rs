@@ -27,8 +27,12 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 ///
 /// # Errors
 /// A malformed URL, a failed migration, or cancellation before the database answered.
-pub async fn connect_and_migrate(settings: &DatabaseSettings, cancel: &CancellationToken) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(&settings.url).context("database.url is not a PostgreSQL URL")?;
+pub async fn connect_and_migrate(
+    settings: &DatabaseSettings,
+    cancel: &CancellationToken,
+) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(&settings.url)
+        .context("database.url is not a PostgreSQL URL")?;
     let create = || async {
         if !Postgres::database_exists(&settings.url).await? {
             match Postgres::create_database(&settings.url).await {
@@ -36,7 +40,10 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings, cancel: &Cancellat
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
                 other => other?,
             }
-            tracing::info!(database = options.get_database().unwrap_or("postgres"), "created database");
+            tracing::info!(
+                database = options.get_database().unwrap_or("postgres"),
+                "created database"
+            );
         }
         Ok::<_, sqlx::Error>(())
     };
@@ -68,13 +75,20 @@ fn is_starting_up(e: &sqlx::Error) -> bool {
 /// failure, deadlock) rather than a bug or bad data.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(d) => {
             let code = d.code();
             let code = code.as_deref().unwrap_or("");
             // 40001 serialization_failure, 40P01 deadlock, 08xxx connection, 57Pxx shutdown, 53xxx resources
-            code == "40001" || code == "40P01" || code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+            code == "40001"
+                || code == "40P01"
+                || code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
         }
         _ => false,
     }
@@ -143,7 +157,11 @@ pub async fn earnings_after(
 ///
 /// # Errors
 /// Database errors.
-pub async fn recent_earnings(db: impl PgExecutor<'_>, earner_id: UserId, limit: i64) -> sqlx::Result<Vec<EarningEvent>> {
+pub async fn recent_earnings(
+    db: impl PgExecutor<'_>,
+    earner_id: UserId,
+    limit: i64,
+) -> sqlx::Result<Vec<EarningEvent>> {
     let rows: Vec<EarningRow> = sqlx::query_as(&format!(
         "select {EARNING_COLUMNS} from earnings where earner_id = $1 order by seq desc limit $2"
     ))
@@ -158,7 +176,11 @@ pub async fn recent_earnings(db: impl PgExecutor<'_>, earner_id: UserId, limit: 
 ///
 /// # Errors
 /// Database errors.
-pub async fn all_earnings_after(db: impl PgExecutor<'_>, after_id: i64, limit: i64) -> sqlx::Result<Vec<EarningEvent>> {
+pub async fn all_earnings_after(
+    db: impl PgExecutor<'_>,
+    after_id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<EarningEvent>> {
     let rows: Vec<EarningRow> = sqlx::query_as(&format!(
         "select {EARNING_COLUMNS} from earnings where id > $1 order by id limit $2"
     ))

@@ -65,7 +65,10 @@ impl Serialize for Totals {
 impl<'de> Deserialize<'de> for Totals {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, Money>::deserialize(d)?;
-        let total = map.get("total").copied().ok_or_else(|| serde::de::Error::missing_field("total"))?;
+        let total = map
+            .get("total")
+            .copied()
+            .ok_or_else(|| serde::de::Error::missing_field("total"))?;
         let mut levels = Vec::new();
         while let Some(m) = map.get(&format!("level_{}", levels.len() + 1)) {
             levels.push(*m);

@@ -23,7 +23,10 @@ pub struct Probes {
 
 impl Probes {
     pub fn new(db: PgPool) -> Self {
-        Probes { db, broker_up: Arc::new(AtomicBool::new(false)) }
+        Probes {
+            db,
+            broker_up: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
@@ -32,17 +35,28 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>(probes: Probes) -> Router<S>
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { crate::telemetry::metrics().render() }))
+        .route(
+            "/metrics",
+            get(|| async { crate::telemetry::metrics().render() }),
+        )
         .with_state(probes)
 }
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
     let db = matches!(
-        tokio::time::timeout(Duration::from_secs(2), sqlx::query("select 1").execute(&p.db)).await,
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("select 1").execute(&p.db)
+        )
+        .await,
         Ok(Ok(_))
     );
     let broker = p.broker_up.load(Ordering::Relaxed);
-    let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(json!({

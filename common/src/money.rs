@@ -66,7 +66,11 @@ impl Money {
         // Cheap guard before Decimal (28 digits): anything this long is far above the limit
         // unless it is trailing zeros of the fraction.
         let d = Decimal::from_str_exact(s).map_err(|_| {
-            if digits.split('.').next().is_some_and(|int| int.trim_start_matches('0').len() > 13) {
+            if digits
+                .split('.')
+                .next()
+                .is_some_and(|int| int.trim_start_matches('0').len() > 13)
+            {
                 MoneyError::TooLarge
             } else {
                 MoneyError::TooPrecise
@@ -113,9 +117,10 @@ impl Money {
 
     /// `self × rate`, rounded to the paisa half to even (SPEC §2).
     pub fn commission(self, rate: Decimal) -> Money {
-        Money(with_paise(
-            (self.0 * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven),
-        ))
+        Money(with_paise((self.0 * rate).round_dp_with_strategy(
+            2,
+            RoundingStrategy::MidpointNearestEven,
+        )))
     }
 
     /// The underlying decimal, with scale 2.
@@ -211,14 +216,20 @@ mod tests {
         assert_eq!(Money::parse("-5"), Err(MoneyError::Negative));
         assert_eq!(Money::parse("1.005"), Err(MoneyError::TooPrecise));
         assert_eq!(Money::parse("1000000000000.01"), Err(MoneyError::TooLarge));
-        assert_eq!(Money::parse("99999999999999999999999999999999"), Err(MoneyError::TooLarge));
+        assert_eq!(
+            Money::parse("99999999999999999999999999999999"),
+            Err(MoneyError::TooLarge)
+        );
         assert_eq!(Money::parse("1e3"), Err(MoneyError::NotANumber));
         assert_eq!(Money::parse("abc"), Err(MoneyError::NotANumber));
         assert_eq!(Money::parse(""), Err(MoneyError::NotANumber));
         assert_eq!(Money::parse("NaN"), Err(MoneyError::NotANumber));
         assert!(Money::parse("1000000000000").is_ok());
         assert!(Money::parse("1.50").is_ok());
-        assert!(Money::parse("1.500").is_ok(), "trailing zeros are not extra precision");
+        assert!(
+            Money::parse("1.500").is_ok(),
+            "trailing zeros are not extra precision"
+        );
     }
 
     #[test]
@@ -227,7 +238,10 @@ mod tests {
         assert_eq!(Money::from_json(&v).expect("number").to_string(), "1000.01");
         // 0.1 + 0.2 style values survive digit for digit.
         let v: serde_json::Value = serde_json::from_str("999999999999.99").expect("json");
-        assert_eq!(Money::from_json(&v).expect("number").to_string(), "999999999999.99");
+        assert_eq!(
+            Money::from_json(&v).expect("number").to_string(),
+            "999999999999.99"
+        );
         let v: serde_json::Value = serde_json::from_str("\"2000.00\"").expect("json");
         assert_eq!(Money::from_json(&v).expect("string").to_string(), "2000.00");
         let v: serde_json::Value = serde_json::from_str("true").expect("json");
@@ -237,8 +251,17 @@ mod tests {
     #[test]
     fn commission_rounds_half_to_even() {
         // 1000.10 × 5 % = 50.005 → 50.00 (even); 1000.30 × 5 % = 50.015 → 50.02 (even)
-        assert_eq!(m("1000.10").commission(Decimal::new(5, 2)).to_string(), "50.00");
-        assert_eq!(m("1000.30").commission(Decimal::new(5, 2)).to_string(), "50.02");
-        assert_eq!(m("2000.00").commission(Decimal::new(1, 2)).to_string(), "20.00");
+        assert_eq!(
+            m("1000.10").commission(Decimal::new(5, 2)).to_string(),
+            "50.00"
+        );
+        assert_eq!(
+            m("1000.30").commission(Decimal::new(5, 2)).to_string(),
+            "50.02"
+        );
+        assert_eq!(
+            m("2000.00").commission(Decimal::new(1, 2)).to_string(),
+            "20.00"
+        );
     }
 }

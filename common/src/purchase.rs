@@ -24,10 +24,18 @@ impl PurchaseId {
     /// A message naming the rule that `s` breaks.
     pub fn parse(s: &str) -> Result<Self, String> {
         if s.is_empty() || s.len() > 64 {
-            return Err(format!("must be 1 to 64 characters, found {}", s.chars().count()));
+            return Err(format!(
+                "must be 1 to 64 characters, found {}",
+                s.chars().count()
+            ));
         }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
-            return Err(format!("may contain only A-Z a-z 0-9 . _ : - (found {c:?})"));
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        {
+            return Err(format!(
+                "may contain only A-Z a-z 0-9 . _ : - (found {c:?})"
+            ));
         }
         Ok(PurchaseId(s.to_owned()))
     }
@@ -83,7 +91,10 @@ pub struct Invalid {
 
 impl Invalid {
     pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Invalid { field, message: message.into() }
+        Invalid {
+            field,
+            message: message.into(),
+        }
     }
 }
 
@@ -98,7 +109,11 @@ pub struct Purchase {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profit: Option<Money>,
     /// As sent by the producer; `None` means "use the receipt time".
-    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option", default)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option",
+        default
+    )]
     pub occurred_at: Option<OffsetDateTime>,
 }
 
@@ -116,7 +131,10 @@ impl Purchase {
             .and_then(|t| t.to_offset(time::UtcOffset::UTC).format(&Rfc3339).ok())
             .unwrap_or_default();
         let profit = self.profit.map(|p| p.to_string()).unwrap_or_default();
-        format!("v1|{}|{}|{}|{}|{}", self.buyer_id, self.amount, self.currency, profit, occurred)
+        format!(
+            "v1|{}|{}|{}|{}|{}",
+            self.buyer_id, self.amount, self.currency, profit, occurred
+        )
     }
 
     /// The message body published to `upline.purchases`.
@@ -135,7 +153,8 @@ pub fn raw_fingerprint(body: &Value) -> String {
 /// # Errors
 /// [`Unreadable`] when the body is not a JSON object with a usable `purchase_id`.
 pub fn read(body: &[u8]) -> Result<(PurchaseId, Map<String, Value>), Unreadable> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Unreadable::NotJson(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| Unreadable::NotJson(e.to_string()))?;
     let Value::Object(map) = value else {
         return Err(Unreadable::NotAnObject);
     };
@@ -153,10 +172,15 @@ pub fn read(body: &[u8]) -> Result<(PurchaseId, Map<String, Value>), Unreadable>
 /// # Errors
 /// The first [`Invalid`] field, in the order `buyer_id`, `amount`, `currency`, `profit`,
 /// `occurred_at`.
-pub fn validate(purchase_id: PurchaseId, map: &Map<String, Value>, rules: &Rules) -> Result<Purchase, Invalid> {
+pub fn validate(
+    purchase_id: PurchaseId,
+    map: &Map<String, Value>,
+    rules: &Rules,
+) -> Result<Purchase, Invalid> {
     let buyer_id = match map.get("buyer_id") {
         None | Some(Value::Null) => return Err(Invalid::new("buyer_id", "is required")),
-        Some(v) => parse_user_id(v).ok_or_else(|| Invalid::new("buyer_id", "must be a positive integer"))?,
+        Some(v) => parse_user_id(v)
+            .ok_or_else(|| Invalid::new("buyer_id", "must be a positive integer"))?,
     };
     let amount = match map.get("amount") {
         None | Some(Value::Null) => return Err(Invalid::new("amount", "is required")),
@@ -166,7 +190,10 @@ pub fn validate(purchase_id: PurchaseId, map: &Map<String, Value>, rules: &Rules
         None | Some(Value::Null) => rules.currency.clone(),
         Some(Value::String(c)) if c.eq_ignore_ascii_case(&rules.currency) => rules.currency.clone(),
         Some(Value::String(c)) => {
-            return Err(Invalid::new("currency", format!("must be {}, found {c:?}", rules.currency)))
+            return Err(Invalid::new(
+                "currency",
+                format!("must be {}, found {c:?}", rules.currency),
+            ))
         }
         Some(_) => return Err(Invalid::new("currency", "must be a string")),
     };
@@ -187,13 +214,27 @@ pub fn validate(purchase_id: PurchaseId, map: &Map<String, Value>, rules: &Rules
     };
     let occurred_at = match map.get("occurred_at") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            OffsetDateTime::parse(s, &Rfc3339)
-                .map_err(|_| Invalid::new("occurred_at", "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z"))?,
-        ),
-        Some(_) => return Err(Invalid::new("occurred_at", "must be an RFC 3339 timestamp string")),
+        Some(Value::String(s)) => Some(OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
+            Invalid::new(
+                "occurred_at",
+                "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z",
+            )
+        })?),
+        Some(_) => {
+            return Err(Invalid::new(
+                "occurred_at",
+                "must be an RFC 3339 timestamp string",
+            ))
+        }
     };
-    Ok(Purchase { purchase_id, buyer_id, amount, currency, profit, occurred_at })
+    Ok(Purchase {
+        purchase_id,
+        buyer_id,
+        amount,
+        currency,
+        profit,
+        occurred_at,
+    })
 }
 
 /// A user id from JSON: a positive integer, or a string of digits.
@@ -242,27 +283,55 @@ mod tests {
     fn unreadable_messages_say_why() {
         assert!(matches!(read(b"not json"), Err(Unreadable::NotJson(_))));
         assert_eq!(read(b"[1]").unwrap_err(), Unreadable::NotAnObject);
-        assert_eq!(read(br#"{"buyer_id":1}"#).unwrap_err(), Unreadable::MissingPurchaseId);
-        assert_eq!(read(br#"{"purchase_id":7}"#).unwrap_err(), Unreadable::PurchaseIdNotAString);
-        assert!(matches!(read(br#"{"purchase_id":"a b"}"#), Err(Unreadable::BadPurchaseId(_))));
-        assert!(matches!(read(format!(r#"{{"purchase_id":"{}"}}"#, "x".repeat(65)).as_bytes()), Err(Unreadable::BadPurchaseId(_))));
+        assert_eq!(
+            read(br#"{"buyer_id":1}"#).unwrap_err(),
+            Unreadable::MissingPurchaseId
+        );
+        assert_eq!(
+            read(br#"{"purchase_id":7}"#).unwrap_err(),
+            Unreadable::PurchaseIdNotAString
+        );
+        assert!(matches!(
+            read(br#"{"purchase_id":"a b"}"#),
+            Err(Unreadable::BadPurchaseId(_))
+        ));
+        assert!(matches!(
+            read(format!(r#"{{"purchase_id":"{}"}}"#, "x".repeat(65)).as_bytes()),
+            Err(Unreadable::BadPurchaseId(_))
+        ));
     }
 
     #[test]
     fn bad_content_names_the_field() {
         let field = |b: &str| check(b).unwrap_err().field;
         assert_eq!(field(r#"{"purchase_id":"p1","amount":"5"}"#), "buyer_id");
-        assert_eq!(field(r#"{"purchase_id":"p1","buyer_id":-3,"amount":"5"}"#), "buyer_id");
-        assert_eq!(field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"-5"}"#), "amount");
-        assert_eq!(field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","currency":"USD"}"#), "currency");
-        assert_eq!(field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","profit":"6"}"#), "profit");
-        assert_eq!(field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","occurred_at":"yesterday"}"#), "occurred_at");
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":-3,"amount":"5"}"#),
+            "buyer_id"
+        );
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"-5"}"#),
+            "amount"
+        );
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","currency":"USD"}"#),
+            "currency"
+        );
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","profit":"6"}"#),
+            "profit"
+        );
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","occurred_at":"yesterday"}"#),
+            "occurred_at"
+        );
     }
 
     #[test]
     fn the_same_purchase_written_differently_has_one_fingerprint() {
         let a = check(r#"{"purchase_id":"p1","buyer_id":3,"amount":2000}"#).expect("valid");
-        let b = check(r#"{"purchase_id":"p1","buyer_id":"3","amount":"2000.00","currency":"inr"}"#).expect("valid");
+        let b = check(r#"{"purchase_id":"p1","buyer_id":"3","amount":"2000.00","currency":"inr"}"#)
+            .expect("valid");
         let c = check(r#"{"purchase_id":"p1","buyer_id":3,"amount":"2000.01"}"#).expect("valid");
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());

@@ -74,7 +74,12 @@ pub struct LevelShare {
 /// what the rate applies to (the amount, or the profit when the event carries one).
 /// `upline[i]` is the member at level `i + 1`; a shorter slice means no referrer above.
 /// Returns one [`LevelShare`] per configured rate, level 1 first.
-pub fn shares(rules: &Rules, amount: Money, base: Money, upline: &[UplineMember]) -> Vec<LevelShare> {
+pub fn shares(
+    rules: &Rules,
+    amount: Money,
+    base: Money,
+    upline: &[UplineMember],
+) -> Vec<LevelShare> {
     let qualifies = amount > rules.min_purchase;
     rules
         .rates
@@ -82,7 +87,13 @@ pub fn shares(rules: &Rules, amount: Money, base: Money, upline: &[UplineMember]
         .enumerate()
         .map(|(i, &rate)| {
             let level = u8::try_from(i + 1).expect("at most 10 levels, checked by Rules");
-            let share = |earner_id, outcome, amount| LevelShare { level, earner_id, rate, outcome, amount };
+            let share = |earner_id, outcome, amount| LevelShare {
+                level,
+                earner_id,
+                rate,
+                outcome,
+                amount,
+            };
             let Some(member) = upline.get(i) else {
                 return share(None, Outcome::NoReferrer, Money::ZERO);
             };
@@ -132,19 +143,37 @@ mod tests {
     }
 
     fn member(user_id: UserId) -> UplineMember {
-        UplineMember { user_id, is_active: true, earned_at_level: Money::ZERO }
+        UplineMember {
+            user_id,
+            is_active: true,
+            earned_at_level: Money::ZERO,
+        }
     }
 
     fn paid(shares: &[LevelShare]) -> Vec<(Outcome, String)> {
-        shares.iter().map(|s| (s.outcome, s.amount.to_string())).collect()
+        shares
+            .iter()
+            .map(|s| (s.outcome, s.amount.to_string()))
+            .collect()
     }
 
     /// SPEC §2: C (referred by B, referred by A) buys for 2000.00 → B 100.00, A 20.00.
     #[test]
     fn spec_example_pays_five_and_one_percent() {
         let (a, b) = (1, 2);
-        let s = shares(&rules(), m("2000.00"), m("2000.00"), &[member(b), member(a)]);
-        assert_eq!(paid(&s), vec![(Outcome::Paid, "100.00".into()), (Outcome::Paid, "20.00".into())]);
+        let s = shares(
+            &rules(),
+            m("2000.00"),
+            m("2000.00"),
+            &[member(b), member(a)],
+        );
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Paid, "100.00".into()),
+                (Outcome::Paid, "20.00".into())
+            ]
+        );
         assert_eq!(s[0].earner_id, Some(b));
         assert_eq!(s[1].earner_id, Some(a));
         assert_eq!(s[1].level, 2);
@@ -152,15 +181,31 @@ mod tests {
 
     #[test]
     fn exactly_one_thousand_earns_nothing() {
-        let s = shares(&rules(), m("1000.00"), m("1000.00"), &[member(2), member(1)]);
+        let s = shares(
+            &rules(),
+            m("1000.00"),
+            m("1000.00"),
+            &[member(2), member(1)],
+        );
         assert_eq!(paid(&s), vec![(Outcome::BelowThreshold, "0.00".into()); 2]);
     }
 
     #[test]
     fn one_paisa_over_the_threshold_qualifies_and_rounds_half_even() {
         // 1000.01 × 0.05 = 50.0005 → 50.00 ; × 0.01 = 10.0001 → 10.00
-        let s = shares(&rules(), m("1000.01"), m("1000.01"), &[member(2), member(1)]);
-        assert_eq!(paid(&s), vec![(Outcome::Paid, "50.00".into()), (Outcome::Paid, "10.00".into())]);
+        let s = shares(
+            &rules(),
+            m("1000.01"),
+            m("1000.01"),
+            &[member(2), member(1)],
+        );
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Paid, "50.00".into()),
+                (Outcome::Paid, "10.00".into())
+            ]
+        );
     }
 
     #[test]
@@ -175,9 +220,17 @@ mod tests {
     #[test]
     fn missing_upline_levels_are_no_referrer() {
         let s = shares(&rules(), m("5000"), m("5000"), &[member(2)]);
-        assert_eq!(paid(&s), vec![(Outcome::Paid, "250.00".into()), (Outcome::NoReferrer, "0.00".into())]);
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Paid, "250.00".into()),
+                (Outcome::NoReferrer, "0.00".into())
+            ]
+        );
         let s = shares(&rules(), m("5000"), m("5000"), &[]);
-        assert!(s.iter().all(|s| s.outcome == Outcome::NoReferrer && s.earner_id.is_none()));
+        assert!(s
+            .iter()
+            .all(|s| s.outcome == Outcome::NoReferrer && s.earner_id.is_none()));
     }
 
     #[test]
@@ -185,13 +238,25 @@ mod tests {
         let mut b = member(2);
         b.is_active = false;
         let s = shares(&rules(), m("2000"), m("2000"), &[b, member(1)]);
-        assert_eq!(paid(&s), vec![(Outcome::Inactive, "0.00".into()), (Outcome::Paid, "20.00".into())]);
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Inactive, "0.00".into()),
+                (Outcome::Paid, "20.00".into())
+            ]
+        );
     }
 
     #[test]
     fn profit_is_the_base_when_given_but_amount_decides_qualification() {
         let s = shares(&rules(), m("2000"), m("400"), &[member(2), member(1)]);
-        assert_eq!(paid(&s), vec![(Outcome::Paid, "20.00".into()), (Outcome::Paid, "4.00".into())]);
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Paid, "20.00".into()),
+                (Outcome::Paid, "4.00".into())
+            ]
+        );
         let s = shares(&rules(), m("900"), m("400"), &[member(2)]);
         assert_eq!(s[0].outcome, Outcome::BelowThreshold);
     }
@@ -200,7 +265,13 @@ mod tests {
     fn a_commission_below_one_paisa_is_not_credited() {
         // 0.30 × 5 % = 0.015 → 0.02 ; 0.30 × 1 % = 0.003 → 0.00
         let s = shares(&rules(), m("2000"), m("0.30"), &[member(2), member(1)]);
-        assert_eq!(paid(&s), vec![(Outcome::Paid, "0.02".into()), (Outcome::BelowThreshold, "0.00".into())]);
+        assert_eq!(
+            paid(&s),
+            vec![
+                (Outcome::Paid, "0.02".into()),
+                (Outcome::BelowThreshold, "0.00".into())
+            ]
+        );
     }
 
     #[test]
@@ -210,13 +281,22 @@ mod tests {
         let mut b = member(2);
         b.earned_at_level = m("50.00");
         let s = shares(&r, m("2000"), m("2000"), &[b]);
-        assert_eq!((s[0].outcome, s[0].amount.to_string()), (Outcome::Capped, "70.00".into()));
+        assert_eq!(
+            (s[0].outcome, s[0].amount.to_string()),
+            (Outcome::Capped, "70.00".into())
+        );
         b.earned_at_level = m("120.00");
         let s = shares(&r, m("2000"), m("2000"), &[b]);
-        assert_eq!((s[0].outcome, s[0].amount.to_string()), (Outcome::CapReached, "0.00".into()));
+        assert_eq!(
+            (s[0].outcome, s[0].amount.to_string()),
+            (Outcome::CapReached, "0.00".into())
+        );
         b.earned_at_level = m("20.00");
         let s = shares(&r, m("2000"), m("2000"), &[b]);
-        assert_eq!((s[0].outcome, s[0].amount.to_string()), (Outcome::Paid, "100.00".into()));
+        assert_eq!(
+            (s[0].outcome, s[0].amount.to_string()),
+            (Outcome::Paid, "100.00".into())
+        );
     }
 
     #[test]

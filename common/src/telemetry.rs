@@ -10,7 +10,8 @@ use crate::config::LogSettings;
 /// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; JSON when
 /// `log.format = "json"`. Calling it again is harmless.
 pub fn init_tracing(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _already_set = if settings.format == "json" {
         builder.json().try_init()

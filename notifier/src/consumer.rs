@@ -23,15 +23,19 @@ struct Routing {
 }
 
 /// Runs until `cancel` fires, reconnecting with backoff whenever the broker goes away.
-pub async fn run(url: String, hub: Arc<Hub>, broker_up: Arc<AtomicBool>, cancel: CancellationToken) {
+pub async fn run(
+    url: String,
+    hub: Arc<Hub>,
+    broker_up: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
     let mut first = true;
     while let Some(conn) = amqp::connect_with_retry(&url, "upline-notifier", &cancel).await {
-        broker_up.store(true, Ordering::Relaxed);
         if !first {
             hub.resync();
         }
         first = false;
-        if let Err(e) = consume(&conn, &hub, &cancel).await {
+        if let Err(e) = consume(&conn, &hub, &broker_up, &cancel).await {
             tracing::warn!(error = %e, "earnings consumer stopped; reconnecting");
         }
         broker_up.store(false, Ordering::Relaxed);
@@ -43,23 +47,52 @@ pub async fn run(url: String, hub: Arc<Hub>, broker_up: Arc<AtomicBool>, cancel:
     }
 }
 
-async fn consume(conn: &lapin::Connection, hub: &Hub, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn consume(
+    conn: &lapin::Connection,
+    hub: &Hub,
+    broker_up: &AtomicBool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
     amqp::declare_topology(&channel).await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
     let queue = channel
-        .queue_declare("", QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .queue_bind(queue.name().as_str(), amqp::EARNINGS_EXCHANGE, "earning.#", QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            queue.name().as_str(),
+            amqp::EARNINGS_EXCHANGE,
+            "earning.#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     // Resync once bound: anything committed before the binding existed is read from the
     // database by subscriptions that ask for it.
     hub.resync();
     let mut consumer = channel
-        .basic_consume(queue.name().as_str(), "upline-notifier", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            queue.name().as_str(),
+            "upline-notifier",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
     tracing::info!(queue = queue.name().as_str(), "notifier consuming earnings");
+    // Ready only once bound and consuming: from here no published event is missed.
+    broker_up.store(true, Ordering::Relaxed);
     loop {
         let delivery = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -70,8 +103,13 @@ async fn consume(conn: &lapin::Connection, hub: &Hub, cancel: &CancellationToken
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("consumer cancelled by the broker"),
         };
-        match (serde_json::from_slice::<Routing>(&delivery.data), String::from_utf8(delivery.data)) {
-            (Ok(r), Ok(json)) => hub.publish(Frame::from_json(r.earner_id, r.seq, r.earning_id, json)),
+        match (
+            serde_json::from_slice::<Routing>(&delivery.data),
+            String::from_utf8(delivery.data),
+        ) {
+            (Ok(r), Ok(json)) => {
+                hub.publish(Frame::from_json(r.earner_id, r.seq, r.earning_id, json))
+            }
             _ => tracing::warn!("ignoring an earning event that is not valid JSON"),
         }
     }

@@ -55,19 +55,32 @@ impl Feed {
     ///
     /// # Errors
     /// Database errors.
-    pub async fn open(hub: &Hub, db: PgPool, target: Target, since: Option<i64>) -> Result<Feed, FeedEnd> {
+    pub async fn open(
+        hub: &Hub,
+        db: PgPool,
+        target: Target,
+        since: Option<i64>,
+    ) -> Result<Feed, FeedEnd> {
         let rx = match target {
             Target::User(id) => hub.subscribe(id),
             Target::All => hub.subscribe_all(),
         };
-        let mut feed = Feed { target, rx, db, last_seq: 0, pending: VecDeque::new() };
+        let mut feed = Feed {
+            target,
+            rx,
+            db,
+            last_seq: 0,
+            pending: VecDeque::new(),
+        };
         match (target, since) {
             (Target::User(id), Some(since)) => {
                 feed.last_seq = since.max(0);
                 feed.catch_up(id, None).await?;
             }
             (Target::User(id), None) => {
-                feed.last_seq = upline_common::db::latest_seq(&feed.db, id).await?.unwrap_or(0);
+                feed.last_seq = upline_common::db::latest_seq(&feed.db, id)
+                    .await?
+                    .unwrap_or(0);
             }
             (Target::All, _) => {}
         }
@@ -82,7 +95,8 @@ impl Feed {
     /// Queues earnings from the database after `last_seq` (up to `until` inclusive, if given).
     async fn catch_up(&mut self, user_id: UserId, until: Option<i64>) -> Result<(), FeedEnd> {
         loop {
-            let page = upline_common::db::earnings_after(&self.db, user_id, self.last_seq, PAGE).await?;
+            let page =
+                upline_common::db::earnings_after(&self.db, user_id, self.last_seq, PAGE).await?;
             let full = page.len() as i64 == PAGE;
             for event in page {
                 if until.is_some_and(|u| event.seq > u) {
@@ -109,7 +123,11 @@ impl Feed {
             }
             let signal = match self.rx.recv().await {
                 Ok(s) => s,
-                Err(RecvError::Lagged(_)) => return Err(FeedEnd::Lagged { last_seq: self.last_seq }),
+                Err(RecvError::Lagged(_)) => {
+                    return Err(FeedEnd::Lagged {
+                        last_seq: self.last_seq,
+                    })
+                }
                 Err(RecvError::Closed) => return Err(FeedEnd::Closed),
             };
             match (self.target, signal) {

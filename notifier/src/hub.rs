@@ -31,7 +31,13 @@ impl Frame {
     /// Builds a frame around an event's JSON text that is already known to be valid.
     pub fn from_json(earner_id: UserId, seq: i64, earning_id: i64, event_json: String) -> Self {
         let ws_text = format!(r#"{{"type":"earning","earning":{event_json}}}"#);
-        Frame { earner_id, seq, earning_id, event_json, ws_text }
+        Frame {
+            earner_id,
+            seq,
+            earning_id,
+            event_json,
+            ws_text,
+        }
     }
 }
 
@@ -55,13 +61,23 @@ impl Hub {
     /// `capacity` = frames buffered per subscription before it lags.
     pub fn new(capacity: usize) -> Self {
         let (all, _) = broadcast::channel(capacity);
-        Hub { capacity, users: Mutex::new(HashMap::new()), all }
+        Hub {
+            capacity,
+            users: Mutex::new(HashMap::new()),
+            all,
+        }
     }
 
     /// Subscribes to one earner's events.
     pub fn subscribe(&self, user_id: UserId) -> broadcast::Receiver<Signal> {
-        let mut users = self.users.lock().expect("hub lock is never poisoned: no panics while held");
-        users.entry(user_id).or_insert_with(|| broadcast::channel(self.capacity).0).subscribe()
+        let mut users = self
+            .users
+            .lock()
+            .expect("hub lock is never poisoned: no panics while held");
+        users
+            .entry(user_id)
+            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .subscribe()
     }
 
     /// Subscribes to every earner's events (admin).
@@ -73,7 +89,10 @@ impl Hub {
     pub fn publish(&self, frame: Frame) {
         let frame = Arc::new(frame);
         {
-            let mut users = self.users.lock().expect("hub lock is never poisoned: no panics while held");
+            let mut users = self
+                .users
+                .lock()
+                .expect("hub lock is never poisoned: no panics while held");
             if let Some(tx) = users.get(&frame.earner_id) {
                 if tx.send(Signal::Earning(frame.clone())).is_err() {
                     // Nobody listens any more.
@@ -87,13 +106,19 @@ impl Hub {
 
     /// Tells every subscription to catch up from the database.
     pub fn resync(&self) {
-        let mut users = self.users.lock().expect("hub lock is never poisoned: no panics while held");
+        let mut users = self
+            .users
+            .lock()
+            .expect("hub lock is never poisoned: no panics while held");
         users.retain(|_, tx| tx.send(Signal::Resync).is_ok());
         let _ = self.all.send(Signal::Resync);
     }
 
     /// Earners with at least one subscription.
     pub fn subscribed_users(&self) -> usize {
-        self.users.lock().expect("hub lock is never poisoned: no panics while held").len()
+        self.users
+            .lock()
+            .expect("hub lock is never poisoned: no panics while held")
+            .len()
     }
 }

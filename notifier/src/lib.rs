@@ -68,7 +68,11 @@ pub fn router(state: NotifierState, probes: Probes) -> Router {
 ///
 /// # Errors
 /// Invalid settings, an unreachable database at start-up, or a server error.
-pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());
     let hub = Arc::new(Hub::new(settings.notifier.buffer));

@@ -34,11 +34,21 @@ pub async fn events(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
     let Some(token) = bearer.or(query.token) else {
-        return problem(StatusCode::UNAUTHORIZED, "unauthorized", "send the token as Authorization: Bearer or ?token=");
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the token as Authorization: Bearer or ?token=",
+        );
     };
-    let user_value = user_id.parse::<i64>().map_or_else(|_| Value::String(user_id.clone()), |id| json!(id));
+    let user_value = user_id
+        .parse::<i64>()
+        .map_or_else(|_| Value::String(user_id.clone()), |id| json!(id));
     let Some(target) = state.authorize(&user_value, &token) else {
-        return problem(StatusCode::FORBIDDEN, "unauthorized", "the token is not valid for this user");
+        return problem(
+            StatusCode::FORBIDDEN,
+            "unauthorized",
+            "the token is not valid for this user",
+        );
     };
     let last_event_id = headers
         .get("last-event-id")
@@ -49,12 +59,18 @@ pub async fn events(
         Ok(feed) => feed,
         Err(e) => {
             tracing::error!(error = %e, "opening an SSE feed");
-            return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "could not open the feed; retry");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "could not open the feed; retry",
+            );
         }
     };
     metrics::counter!("upline_notifier_sse_streams_total").increment(1);
     let stream = feed_events(feed).take_until(state.shutdown.clone().cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 /// The feed as SSE events; after a lag or error one `event: error` is sent and the stream
@@ -64,7 +80,10 @@ fn feed_events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
         let mut feed = feed?;
         match feed.next().await {
             Ok(frame) => {
-                let event = Event::default().event("earning").id(frame.seq.to_string()).data(frame.event_json.clone());
+                let event = Event::default()
+                    .event("earning")
+                    .id(frame.seq.to_string())
+                    .data(frame.event_json.clone());
                 Some((Ok(event), Some(feed)))
             }
             Err(end) => {
@@ -73,8 +92,12 @@ fn feed_events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     FeedEnd::Closed => "closing",
                     FeedEnd::Db(_) => "internal_error",
                 };
-                let data = json!({"code": code, "message": end.to_string(), "last_seq": feed.last_seq()});
-                Some((Ok(Event::default().event("error").data(data.to_string())), None))
+                let data =
+                    json!({"code": code, "message": end.to_string(), "last_seq": feed.last_seq()});
+                Some((
+                    Ok(Event::default().event("error").data(data.to_string())),
+                    None,
+                ))
             }
         }
     })

@@ -35,7 +35,8 @@ struct Subscribe {
 }
 
 pub async fn upgrade(State(state): State<NotifierState>, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(64 * 1024).on_upgrade(move |socket| connection(state, socket))
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| connection(state, socket))
 }
 
 async fn connection(state: NotifierState, mut socket: WebSocket) {
@@ -56,23 +57,43 @@ async fn serve(state: &NotifierState, socket: &mut WebSocket) {
     let sub: Subscribe = match serde_json::from_str(&request) {
         Ok(s) => s,
         Err(e) => {
-            reject(socket, "bad_request", &format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}")).await;
+            reject(
+                socket,
+                "bad_request",
+                &format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}"),
+            )
+            .await;
             return;
         }
     };
     if sub.kind != "subscribe" {
-        reject(socket, "bad_request", "the first message must have \"type\":\"subscribe\"").await;
+        reject(
+            socket,
+            "bad_request",
+            "the first message must have \"type\":\"subscribe\"",
+        )
+        .await;
         return;
     }
     let Some(target) = state.authorize(&sub.user_id, &sub.token) else {
-        reject(socket, "unauthorized", "the token is not valid for this user").await;
+        reject(
+            socket,
+            "unauthorized",
+            "the token is not valid for this user",
+        )
+        .await;
         return;
     };
     let mut feed = match Feed::open(&state.hub, state.db.clone(), target, sub.since).await {
         Ok(feed) => feed,
         Err(e) => {
             tracing::error!(error = %e, "opening a feed");
-            reject(socket, "internal_error", "could not open the feed; try again").await;
+            reject(
+                socket,
+                "internal_error",
+                "could not open the feed; try again",
+            )
+            .await;
             return;
         }
     };
@@ -80,7 +101,13 @@ async fn serve(state: &NotifierState, socket: &mut WebSocket) {
         Target::User(id) => json!(id),
         Target::All => json!("*"),
     };
-    if send(socket, json!({"type": "subscribed", "user_id": user_id}).to_string()).await.is_err() {
+    if send(
+        socket,
+        json!({"type": "subscribed", "user_id": user_id}).to_string(),
+    )
+    .await
+    .is_err()
+    {
         return;
     }
 
@@ -149,12 +176,23 @@ async fn send_message(socket: &mut WebSocket, message: Message) -> Result<(), ()
 }
 
 async fn reject(socket: &mut WebSocket, code: &str, message: &str) {
-    let _ = send(socket, json!({"type": "error", "code": code, "message": message}).to_string()).await;
+    let _ = send(
+        socket,
+        json!({"type": "error", "code": code, "message": message}).to_string(),
+    )
+    .await;
     close(socket, CLOSE_POLICY, message).await;
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     // Close reasons are limited to 123 bytes.
     let reason: String = reason.chars().take(120).collect();
-    let _ = send_message(socket, Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    let _ = send_message(
+        socket,
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })),
+    )
+    .await;
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -23,12 +23,27 @@ use crate::process::{process, Ctx, Disposition};
 ///
 /// # Errors
 /// Broker errors (the caller reconnects).
-pub async fn consume(ctx: Ctx, conn: &Connection, prefetch: u16, tag: String, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn consume(
+    ctx: Ctx,
+    conn: &Connection,
+    prefetch: u16,
+    tag: String,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let mut consumer = channel
-        .basic_consume(amqp::PURCHASES_QUEUE, &tag, BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            amqp::PURCHASES_QUEUE,
+            &tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tracing::debug!(%tag, prefetch, "consuming purchases");
     let result = loop {
@@ -47,7 +62,9 @@ pub async fn consume(ctx: Ctx, conn: &Connection, prefetch: u16, tag: String, ca
         }
     };
     if channel.status().connected() {
-        let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
+        let _ = channel
+            .basic_cancel(&tag, BasicCancelOptions::default())
+            .await;
         let _ = channel.close(200, "worker stopping").await;
     }
     result
@@ -55,7 +72,12 @@ pub async fn consume(ctx: Ctx, conn: &Connection, prefetch: u16, tag: String, ca
 
 /// Processes one delivery to its end: ack after commit, dead-letter, or (on shutdown during a
 /// database outage) leave it for redelivery.
-async fn handle(ctx: &Ctx, channel: &Channel, delivery: Delivery, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn handle(
+    ctx: &Ctx,
+    channel: &Channel,
+    delivery: Delivery,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut attempt = 0u32;
     let disposition = loop {
@@ -68,7 +90,10 @@ async fn handle(ctx: &Ctx, channel: &Channel, delivery: Delivery, cancel: &Cance
         };
         match task.await {
             Ok(Ok(d)) => break d,
-            Ok(Err(e)) if upline_common::db::is_transient(&e) || matches!(e, sqlx::Error::PoolTimedOut) => {
+            Ok(Err(e))
+                if upline_common::db::is_transient(&e)
+                    || matches!(e, sqlx::Error::PoolTimedOut) =>
+            {
                 attempt += 1;
                 let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
                 tracing::warn!(error = %e, attempt, retry_in = ?wait, "database unavailable; retrying purchase");
@@ -88,7 +113,9 @@ async fn handle(ctx: &Ctx, channel: &Channel, delivery: Delivery, cancel: &Cance
             }
             Err(join) => {
                 tracing::error!(error = %join, "processing panicked");
-                break Disposition::DeadLetter("worker panicked while processing this message".into());
+                break Disposition::DeadLetter(
+                    "worker panicked while processing this message".into(),
+                );
             }
         }
     };
@@ -96,7 +123,13 @@ async fn handle(ctx: &Ctx, channel: &Channel, delivery: Delivery, cancel: &Cance
         tracing::warn!(%reason, "dead-lettering purchase message");
         let props = amqp::with_error_header(&delivery.properties, reason);
         let confirm = channel
-            .basic_publish(amqp::PURCHASES_DLX, "", BasicPublishOptions::default(), &delivery.data, props)
+            .basic_publish(
+                amqp::PURCHASES_DLX,
+                "",
+                BasicPublishOptions::default(),
+                &delivery.data,
+                props,
+            )
             .await?
             .await?;
         if !confirm.is_ack() {
@@ -105,6 +138,7 @@ async fn handle(ctx: &Ctx, channel: &Channel, delivery: Delivery, cancel: &Cance
         metrics::counter!("upline_purchases_total", "result" => "dead_lettered").increment(1);
     }
     delivery.ack(BasicAckOptions::default()).await?;
-    metrics::histogram!("upline_purchase_processing_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("upline_purchase_processing_seconds")
+        .record(started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -34,25 +34,48 @@ pub enum Recorded {
 pub enum Incoming {
     Valid(Purchase),
     /// Bad content under a usable id (SPEC §3): stored as `rejected` with `reason`.
-    Invalid { purchase_id: PurchaseId, reason: String },
+    Invalid {
+        purchase_id: PurchaseId,
+        reason: String,
+    },
 }
 
 /// Records `incoming` (whose JSON body is `body`) in one transaction.
 ///
 /// # Errors
 /// Database errors; the transaction is rolled back and nothing is recorded.
-pub async fn record(pool: &PgPool, rules: &Rules, incoming: &Incoming, body: &Map<String, Value>) -> sqlx::Result<Recorded> {
+pub async fn record(
+    pool: &PgPool,
+    rules: &Rules,
+    incoming: &Incoming,
+    body: &Map<String, Value>,
+) -> sqlx::Result<Recorded> {
     let mut tx = pool.begin().await?;
     let recorded = match incoming {
-        Incoming::Invalid { purchase_id, reason } => {
-            let fingerprint = upline_common::purchase::raw_fingerprint(&Value::Object(body.clone()));
+        Incoming::Invalid {
+            purchase_id,
+            reason,
+        } => {
+            let fingerprint =
+                upline_common::purchase::raw_fingerprint(&Value::Object(body.clone()));
             match claim(&mut tx, purchase_id, &fingerprint, body, None, Some(reason)).await? {
                 Some(existing) => existing,
-                None => Recorded::Rejected { reason: reason.clone() },
+                None => Recorded::Rejected {
+                    reason: reason.clone(),
+                },
             }
         }
         Incoming::Valid(purchase) => {
-            match claim(&mut tx, &purchase.purchase_id, &purchase.fingerprint(), body, Some(purchase), None).await? {
+            match claim(
+                &mut tx,
+                &purchase.purchase_id,
+                &purchase.fingerprint(),
+                body,
+                Some(purchase),
+                None,
+            )
+            .await?
+            {
                 Some(existing) => existing,
                 None => credit(&mut tx, rules, purchase).await?,
             }
@@ -93,10 +116,11 @@ async fn claim(
     if inserted == 1 {
         return Ok(None);
     }
-    let existing: String = sqlx::query_scalar("select fingerprint from purchases where purchase_id = $1")
-        .bind(purchase_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+    let existing: String =
+        sqlx::query_scalar("select fingerprint from purchases where purchase_id = $1")
+            .bind(purchase_id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
     if existing == fingerprint {
         return Ok(Some(Recorded::Duplicate));
     }
@@ -117,7 +141,11 @@ struct Earner {
 }
 
 /// Credits the upline of a newly claimed valid purchase.
-async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sqlx::Result<Recorded> {
+async fn credit(
+    tx: &mut PgConnection,
+    rules: &Rules,
+    purchase: &Purchase,
+) -> sqlx::Result<Recorded> {
     let levels = i32::try_from(rules.rates.len()).expect("at most 10 levels");
     // The buyer (level 0) and up to `levels` ancestors. The referral graph is a forest.
     let chain: Vec<(i32, UserId)> = sqlx::query_as(
@@ -142,7 +170,11 @@ async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sq
             .await?;
         return Ok(Recorded::Rejected { reason });
     }
-    let upline_ids: Vec<UserId> = chain.iter().filter(|(level, _)| *level > 0).map(|&(_, id)| id).collect();
+    let upline_ids: Vec<UserId> = chain
+        .iter()
+        .filter(|(level, _)| *level > 0)
+        .map(|&(_, id)| id)
+        .collect();
 
     // Lock the earners in id order: every worker takes row locks in the same order.
     let mut earners: HashMap<UserId, Earner> = HashMap::new();
@@ -164,10 +196,11 @@ async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sq
                 },
             );
         }
-        let level_rows = sqlx::query("select user_id, level, total from earner_levels where user_id = any($1)")
-            .bind(&upline_ids)
-            .fetch_all(&mut *tx)
-            .await?;
+        let level_rows =
+            sqlx::query("select user_id, level, total from earner_levels where user_id = any($1)")
+                .bind(&upline_ids)
+                .fetch_all(&mut *tx)
+                .await?;
         for row in level_rows {
             let level: i16 = row.get("level");
             if let Some(e) = earners.get_mut(&row.get::<i64, _>("user_id")) {
@@ -187,7 +220,9 @@ async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sq
             UplineMember {
                 user_id: *id,
                 is_active: e.is_some_and(|e| e.is_active),
-                earned_at_level: e.and_then(|e| e.levels.get(i).copied()).unwrap_or(Money::ZERO),
+                earned_at_level: e
+                    .and_then(|e| e.levels.get(i).copied())
+                    .unwrap_or(Money::ZERO),
             }
         })
         .collect();
@@ -195,7 +230,10 @@ async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sq
 
     let mut credited = 0;
     for share in &shares {
-        let earning_id = match (share.outcome.credits(), share.earner_id.and_then(|id| earners.get_mut(&id))) {
+        let earning_id = match (
+            share.outcome.credits(),
+            share.earner_id.and_then(|id| earners.get_mut(&id)),
+        ) {
             (true, Some(earner)) => Some(insert_earning(tx, purchase, share, earner).await?),
             _ => None,
         };
@@ -219,14 +257,22 @@ async fn credit(tx: &mut PgConnection, rules: &Rules, purchase: &Purchase) -> sq
 
 /// Writes one earning with the earner's next `seq` and running totals, updates the
 /// aggregates, and queues the event in the outbox. Returns the earning id.
-async fn insert_earning(tx: &mut PgConnection, purchase: &Purchase, share: &LevelShare, earner: &mut Earner) -> sqlx::Result<i64> {
+async fn insert_earning(
+    tx: &mut PgConnection,
+    purchase: &Purchase,
+    share: &LevelShare,
+    earner: &mut Earner,
+) -> sqlx::Result<i64> {
     let earner_id = share.earner_id.expect("a crediting share names its earner");
     let level = i16::from(share.level);
     earner.seq += 1;
     earner.total += share.amount;
     let index = usize::from(share.level - 1);
     earner.levels[index] += share.amount;
-    let totals = Totals { total: earner.total, levels: earner.levels.clone() };
+    let totals = Totals {
+        total: earner.total,
+        levels: earner.levels.clone(),
+    };
 
     let earning_id: i64 = sqlx::query_scalar(
         r#"insert into earnings (earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency, totals)
@@ -243,12 +289,14 @@ async fn insert_earning(tx: &mut PgConnection, purchase: &Purchase, share: &Leve
     .bind(sqlx::types::Json(&totals))
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("update users set earnings_seq = $2, total_earnings = total_earnings + $3 where id = $1")
-        .bind(earner_id)
-        .bind(earner.seq)
-        .bind(share.amount.as_decimal())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "update users set earnings_seq = $2, total_earnings = total_earnings + $3 where id = $1",
+    )
+    .bind(earner_id)
+    .bind(earner.seq)
+    .bind(share.amount.as_decimal())
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         r#"insert into earner_levels (user_id, level, total, count) values ($1, $2, $3, 1)
            on conflict (user_id, level) do update set total = earner_levels.total + excluded.total, count = earner_levels.count + 1"#,

@@ -27,21 +27,37 @@ use crate::process::Ctx;
 ///
 /// # Errors
 /// Invalid settings or a database that cannot be migrated.
-pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let rules = Arc::new(settings.commission.rules()?);
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());
-    let ctx = Ctx { db, rules, outbox_ready: Arc::new(Notify::new()) };
+    let ctx = Ctx {
+        db,
+        rules,
+        outbox_ready: Arc::new(Notify::new()),
+    };
 
     let app = upline_common::http::ops_routes::<()>(probes.clone());
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_shutdown.cancelled_owned())
+            .await
     });
 
-    tracing::info!(consumers = settings.worker.consumers, prefetch = settings.worker.prefetch, "worker starting");
+    tracing::info!(
+        consumers = settings.worker.consumers,
+        prefetch = settings.worker.prefetch,
+        "worker starting"
+    );
     while !shutdown.is_cancelled() {
-        let Some(conn) = amqp::connect_with_retry(&settings.amqp.url, "upline-worker", &shutdown).await else {
+        let Some(conn) =
+            amqp::connect_with_retry(&settings.amqp.url, "upline-worker", &shutdown).await
+        else {
             break;
         };
         probes.broker_up.store(true, Ordering::Relaxed);
@@ -51,19 +67,31 @@ pub async fn run(settings: Settings, listener: TcpListener, shutdown: Cancellati
         let _ = conn.close(200, "worker session over").await;
         match result {
             Ok(()) => break,
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "broker session failed; reconnecting"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "broker session failed; reconnecting"
+            ),
         }
     }
-    http.await.context("health server task")?.context("health server")?;
+    http.await
+        .context("health server task")?
+        .context("health server")?;
     tracing::info!("worker stopped");
     Ok(())
 }
 
 /// One broker connection's worth of work: topology, consumers, relay. Ends when `shutdown`
 /// fires (`Ok`) or any part fails (`Err`, after stopping the others).
-async fn session(ctx: &Ctx, settings: &Settings, conn: &Arc<lapin::Connection>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn session(
+    ctx: &Ctx,
+    settings: &Settings,
+    conn: &Arc<lapin::Connection>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
-    amqp::declare_topology(&channel).await.context("declaring the topology")?;
+    amqp::declare_topology(&channel)
+        .await
+        .context("declaring the topology")?;
     let _ = channel.close(200, "topology declared").await;
 
     let session = shutdown.child_token();
@@ -75,7 +103,12 @@ async fn session(ctx: &Ctx, settings: &Settings, conn: &Arc<lapin::Connection>, 
         tasks.spawn(async move { consumer::consume(ctx, &conn, prefetch, tag, cancel).await });
     }
     {
-        let (db, conn, ready, cancel) = (ctx.db.clone(), conn.clone(), ctx.outbox_ready.clone(), session.clone());
+        let (db, conn, ready, cancel) = (
+            ctx.db.clone(),
+            conn.clone(),
+            ctx.outbox_ready.clone(),
+            session.clone(),
+        );
         let poll = Duration::from_millis(settings.worker.outbox_poll_ms);
         tasks.spawn(async move { outbox::relay(db, &conn, ready, poll, cancel).await });
     }

@@ -27,9 +27,17 @@ const BATCH: i64 = 500;
 ///
 /// # Errors
 /// Broker errors (the caller reconnects); database errors are retried here.
-pub async fn relay(db: PgPool, conn: &Connection, ready: Arc<Notify>, poll: Duration, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn relay(
+    db: PgPool,
+    conn: &Connection,
+    ready: Arc<Notify>,
+    poll: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     loop {
         loop {
             match relay_batch(&db, &channel).await {
@@ -93,13 +101,21 @@ async fn relay_batch(db: &PgPool, channel: &lapin::Channel) -> Result<usize, Rel
         let body = serde_json::to_vec(&event).expect("an EarningEvent always serialises");
         confirms.push(
             channel
-                .basic_publish(amqp::EARNINGS_EXCHANGE, &event.routing_key(), BasicPublishOptions::default(), &body, amqp::persistent_json())
+                .basic_publish(
+                    amqp::EARNINGS_EXCHANGE,
+                    &event.routing_key(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    amqp::persistent_json(),
+                )
                 .await?,
         );
     }
     for confirm in confirms {
         if !confirm.await?.is_ack() {
-            return Err(RelayError::Broker(anyhow::anyhow!("the broker refused an earning event")));
+            return Err(RelayError::Broker(anyhow::anyhow!(
+                "the broker refused an earning event"
+            )));
         }
     }
     sqlx::query("delete from earning_outbox where earning_id = any($1)")

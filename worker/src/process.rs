@@ -36,15 +36,20 @@ pub enum Disposition {
 pub async fn process(ctx: &Ctx, body: &[u8]) -> sqlx::Result<Disposition> {
     let (purchase_id, map) = match purchase::read(body) {
         Ok(read) => read,
-        Err(e @ (Unreadable::NotJson(_)
-        | Unreadable::NotAnObject
-        | Unreadable::MissingPurchaseId
-        | Unreadable::PurchaseIdNotAString
-        | Unreadable::BadPurchaseId(_))) => return Ok(Disposition::DeadLetter(e.to_string())),
+        Err(
+            e @ (Unreadable::NotJson(_)
+            | Unreadable::NotAnObject
+            | Unreadable::MissingPurchaseId
+            | Unreadable::PurchaseIdNotAString
+            | Unreadable::BadPurchaseId(_)),
+        ) => return Ok(Disposition::DeadLetter(e.to_string())),
     };
     let incoming = match purchase::validate(purchase_id.clone(), &map, &ctx.rules) {
         Ok(p) => Incoming::Valid(p),
-        Err(invalid) => Incoming::Invalid { purchase_id, reason: invalid.to_string() },
+        Err(invalid) => Incoming::Invalid {
+            purchase_id,
+            reason: invalid.to_string(),
+        },
     };
     let recorded = ledger::record(&ctx.db, &ctx.rules, &incoming, &map).await?;
     let result = match &recorded {

@@ -36,12 +36,16 @@ pub async fn create(
     let body_id = opt_str(&body, "purchase_id")?.map(str::to_owned);
     let raw_id = match (body_id, header_key) {
         (Some(b), Some(h)) if b != h => {
-            return Err(ApiError::validation("Idempotency-Key", "differs from the body's purchase_id"));
+            return Err(ApiError::validation(
+                "Idempotency-Key",
+                "differs from the body's purchase_id",
+            ));
         }
         (Some(id), _) | (None, Some(id)) => id,
         (None, None) => generated_id(),
     };
-    let purchase_id = PurchaseId::parse(&raw_id).map_err(|m| ApiError::validation("purchase_id", m))?;
+    let purchase_id =
+        PurchaseId::parse(&raw_id).map_err(|m| ApiError::validation("purchase_id", m))?;
     body.insert("purchase_id".into(), Value::String(raw_id));
     let purchase = purchase::validate(purchase_id, &body, &state.rules)
         .map_err(|invalid| ApiError::validation(invalid.field, invalid.message))?;
@@ -55,7 +59,10 @@ pub async fn create(
     metrics::counter!("upline_purchases_accepted_total").increment(1);
     Ok((
         StatusCode::ACCEPTED,
-        [(axum::http::header::LOCATION, format!("/api/purchases/{}", purchase.purchase_id))],
+        [(
+            axum::http::header::LOCATION,
+            format!("/api/purchases/{}", purchase.purchase_id),
+        )],
         Json(json!({ "purchase_id": purchase.purchase_id, "status": "accepted" })),
     ))
 }
@@ -73,12 +80,20 @@ fn money(d: Option<rust_decimal::Decimal>) -> Value {
 /// `processed` or `rejected` (with `reason`), or `conflict` when the id was later received
 /// with different content (`original_status` then tells what the first one came to; the
 /// conflicting bodies are listed and paid nothing). 404 until a worker has processed it.
-pub async fn get(State(state): State<AppState>, caller: Authenticated, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     caller.producer_or_admin()?;
     let (p, levels, conflicts) = store::purchase(&state.db, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no processed purchase with id {id:?} (yet)")))?;
-    let status = if conflicts.is_empty() { p.status.as_str() } else { "conflict" };
+    let status = if conflicts.is_empty() {
+        p.status.as_str()
+    } else {
+        "conflict"
+    };
     Ok(Json(json!({
         "purchase_id": p.purchase_id,
         "status": status,

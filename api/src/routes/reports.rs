@@ -22,11 +22,18 @@ const BY_REFERRAL: i64 = 100;
 /// `GET /api/users/{id}/earnings` (the user, admin): `{user_id, total, count, by_level,
 /// by_referral, recent}`; `by_level` lists every configured level, `recent` the latest 20
 /// earning events (SPEC §4), newest first.
-pub async fn earnings(State(state): State<AppState>, caller: Authenticated, PathId(id): PathId) -> Result<impl IntoResponse, ApiError> {
+pub async fn earnings(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathId(id): PathId,
+) -> Result<impl IntoResponse, ApiError> {
     caller.user_or_admin(id)?;
-    let user = store::user(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
-    let mut by_level: BTreeMap<String, Money> =
-        (1..=state.rules.rates.len()).map(|l| (l.to_string(), Money::ZERO)).collect();
+    let user = store::user(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
+    let mut by_level: BTreeMap<String, Money> = (1..=state.rules.rates.len())
+        .map(|l| (l.to_string(), Money::ZERO))
+        .collect();
     let mut count = 0;
     for (level, total, n) in store::level_totals(&state.db, id).await? {
         by_level.insert(level.to_string(), Money::from_total(total));
@@ -45,7 +52,11 @@ pub async fn earnings(State(state): State<AppState>, caller: Authenticated, Path
 }
 
 /// `GET /api/users/{id}/referrals` (the user, admin): the downline two levels deep.
-pub async fn referrals(State(state): State<AppState>, caller: Authenticated, PathId(id): PathId) -> Result<impl IntoResponse, ApiError> {
+pub async fn referrals(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathId(id): PathId,
+) -> Result<impl IntoResponse, ApiError> {
     caller.user_or_admin(id)?;
     if !store::user_exists(&state.db, id).await? {
         return Err(ApiError::NotFound(format!("no user with id {id}")));
@@ -53,7 +64,9 @@ pub async fn referrals(State(state): State<AppState>, caller: Authenticated, Pat
     let level_1 = store::referrals_of(&state.db, &[id]).await?;
     let ids: Vec<i64> = level_1.iter().map(|r| r.id).collect();
     let level_2 = store::referrals_of(&state.db, &ids).await?;
-    Ok(Json(json!({ "user_id": id, "level_1": level_1, "level_2": level_2 })))
+    Ok(Json(
+        json!({ "user_id": id, "level_1": level_1, "level_2": level_2 }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +75,10 @@ pub struct LeaderboardQuery {
 }
 
 /// `GET /api/leaderboard?limit=10` (anyone): top earners `[{user_id, name, total_earnings}]`.
-pub async fn leaderboard(State(state): State<AppState>, Query(q): Query<LeaderboardQuery>) -> Result<impl IntoResponse, ApiError> {
+pub async fn leaderboard(
+    State(state): State<AppState>,
+    Query(q): Query<LeaderboardQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = q.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 100"));

@@ -1,0 +1,188 @@
+//! A worker killed with SIGKILL in the middle of a stream loses and doubles nothing.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use secrecy::ExposeSecret;
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::harness::{Services, TestApp};
+
+/// Starts `upline worker` as a separate process against the app's database and vhost.
+fn spawn_worker(app: &TestApp) -> Child {
+    let s = &app.settings;
+    Command::new(env!("CARGO_BIN_EXE_upline"))
+        .arg("worker")
+        .env("DATABASE_URL", &s.database.url)
+        .env("AMQP_URL", &s.amqp.url)
+        .env("UPLINE__WORKER__BIND", "127.0.0.1:0")
+        .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
+        .env(
+            "UPLINE__AUTH__TOKEN_SECRET",
+            s.auth.token_secret.expose_secret(),
+        )
+        .env(
+            "UPLINE__AUTH__ADMIN_TOKEN",
+            s.auth.admin_token.expose_secret(),
+        )
+        .env(
+            "UPLINE__AUTH__PRODUCER_TOKEN",
+            s.auth.producer_token.expose_secret(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the upline binary starts")
+}
+
+async fn processed(app: &TestApp) -> i64 {
+    sqlx::query_scalar("select count(*) from purchases")
+        .fetch_one(&app.db)
+        .await
+        .expect("count")
+}
+
+fn commission(base: Decimal, rate: Decimal) -> Decimal {
+    (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven)
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() {
+    let app = TestApp::spawn_with(
+        Services {
+            worker: false,
+            broker: true,
+        },
+        |_| {},
+    )
+    .await;
+    // Two roots, four in the middle, eight buyers.
+    let roots = [
+        app.register("Root A", None).await,
+        app.register("Root B", None).await,
+    ];
+    let mut mids = Vec::new();
+    for i in 0..4 {
+        mids.push(
+            app.register(&format!("Mid {i}"), Some(roots[i % 2].id))
+                .await,
+        );
+    }
+    let mut buyers = Vec::new();
+    for i in 0..8 {
+        buyers.push((
+            app.register(&format!("Buyer {i}"), Some(mids[i % 4].id))
+                .await,
+            i % 4,
+        ));
+    }
+
+    // 400 purchases straight onto the queue before any worker runs.
+    let mut expected: HashMap<i64, Decimal> = HashMap::new();
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::new();
+    for i in 0..400i64 {
+        let (buyer, mid) = &buyers[(i % 8) as usize];
+        let amount = Decimal::new(90_000 + (i * 3_701) % 400_000, 2); // 900.00 … 4899.99
+        if amount > Decimal::new(100_000, 2) {
+            *expected.entry(mids[*mid].id).or_default() += commission(amount, Decimal::new(5, 2));
+            *expected.entry(roots[*mid % 2].id).or_default() +=
+                commission(amount, Decimal::new(1, 2));
+        }
+        let body = json!({"purchase_id": format!("kill-{i}"), "buyer_id": buyer.id, "amount": amount.to_string()});
+        confirms.push(
+            channel
+                .basic_publish(
+                    upline_common::amqp::PURCHASES_EXCHANGE,
+                    upline_common::amqp::PURCHASE_ROUTING_KEY,
+                    Default::default(),
+                    body.to_string().as_bytes(),
+                    upline_common::amqp::persistent_json(),
+                )
+                .await
+                .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.expect("confirm").is_ack());
+    }
+    conn.close(200, "published").await.expect("close");
+
+    // Kill the first worker with SIGKILL once it is well into the stream.
+    let mut worker = spawn_worker(&app);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processed(&app).await < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not start processing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worker.start_kill().expect("SIGKILL");
+    worker.wait().await.expect("the killed worker is reaped");
+    let at_kill = processed(&app).await;
+    assert!(
+        at_kill < 400,
+        "the kill landed after the stream ended ({at_kill}); nothing was tested"
+    );
+
+    // A new worker finishes the stream, including whatever the dead one left unacknowledged
+    // and any earnings it committed but did not publish.
+    let mut worker = spawn_worker(&app);
+    app.wait_purchase_count(400, Duration::from_secs(90)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} earnings never left the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.start_kill().expect("stop worker");
+    let _ = worker.wait().await;
+
+    let actual: Vec<(i64, Decimal, i64, i64)> = sqlx::query_as(
+        "select earner_id, sum(amount), count(*), max(seq) from earnings group by 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .expect("totals");
+    for (earner, total, count, max_seq) in &actual {
+        assert_eq!(Some(total), expected.get(earner), "earner {earner}");
+        assert_eq!(
+            count, max_seq,
+            "earner {earner}: seq must run 1..n without gaps"
+        );
+        let recorded: Decimal =
+            sqlx::query_scalar("select total_earnings from users where id = $1")
+                .bind(earner)
+                .fetch_one(&app.db)
+                .await
+                .expect("user total");
+        assert_eq!(&recorded, total, "earner {earner}: running total");
+    }
+    assert_eq!(actual.len(), expected.len());
+    let doubled: i64 = sqlx::query_scalar("select count(*) from (select purchase_id, level from earnings group by 1, 2 having count(*) > 1) d")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(doubled, 0);
+    app.stop().await;
+}

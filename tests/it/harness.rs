@@ -1,0 +1,477 @@
+//! `TestApp`: api, worker and notifier running in this process on ephemeral ports, over a
+//! fresh database and a fresh RabbitMQ vhost.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use rand::Rng;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use upline_common::{amqp, Settings};
+
+/// PostgreSQL server the tests create their databases on.
+pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+/// RabbitMQ management API, used to create and delete vhosts.
+pub const RABBIT_MANAGEMENT: &str = "http://127.0.0.1:15672";
+pub const ADMIN: &str = "test-admin-key";
+pub const PRODUCER: &str = "test-producer-key";
+
+/// Which services a test app runs in-process.
+#[derive(Clone, Copy)]
+pub struct Services {
+    pub worker: bool,
+    /// Whether the app's broker is reachable (readiness is awaited only then).
+    pub broker: bool,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            worker: true,
+            broker: true,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub api: String,
+    pub notifier: String,
+    pub ws_url: String,
+    pub db: PgPool,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    db_name: String,
+    vhost: String,
+}
+
+/// A registered user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub token: String,
+    pub referral_code: String,
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// Settings for a fresh database and vhost, everything bound to 127.0.0.1:0.
+pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
+    let mut s =
+        Settings::load_from(Path::new("/nonexistent/upline.toml")).expect("built-in defaults load");
+    s.database.url = format!("{PG_SERVER}/{db_name}");
+    s.database.max_connections = 10;
+    s.amqp.url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    s.api.bind = "127.0.0.1:0".parse().expect("valid address");
+    s.worker.bind = "127.0.0.1:0".parse().expect("valid address");
+    s.notifier.bind = "127.0.0.1:0".parse().expect("valid address");
+    s.worker.outbox_poll_ms = 100;
+    s.auth.admin_token = ADMIN.to_owned().into();
+    s.auth.producer_token = PRODUCER.to_owned().into();
+    s.auth.token_secret = "test-token-secret-0123456789".to_owned().into();
+    s.log.level = "warn".into();
+    s
+}
+
+/// Creates a vhost (management API, else `rabbitmqctl`) with full permissions for guest.
+pub async fn create_vhost(http: &reqwest::Client, vhost: &str) {
+    let created = http
+        .put(format!("{RABBIT_MANAGEMENT}/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+    if matches!(&created, Ok(r) if r.status().is_success()) {
+        let r = http
+            .put(format!("{RABBIT_MANAGEMENT}/api/permissions/{vhost}/guest"))
+            .basic_auth("guest", Some("guest"))
+            .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .expect("management API answers");
+        assert!(
+            r.status().is_success(),
+            "setting vhost permissions: {}",
+            r.status()
+        );
+        return;
+    }
+    for args in [
+        vec!["add_vhost", vhost],
+        vec!["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+    ] {
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(&args)
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(
+            status.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+}
+
+pub async fn delete_vhost(http: &reqwest::Client, vhost: &str) {
+    let deleted = http
+        .delete(format!("{RABBIT_MANAGEMENT}/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+    if !matches!(&deleted, Ok(r) if r.status().is_success()) {
+        let _ = tokio::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", vhost])
+            .output()
+            .await;
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Services::default(), |_| {}).await
+    }
+
+    /// Spawns with chosen services and settings adjusted by `configure`.
+    pub async fn spawn_with(services: Services, configure: impl FnOnce(&mut Settings)) -> TestApp {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        let db_name = unique("upline_test");
+        let vhost = unique("upline_test");
+        create_vhost(&http, &vhost).await;
+        let mut settings = test_settings(&db_name, &vhost);
+        configure(&mut settings);
+        let shutdown = CancellationToken::new();
+        // Migrate once before the services start.
+        let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown)
+            .await
+            .expect("database ready");
+
+        let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let notifier_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let api = format!("http://{}", api_listener.local_addr().expect("addr"));
+        let notifier_addr = notifier_listener.local_addr().expect("addr");
+        let mut tasks = vec![
+            tokio::spawn(upline_api::run(
+                settings.clone(),
+                api_listener,
+                shutdown.clone(),
+            )),
+            tokio::spawn(upline_notifier::run(
+                settings.clone(),
+                notifier_listener,
+                shutdown.clone(),
+            )),
+        ];
+        if services.worker {
+            let worker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tasks.push(tokio::spawn(upline_worker::run(
+                settings.clone(),
+                worker_listener,
+                shutdown.clone(),
+            )));
+        }
+        let app = TestApp {
+            api,
+            notifier: format!("http://{notifier_addr}"),
+            ws_url: format!("ws://{notifier_addr}/ws"),
+            db,
+            settings,
+            http,
+            shutdown,
+            tasks,
+            db_name,
+            vhost,
+        };
+        let probe = if services.broker {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
+        app.wait_ready(&app.api, probe).await;
+        app.wait_ready(&app.notifier, probe).await;
+        app
+    }
+
+    async fn wait_ready(&self, base: &str, probe: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}{probe}")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{base} did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every service and removes the database and vhost.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(15), task).await {
+                Ok(joined) => joined
+                    .expect("service task did not panic")
+                    .expect("service stopped cleanly"),
+                Err(_) => panic!("a service did not stop within 15 s of shutdown"),
+            }
+        }
+        self.db.close().await;
+        let admin = PgPool::connect(&format!("{PG_SERVER}/postgres"))
+            .await
+            .expect("connect");
+        sqlx::query(&format!(
+            r#"drop database if exists "{}" with (force)"#,
+            self.db_name
+        ))
+        .execute(&admin)
+        .await
+        .expect("drop test database");
+        delete_vhost(&self.http, &self.vhost).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api)
+    }
+
+    /// Registers a user, optionally under a referrer.
+    pub async fn register(&self, name: &str, referrer: Option<i64>) -> User {
+        let email = format!(
+            "{}@example.com",
+            unique(&name.to_lowercase().replace(' ', "."))
+        );
+        let r = self
+            .http
+            .post(self.url("/api/users"))
+            .json(&json!({"name": name, "email": email, "referrer_id": referrer}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            r.status(),
+            201,
+            "registering {name}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        let v: Value = r.json().await.expect("json");
+        User {
+            id: v["id"].as_i64().expect("id"),
+            token: v["token"].as_str().expect("token").to_owned(),
+            referral_code: v["referral_code"].as_str().expect("code").to_owned(),
+        }
+    }
+
+    /// A chain A ← B ← C (C referred by B, B by A), as in SPEC §2.
+    pub async fn chain_abc(&self) -> (User, User, User) {
+        let a = self.register("Asha", None).await;
+        let b = self.register("Bala", Some(a.id)).await;
+        let c = self.register("Chitra", Some(b.id)).await;
+        (a, b, c)
+    }
+
+    /// POST /api/purchases as the producer.
+    pub async fn post_purchase(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/purchases"))
+            .bearer_auth(PRODUCER)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POST a purchase and require 202.
+    pub async fn purchase(&self, purchase_id: &str, buyer_id: i64, amount: &str) {
+        let r = self
+            .post_purchase(
+                json!({"purchase_id": purchase_id, "buyer_id": buyer_id, "amount": amount}),
+            )
+            .await;
+        assert_eq!(
+            r.status(),
+            202,
+            "posting {purchase_id}: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    /// GET with the admin key.
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits (up to 20 s) until a worker has recorded the purchase; returns its report.
+    pub async fn wait_processed(&self, purchase_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = self
+                .admin_get(&format!("/api/purchases/{purchase_id}"))
+                .await;
+            if status == 200 {
+                return body;
+            }
+            assert_eq!(status, 404, "unexpected answer for {purchase_id}: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "purchase {purchase_id} was not processed within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `count` purchases are recorded.
+    pub async fn wait_purchase_count(&self, count: i64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let n: i64 = sqlx::query_scalar("select count(*) from purchases")
+                .fetch_one(&self.db)
+                .await
+                .expect("count");
+            if n >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {n} of {count} purchases processed within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A user's earnings summary (as admin).
+    pub async fn earnings(&self, user_id: i64) -> Value {
+        let (status, body) = self
+            .admin_get(&format!("/api/users/{user_id}/earnings"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// A broker connection to this app's vhost.
+    pub async fn amqp(&self) -> lapin::Connection {
+        amqp::connect(&self.settings.amqp.url, "upline-test")
+            .await
+            .expect("connect to RabbitMQ")
+    }
+
+    /// Publishes raw bytes onto `upline.purchases` (like an external producer) and waits for
+    /// the broker's confirm.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let conn = self.amqp().await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        let confirm = channel
+            .basic_publish(
+                amqp::PURCHASES_EXCHANGE,
+                amqp::PURCHASE_ROUTING_KEY,
+                BasicPublishOptions::default(),
+                body,
+                amqp::persistent_json(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+        conn.close(200, "done").await.expect("close");
+    }
+
+    /// Takes one message from the dead-letter queue, waiting up to 10 s.
+    pub async fn get_dead_letter(&self) -> lapin::message::BasicGetMessage {
+        let conn = self.amqp().await;
+        let channel = conn.create_channel().await.expect("channel");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(m) = channel
+                .basic_get(amqp::PURCHASES_DEAD_QUEUE, BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                conn.close(200, "done").await.expect("close");
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing reached the dead-letter queue within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens a WebSocket and subscribes; returns the socket after `subscribed`.
+    pub async fn subscribe(&self, user_id: Value, token: &str, since: Option<i64>) -> Ws {
+        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url.as_str())
+            .await
+            .expect("websocket connects");
+        let mut msg = json!({"type": "subscribe", "user_id": user_id, "token": token});
+        if let Some(since) = since {
+            msg["since"] = json!(since);
+        }
+        ws.send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("send subscribe");
+        let mut ws = Ws(ws);
+        let first = ws.next_json().await;
+        assert_eq!(
+            first["type"], "subscribed",
+            "unexpected first frame: {first}"
+        );
+        ws
+    }
+}
+
+/// A WebSocket client.
+pub struct Ws(
+    pub tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+);
+
+impl Ws {
+    /// The next JSON text frame (pings answered by the library), waiting up to 15 s.
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(15), self.0.next())
+                .await
+                .expect("a frame within 15 s")
+                .expect("socket open")
+                .expect("frame");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Close(c) => panic!("socket closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next `n` earning events.
+    pub async fn earnings(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let frame = self.next_json().await;
+            assert_eq!(frame["type"], "earning", "unexpected frame {frame}");
+            out.push(frame["earning"].clone());
+        }
+        out
+    }
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests of the whole pipeline against the real PostgreSQL and RabbitMQ: each test
+//! app gets its own database and its own RabbitMQ vhost, removed when it stops.
+
+mod harness;
+
+mod crash;
+mod live;
+mod purchases;
+mod queue;
+mod registration;
+mod reports;

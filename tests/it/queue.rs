@@ -1,0 +1,169 @@
+//! The queue contract of SPEC §3: external producers, idempotency, conflicts, rejections and
+//! the dead-letter queue.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::TestApp;
+
+#[tokio::test]
+async fn a_purchase_published_three_times_pays_once() {
+    let app = TestApp::spawn().await;
+    let (a, b, c) = app.chain_abc().await;
+    let body =
+        json!({"purchase_id": "dup-1", "buyer_id": c.id, "amount": "2000.00", "currency": "INR"});
+    // Once over REST, twice straight onto the queue (once written differently but equal).
+    app.purchase("dup-1", c.id, "2000.00").await;
+    app.publish_raw(body.to_string().as_bytes()).await;
+    app.publish_raw(
+        json!({"purchase_id": "dup-1", "buyer_id": c.id.to_string(), "amount": 2000})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    app.purchase("after-dups", c.id, "1500.00").await;
+    // Queue order: once the later purchase is processed the duplicates have been seen.
+    app.wait_processed("after-dups").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = app.wait_processed("dup-1").await;
+    assert_eq!(report["status"], "processed");
+    assert_eq!(report["conflicts"], json!([]));
+    assert_eq!(app.earnings(b.id).await["total"], "175.00"); // 100 + 75
+    assert_eq!(app.earnings(a.id).await["total"], "35.00"); // 20 + 15
+    let earnings: i64 =
+        sqlx::query_scalar("select count(*) from earnings where purchase_id = 'dup-1'")
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+    assert_eq!(earnings, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_id_with_a_different_body_is_a_conflict_and_pays_nothing_more() {
+    let app = TestApp::spawn().await;
+    let (_, b, c) = app.chain_abc().await;
+    app.purchase("conf-1", c.id, "2000.00").await;
+    app.wait_processed("conf-1").await;
+    app.publish_raw(
+        json!({"purchase_id": "conf-1", "buyer_id": c.id, "amount": "9000.00"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let report = app.wait_processed("conf-1").await;
+        if report["status"] == "conflict" {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "conflict not recorded: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(report["original_status"], "processed");
+    assert_eq!(report["conflicts"][0]["body"]["amount"], "9000.00");
+    assert_eq!(report["amount"], "2000.00");
+    assert_eq!(app.earnings(b.id).await["total"], "100.00");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_garbage_message_is_dead_lettered_while_the_next_good_one_is_processed() {
+    let app = TestApp::spawn().await;
+    let (_, b, c) = app.chain_abc().await;
+    app.publish_raw(b"\x00\x01 this is not json").await;
+    app.publish_raw(
+        json!({"buyer_id": c.id, "amount": "2000"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    app.publish_raw(
+        json!({"purchase_id": "good-after-garbage", "buyer_id": c.id, "amount": "2000"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.wait_processed("good-after-garbage").await;
+    assert_eq!(report["status"], "processed");
+    assert_eq!(app.earnings(b.id).await["total"], "100.00");
+
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let dead = app.get_dead_letter().await;
+        let headers = dead.delivery.properties.headers().clone().expect("headers");
+        let reason = headers
+            .inner()
+            .get("x-upline-error")
+            .expect("x-upline-error header")
+            .clone();
+        let reason = match reason {
+            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+            other => panic!("unexpected header type {other:?}"),
+        };
+        reasons.push((
+            String::from_utf8_lossy(&dead.delivery.data).into_owned(),
+            reason,
+        ));
+    }
+    reasons.sort();
+    assert!(
+        reasons
+            .iter()
+            .any(|(body, why)| body.contains("not json") && why.contains("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(body, why)| body.contains("buyer_id") && why.contains("purchase_id is missing")),
+        "{reasons:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_content_under_a_usable_id_is_stored_as_rejected_with_its_reason() {
+    let app = TestApp::spawn().await;
+    let (_, b, c) = app.chain_abc().await;
+    app.publish_raw(
+        json!({"purchase_id": "rej-buyer", "buyer_id": 424_242, "amount": "2000"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    app.publish_raw(json!({"purchase_id": "rej-currency", "buyer_id": c.id, "amount": "2000", "currency": "USD"}).to_string().as_bytes()).await;
+    app.publish_raw(
+        json!({"purchase_id": "rej-amount", "buyer_id": c.id, "amount": "-1"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let r = app.wait_processed("rej-buyer").await;
+    assert_eq!(r["status"], "rejected");
+    assert!(
+        r["reason"].as_str().is_some_and(|s| s.contains("buyer_id")),
+        "{r}"
+    );
+    let r = app.wait_processed("rej-currency").await;
+    assert_eq!(r["status"], "rejected");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("currency")),
+        "{r}"
+    );
+    let r = app.wait_processed("rej-amount").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("amount")),
+        "{r}"
+    );
+    assert_eq!(app.earnings(b.id).await["total"], "0.00");
+    app.stop().await;
+}
