@@ -38,6 +38,7 @@ pub struct AppState {
 pub fn router(state: AppState, probes: Probes) -> Router {
     Router::new()
         .route("/api/users", post(users::register).get(users::list))
+        .route("/api/me", get(users::me))
         .route("/api/users/{id}", get(users::get))
         .route("/api/users/{id}/referrer", put(users::set_referrer))
         .route("/api/users/{id}/deactivate", post(users::deactivate))

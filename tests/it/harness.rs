@@ -161,6 +161,8 @@ impl TestApp {
         let notifier_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let api = format!("http://{}", api_listener.local_addr().expect("addr"));
         let notifier_addr = notifier_listener.local_addr().expect("addr");
+        // The dashboard served by the api connects to this notifier.
+        settings.api.notifier_public_url = format!("ws://{notifier_addr}/ws");
         let mut tasks = vec![
             tokio::spawn(upline_api::run(
                 settings.clone(),

@@ -156,6 +156,19 @@ pub async fn list(
     Ok(Json(json!({ "items": users, "next_cursor": next })))
 }
 
+/// `GET /api/me` (any credentials): who the bearer is — `{"role": "admin" | "producer"}` or
+/// `{"role": "user", "user": {…}}`. The dashboard uses it to sign in.
+pub async fn me(State(state): State<AppState>, caller: Authenticated) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(match caller.0 {
+        crate::auth::Caller::Admin => json!({ "role": "admin" }),
+        crate::auth::Caller::Producer => json!({ "role": "producer" }),
+        crate::auth::Caller::User(id) => {
+            let user = store::user(&state.db, id).await?.ok_or(ApiError::Forbidden)?;
+            json!({ "role": "user", "user": user })
+        }
+    }))
+}
+
 /// `GET /api/users/{id}` (the user, admin).
 pub async fn get(
     State(state): State<AppState>,
