@@ -25,6 +25,9 @@ pub enum Command {
     /// Drive a realistic referral forest and purchase stream through the running pipeline and
     /// check what was paid against an independent recomputation.
     Demo(crate::demo::DemoArgs),
+    /// Measure throughput and latency (build with --release); see README "Performance".
+    #[command(subcommand)]
+    Bench(crate::bench::Scenario),
     /// Run only the api (same as `upline-api`).
     Api,
     /// Run only a worker (same as `upline-worker`).
@@ -38,9 +41,16 @@ pub enum Command {
 /// # Errors
 /// Configuration, start-up or service errors, with context.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load()?;
+    let mut settings = Settings::load()?;
+    if matches!(cli.command, Command::Bench(_) | Command::Demo(_)) {
+        // The operator's commands print their own report; only warnings from the libraries.
+        settings.log.level = "warn".into();
+    }
     upline_common::telemetry::init_tracing(&settings.log);
-    if !matches!(cli.command, Command::Migrate | Command::Demo(_)) {
+    if !matches!(
+        cli.command,
+        Command::Migrate | Command::Demo(_) | Command::Bench(_)
+    ) {
         upline_common::telemetry::warn_on_development_secrets(&settings);
     }
     let shutdown = upline_common::shutdown::signal();
@@ -56,6 +66,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(&settings, args, shutdown).await,
+        Command::Bench(scenario) => crate::bench::run(&settings, scenario).await,
         Command::Api => {
             let listener = bind(settings.api.bind, "api.bind").await?;
             upline_api::run(settings, listener, shutdown).await

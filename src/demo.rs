@@ -12,12 +12,13 @@ use futures_util::stream::{self, StreamExt};
 use lapin::options::BasicPublishOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use upline_common::{amqp, Settings};
+
+use crate::check::{self, Sent};
 
 /// Options of `upline demo`.
 #[derive(Debug, clap::Args)]
@@ -288,48 +289,37 @@ pub async fn run(
         println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
         return Ok(());
     }
-    let expected = recompute(
-        &db,
-        &purchases,
-        &ids,
-        &rules.rates,
-        rules.min_purchase.as_decimal(),
-    )
-    .await?;
-    let actual: Vec<(i64, Decimal)> = sqlx::query_as(
-        "select earner_id, sum(amount) from earnings where purchase_id like $1 group by 1",
-    )
-    .bind(&prefix)
-    .fetch_all(&db)
-    .await?;
-    let actual: HashMap<i64, Decimal> = actual.into_iter().collect();
-    let mut mismatches = 0;
-    for (earner, want) in &expected.by_earner {
-        let got = actual.get(earner).copied().unwrap_or_default();
-        if got != *want {
-            mismatches += 1;
-            if mismatches <= 5 {
-                println!("  earner {earner}: expected {want}, recorded {got}");
-            }
-        }
-    }
-    mismatches += actual
-        .keys()
-        .filter(|k| !expected.by_earner.contains_key(k))
-        .count();
+    let sent: Vec<Sent> = purchases
+        .iter()
+        .map(|p| Sent {
+            purchase_id: p.id.clone(),
+            buyer_id: ids[p.buyer],
+            amount: p.amount,
+            profit: p.profit,
+        })
+        .collect();
+    let expected =
+        check::recompute(&db, &sent, &rules.rates, rules.min_purchase.as_decimal()).await?;
+    let mut differences = check::compare(&db, &format!("demo-{run_id}-"), &expected).await?;
     for (level, want) in &expected.by_level {
         let got = paid_by_level.get(level).copied().unwrap_or_default();
         if got != *want {
-            mismatches += 1;
-            println!("  level {level}: expected {want}, recorded {got}");
+            differences.push(format!("level {level}: expected {want}, recorded {got}"));
         }
     }
-    let earned: Decimal = expected.by_level.values().sum();
-    if mismatches > 0 {
-        bail!("check FAILED: {mismatches} difference(s) between the ledger and the recomputation");
+    if !differences.is_empty() {
+        for d in &differences {
+            println!("  {d}");
+        }
+        bail!(
+            "check FAILED: {} difference(s) between the ledger and the recomputation",
+            differences.len()
+        );
     }
+    let earned: Decimal = expected.by_level.values().sum();
     println!(
-        "check passed: {} earners, {} INR in total, equal to an independent recomputation, level by level and earner by earner",
+        "check passed: {} earnings to {} earners, {} INR in total, equal to an independent recomputation, level by level and earner by earner",
+        expected.count,
         expected.by_earner.len(),
         earned.round_dp(2)
     );
@@ -443,56 +433,4 @@ async fn ensure_ok(r: reqwest::Response, what: &str) -> anyhow::Result<()> {
     }
     let text = r.text().await.unwrap_or_default();
     bail!("{what}: {status} {text}")
-}
-
-struct Expected {
-    by_level: HashMap<i16, Decimal>,
-    by_earner: HashMap<i64, Decimal>,
-}
-
-/// Recomputes the commissions from first principles: the referrer map and active flags as the
-/// database holds them, the purchases as they were sent, SPEC §2's rules written out plainly.
-async fn recompute(
-    db: &PgPool,
-    purchases: &[PlannedPurchase],
-    ids: &[i64],
-    rates: &[Decimal],
-    min: Decimal,
-) -> anyhow::Result<Expected> {
-    let users: Vec<(i64, Option<i64>, bool)> =
-        sqlx::query_as("select id, referrer_id, is_active from users where id = any($1)")
-            .bind(ids)
-            .fetch_all(db)
-            .await?;
-    let users: HashMap<i64, (Option<i64>, bool)> =
-        users.into_iter().map(|(id, r, a)| (id, (r, a))).collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut by_level = HashMap::new();
-    let mut by_earner = HashMap::new();
-    for p in purchases {
-        if !seen.insert(&p.id) || p.amount <= min {
-            continue;
-        }
-        let base = p.profit.unwrap_or(p.amount);
-        let mut current = ids[p.buyer];
-        for (i, rate) in rates.iter().enumerate() {
-            let Some(referrer) = users.get(&current).and_then(|u| u.0) else {
-                break;
-            };
-            current = referrer;
-            let active = users.get(&referrer).is_some_and(|u| u.1);
-            let amount =
-                (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
-            if active && !amount.is_zero() {
-                *by_level
-                    .entry(i16::try_from(i + 1).expect("at most 10 levels"))
-                    .or_insert(Decimal::ZERO) += amount;
-                *by_earner.entry(referrer).or_insert(Decimal::ZERO) += amount;
-            }
-        }
-    }
-    Ok(Expected {
-        by_level,
-        by_earner,
-    })
 }

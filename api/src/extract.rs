@@ -22,7 +22,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             return Ok(JsonObject(Map::new()));
         }
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(Value::Object(map)) => {
+                if let Some((field, _)) = map
+                    .iter()
+                    .find(|(k, v)| k.contains('\0') || upline_common::purchase::contains_nul(v))
+                {
+                    return Err(ApiError::validation(
+                        field.replace('\0', ""),
+                        "must not contain NUL characters",
+                    ));
+                }
+                Ok(JsonObject(map))
+            }
             Ok(_) => Err(ApiError::InvalidJson("expected a JSON object".into())),
             Err(e) => Err(ApiError::InvalidJson(e.to_string())),
         }
@@ -43,6 +54,20 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
         raw.parse()
             .map(PathId)
             .map_err(|_| ApiError::NotFound(format!("no user with id {raw:?}")))
+    }
+}
+
+/// A text segment from the path; one that cannot be decoded is 404 (no such resource).
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|p| PathText(p.0))
+            .map_err(|_| ApiError::NotFound("no such resource".into()))
     }
 }
 

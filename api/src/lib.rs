@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod store;
@@ -22,7 +23,7 @@ use upline_common::rules::Rules;
 use upline_common::Settings;
 
 use crate::publisher::Publisher;
-use crate::routes::{purchases, reports, users};
+use crate::routes::{dashboard, purchases, reports, users};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ pub struct AppState {
     pub rules: Arc<Rules>,
     pub publisher: Publisher,
     pub max_direct: i32,
+    /// Where the dashboard page finds the notifier (`GET /dashboard/config.json`).
+    pub dashboard: Arc<dashboard::DashboardConfig>,
 }
 
 /// The whole HTTP surface.
@@ -49,9 +52,13 @@ pub fn router(state: AppState, probes: Probes) -> Router {
         .route("/api/purchases", post(purchases::create))
         .route("/api/purchases/{purchase_id}", get(purchases::get))
         .route("/api/leaderboard", get(reports::leaderboard))
+        .route("/", get(dashboard::index))
+        .route("/assets/{*path}", get(dashboard::asset))
+        .route("/dashboard/config.json", get(dashboard::config))
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
         .merge(upline_common::http::ops_routes(probes))
+        .merge(openapi::routes())
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
@@ -75,6 +82,10 @@ pub async fn run(
         rules,
         publisher: publisher.clone(),
         max_direct: settings.referrals.max_direct,
+        dashboard: Arc::new(dashboard::DashboardConfig::new(
+            &settings.api.notifier_public_url,
+            settings.notifier.bind,
+        )),
     };
     tracing::info!(addr = %listener.local_addr()?, "api listening");
     axum::serve(listener, router(state, probes))

@@ -10,18 +10,25 @@ use upline_common::UserId;
 use crate::error::{ApiError, ResultExt};
 
 /// A user as the API shows it (the token is added at registration only).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[schema(example = json!({"id": 7, "name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA",
+    "referrer_id": 3, "is_active": true, "direct_referrals": 2, "total_earnings": "1530.00",
+    "created_at": "2026-11-20T10:00:00Z"}))]
 pub struct User {
+    #[schema(value_type = i64, minimum = 1)]
     pub id: UserId,
     pub name: String,
     pub email: String,
     pub referral_code: String,
+    #[schema(value_type = Option<i64>)]
     pub referrer_id: Option<UserId>,
     pub is_active: bool,
     pub direct_referrals: i32,
     #[serde(serialize_with = "money")]
+    #[schema(value_type = crate::openapi::Money)]
     pub total_earnings: Decimal,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
 
@@ -303,12 +310,15 @@ pub async fn level_totals(db: &PgPool, user_id: UserId) -> sqlx::Result<Vec<(i16
 }
 
 /// What each referral (buyer) brought a user, per level, largest first.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ReferralEarnings {
+    #[schema(value_type = i64)]
     pub source_user_id: UserId,
     pub name: String,
+    #[schema(minimum = 1)]
     pub level: i16,
     #[serde(serialize_with = "money")]
+    #[schema(value_type = crate::openapi::Money)]
     pub total: Decimal,
     pub count: i64,
 }
@@ -334,14 +344,17 @@ pub async fn earnings_by_referral(
 }
 
 /// A member of someone's downline.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Referral {
+    #[schema(value_type = i64)]
     pub id: UserId,
     pub name: String,
     pub is_active: bool,
+    #[schema(value_type = Option<i64>)]
     pub referrer_id: Option<UserId>,
     pub direct_referrals: i32,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
 
@@ -359,11 +372,13 @@ pub async fn referrals_of(db: &PgPool, ids: &[UserId]) -> sqlx::Result<Vec<Refer
 }
 
 /// A leaderboard entry; no emails.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Leader {
+    #[schema(value_type = i64)]
     pub user_id: UserId,
     pub name: String,
     #[serde(serialize_with = "money")]
+    #[schema(value_type = crate::openapi::Money)]
     pub total_earnings: Decimal,
 }
 

@@ -71,6 +71,8 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     /// Consumers (each with its own channel) in one worker process.
     pub consumers: u16,
+    /// Most purchases recorded in one transaction.
+    pub batch_size: usize,
     /// How often the outbox relay looks for earnings left unpublished by a crashed worker (ms).
     pub outbox_poll_ms: u64,
 }
@@ -84,6 +86,10 @@ pub struct NotifierSettings {
     pub idle_timeout_secs: u64,
     /// Frames buffered per subscription before a slow client is closed.
     pub buffer: usize,
+    /// Seconds one frame may take to be written to a client before it counts as too slow.
+    pub send_timeout_secs: u64,
+    /// Kernel send buffer per client socket, in bytes (fixed, so it cannot grow unbounded).
+    pub socket_send_buffer: usize,
 }
 
 /// Commission rules, SPEC §2.
@@ -173,8 +179,8 @@ impl Settings {
         if self.referrals.max_direct < 0 {
             bail!("referrals.max_direct must not be negative");
         }
-        if self.worker.prefetch == 0 || self.worker.consumers == 0 {
-            bail!("worker.prefetch and worker.consumers must be at least 1");
+        if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
+            bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
         }
         if !self.is_development() {
             for (key, value, dev) in [

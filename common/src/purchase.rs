@@ -78,6 +78,8 @@ pub enum Unreadable {
     PurchaseIdNotAString,
     #[error("purchase_id {0}")]
     BadPurchaseId(String),
+    #[error("body contains a NUL character (\\u0000), which cannot be stored")]
+    ContainsNul,
 }
 
 /// Bad content under a usable purchase id: which field, and why.
@@ -158,6 +160,9 @@ pub fn read(body: &[u8]) -> Result<(PurchaseId, Map<String, Value>), Unreadable>
     let Value::Object(map) = value else {
         return Err(Unreadable::NotAnObject);
     };
+    if map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)) {
+        return Err(Unreadable::ContainsNul);
+    }
     let id = match map.get("purchase_id") {
         None | Some(Value::Null) => return Err(Unreadable::MissingPurchaseId),
         Some(Value::String(s)) => PurchaseId::parse(s).map_err(Unreadable::BadPurchaseId)?,
@@ -237,10 +242,27 @@ pub fn validate(
     })
 }
 
-/// A user id from JSON: a positive integer, or a string of digits.
+/// Whether any string or key in `v` contains NUL (PostgreSQL text and jsonb cannot hold it).
+pub fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(contains_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// A user id from JSON: a positive integer (`7` or `7.0`), or a string of digits.
 pub fn parse_user_id(v: &Value) -> Option<UserId> {
+    use rust_decimal::prelude::ToPrimitive;
     let id = match v {
-        Value::Number(n) => n.as_i64()?,
+        Value::Number(n) => match n.as_i64() {
+            Some(id) => id,
+            None => rust_decimal::Decimal::from_str_exact(&n.to_string())
+                .ok()
+                .filter(|d| d.fract().is_zero())?
+                .to_i64()?,
+        },
         Value::String(s) => s.trim().parse().ok()?,
         _ => return None,
     };
@@ -282,6 +304,10 @@ mod tests {
     #[test]
     fn unreadable_messages_say_why() {
         assert!(matches!(read(b"not json"), Err(Unreadable::NotJson(_))));
+        assert_eq!(
+            read(br#"{"purchase_id":"p","note":"a\u0000b"}"#).unwrap_err(),
+            Unreadable::ContainsNul
+        );
         assert_eq!(read(b"[1]").unwrap_err(), Unreadable::NotAnObject);
         assert_eq!(
             read(br#"{"buyer_id":1}"#).unwrap_err(),

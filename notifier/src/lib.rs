@@ -34,6 +34,8 @@ pub struct NotifierState {
     pub auth: Auth,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// A frame that cannot be written within this time means the client is not reading.
+    pub send_timeout: Duration,
     pub shutdown: CancellationToken,
 }
 
@@ -56,11 +58,23 @@ impl NotifierState {
 }
 
 /// The notifier's HTTP surface.
+///
+/// SSE is readable cross-origin (`Access-Control-Allow-Origin: *`): dashboards are served by
+/// the api on another port, and credentials travel in the URL or `Authorization` header,
+/// never in cookies.
 pub fn router(state: NotifierState, probes: Probes) -> Router {
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([axum::http::Method::GET])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderName::from_static("last-event-id"),
+        ]);
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/events/{user_id}", get(sse::events))
         .with_state(state)
+        .layer(cors)
         .merge(upline_common::http::ops_routes(probes))
 }
 
@@ -88,9 +102,23 @@ pub async fn run(
         auth: Auth::new(&settings.auth),
         ping_interval: Duration::from_secs(settings.notifier.ping_interval_secs),
         idle_timeout: Duration::from_secs(settings.notifier.idle_timeout_secs),
+        send_timeout: Duration::from_secs(settings.notifier.send_timeout_secs),
         shutdown: shutdown.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "notifier listening");
+    // A fixed send buffer per connection: without it the kernel grows each socket's buffer
+    // up to megabytes for a client that does not read, hiding slow clients and costing memory.
+    let send_buffer = settings.notifier.socket_send_buffer;
+    let listener =
+        axum::serve::ListenerExt::tap_io(listener, move |tcp: &mut tokio::net::TcpStream| {
+            let socket = socket2::SockRef::from(&*tcp);
+            if let Err(e) = socket
+                .set_send_buffer_size(send_buffer)
+                .and_then(|()| socket.set_tcp_nodelay(true))
+            {
+                tracing::debug!(error = %e, "could not set socket options");
+            }
+        });
     axum::serve(listener, router(state, probes))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

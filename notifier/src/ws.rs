@@ -14,8 +14,6 @@ use crate::NotifierState;
 
 /// How long a new connection may take to send its `subscribe` message.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A send that takes longer than this means the client is not reading.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Close codes (4000–4999 are the application's own).
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -39,61 +37,62 @@ pub async fn upgrade(State(state): State<NotifierState>, ws: WebSocketUpgrade) -
         .on_upgrade(move |socket| connection(state, socket))
 }
 
-async fn connection(state: NotifierState, mut socket: WebSocket) {
+async fn connection(state: NotifierState, socket: WebSocket) {
     metrics::gauge!("upline_notifier_connections", "protocol" => "ws").increment(1.0);
-    serve(&state, &mut socket).await;
+    let mut client = Client {
+        socket,
+        send_timeout: state.send_timeout,
+    };
+    serve(&state, &mut client).await;
     metrics::gauge!("upline_notifier_connections", "protocol" => "ws").decrement(1.0);
 }
 
-async fn serve(state: &NotifierState, socket: &mut WebSocket) {
-    let request = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, first_text(socket)).await {
-        Ok(Some(text)) => text,
-        Ok(None) => return,
-        Err(_) => {
-            reject(socket, "bad_request", "send a subscribe message first").await;
-            return;
-        }
-    };
+async fn serve(state: &NotifierState, socket: &mut Client) {
+    let request =
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, first_text(&mut socket.socket)).await {
+            Ok(Some(text)) => text,
+            Ok(None) => return,
+            Err(_) => {
+                socket
+                    .reject("bad_request", "send a subscribe message first")
+                    .await;
+                return;
+            }
+        };
     let sub: Subscribe = match serde_json::from_str(&request) {
         Ok(s) => s,
         Err(e) => {
-            reject(
-                socket,
-                "bad_request",
-                &format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}"),
-            )
-            .await;
+            socket
+                .reject(
+                    "bad_request",
+                    &format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}"),
+                )
+                .await;
             return;
         }
     };
     if sub.kind != "subscribe" {
-        reject(
-            socket,
-            "bad_request",
-            "the first message must have \"type\":\"subscribe\"",
-        )
-        .await;
+        socket
+            .reject(
+                "bad_request",
+                "the first message must have \"type\":\"subscribe\"",
+            )
+            .await;
         return;
     }
     let Some(target) = state.authorize(&sub.user_id, &sub.token) else {
-        reject(
-            socket,
-            "unauthorized",
-            "the token is not valid for this user",
-        )
-        .await;
+        socket
+            .reject("unauthorized", "the token is not valid for this user")
+            .await;
         return;
     };
     let mut feed = match Feed::open(&state.hub, state.db.clone(), target, sub.since).await {
         Ok(feed) => feed,
         Err(e) => {
             tracing::error!(error = %e, "opening a feed");
-            reject(
-                socket,
-                "internal_error",
-                "could not open the feed; try again",
-            )
-            .await;
+            socket
+                .reject("internal_error", "could not open the feed; try again")
+                .await;
             return;
         }
     };
@@ -101,12 +100,10 @@ async fn serve(state: &NotifierState, socket: &mut WebSocket) {
         Target::User(id) => json!(id),
         Target::All => json!("*"),
     };
-    if send(
-        socket,
-        json!({"type": "subscribed", "user_id": user_id}).to_string(),
-    )
-    .await
-    .is_err()
+    if socket
+        .send(json!({"type": "subscribed", "user_id": user_id}).to_string())
+        .await
+        .is_err()
     {
         return;
     }
@@ -117,19 +114,19 @@ async fn serve(state: &NotifierState, socket: &mut WebSocket) {
     let (code, reason) = loop {
         tokio::select! {
             () = state.shutdown.cancelled() => break (CLOSE_GOING_AWAY, "notifier shutting down; reconnect with since".to_owned()),
-            incoming = socket.recv() => match incoming {
+            incoming = socket.socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(_)) => last_heard = Instant::now(),
             },
             frame = feed.next() => match frame {
                 Ok(frame) => {
-                    if send(socket, frame.ws_text.clone()).await.is_err() {
+                    if socket.send(frame.ws_text.clone()).await.is_err() {
                         break (CLOSE_LAGGED, format!("too slow to keep up; resume with since={}", feed.last_seq()));
                     }
                 }
                 Err(FeedEnd::Lagged { last_seq }) => {
                     let message = format!("too slow to keep up; resume with since={last_seq}");
-                    let _ = send(socket, json!({"type": "error", "code": "lagged", "message": message, "last_seq": last_seq}).to_string()).await;
+                    let _ = socket.send(json!({"type": "error", "code": "lagged", "message": message, "last_seq": last_seq}).to_string()).await;
                     metrics::counter!("upline_notifier_lagged_total").increment(1);
                     break (CLOSE_LAGGED, message);
                 }
@@ -143,13 +140,13 @@ async fn serve(state: &NotifierState, socket: &mut WebSocket) {
                 if last_heard.elapsed() > state.idle_timeout {
                     break (CLOSE_IDLE, "no answer to pings".to_owned());
                 }
-                if send_message(socket, Message::Ping(Default::default())).await.is_err() {
+                if socket.send_message(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
             }
         }
     };
-    close(socket, code, &reason).await;
+    socket.close(code, &reason).await;
 }
 
 /// The first text message (pings and pongs are skipped); `None` if the client went away.
@@ -164,35 +161,41 @@ async fn first_text(socket: &mut WebSocket) -> Option<String> {
     }
 }
 
-async fn send(socket: &mut WebSocket, text: String) -> Result<(), ()> {
-    send_message(socket, Message::Text(text.into())).await
+/// A client socket with this notifier's send timeout.
+struct Client {
+    socket: WebSocket,
+    send_timeout: Duration,
 }
 
-async fn send_message(socket: &mut WebSocket, message: Message) -> Result<(), ()> {
-    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+impl Client {
+    async fn send(&mut self, text: String) -> Result<(), ()> {
+        self.send_message(Message::Text(text.into())).await
     }
-}
 
-async fn reject(socket: &mut WebSocket, code: &str, message: &str) {
-    let _ = send(
-        socket,
-        json!({"type": "error", "code": code, "message": message}).to_string(),
-    )
-    .await;
-    close(socket, CLOSE_POLICY, message).await;
-}
+    /// Sends one message; one that cannot be written within `notifier.send_timeout_secs`
+    /// means the client is not reading.
+    async fn send_message(&mut self, message: Message) -> Result<(), ()> {
+        match tokio::time::timeout(self.send_timeout, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
-    // Close reasons are limited to 123 bytes.
-    let reason: String = reason.chars().take(120).collect();
-    let _ = send_message(
-        socket,
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })),
-    )
-    .await;
+    async fn reject(&mut self, code: &str, message: &str) {
+        let _ = self
+            .send(json!({"type": "error", "code": code, "message": message}).to_string())
+            .await;
+        self.close(CLOSE_POLICY, message).await;
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        // Close reasons are limited to 123 bytes.
+        let reason: String = reason.chars().take(120).collect();
+        let _ = self
+            .send_message(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    }
 }

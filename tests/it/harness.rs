@@ -18,7 +18,7 @@ use upline_common::{amqp, Settings};
 /// PostgreSQL server the tests create their databases on.
 pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 /// RabbitMQ management API, used to create and delete vhosts.
-pub const RABBIT_MANAGEMENT: &str = "http://127.0.0.1:15672";
+pub const RABBIT_MANAGEMENT: &str = upline::rabbit_admin::MANAGEMENT;
 pub const ADMIN: &str = "test-admin-key";
 pub const PRODUCER: &str = "test-producer-key";
 
@@ -82,57 +82,15 @@ pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
     s
 }
 
-/// Creates a vhost (management API, else `rabbitmqctl`) with full permissions for guest.
+/// Creates a vhost for one test app (see `upline::rabbit_admin`).
 pub async fn create_vhost(http: &reqwest::Client, vhost: &str) {
-    let created = http
-        .put(format!("{RABBIT_MANAGEMENT}/api/vhosts/{vhost}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await;
-    if matches!(&created, Ok(r) if r.status().is_success()) {
-        let r = http
-            .put(format!("{RABBIT_MANAGEMENT}/api/permissions/{vhost}/guest"))
-            .basic_auth("guest", Some("guest"))
-            .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
-            .send()
-            .await
-            .expect("management API answers");
-        assert!(
-            r.status().is_success(),
-            "setting vhost permissions: {}",
-            r.status()
-        );
-        return;
-    }
-    for args in [
-        vec!["add_vhost", vhost],
-        vec!["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-    ] {
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(&args)
-            .output()
-            .await
-            .expect("rabbitmqctl runs");
-        assert!(
-            status.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    }
+    upline::rabbit_admin::create_vhost(http, vhost)
+        .await
+        .expect("creating a test vhost");
 }
 
 pub async fn delete_vhost(http: &reqwest::Client, vhost: &str) {
-    let deleted = http
-        .delete(format!("{RABBIT_MANAGEMENT}/api/vhosts/{vhost}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await;
-    if !matches!(&deleted, Ok(r) if r.status().is_success()) {
-        let _ = tokio::process::Command::new("rabbitmqctl")
-            .args(["delete_vhost", vhost])
-            .output()
-            .await;
-    }
+    upline::rabbit_admin::delete_vhost(http, vhost).await;
 }
 
 impl TestApp {
@@ -241,6 +199,73 @@ impl TestApp {
         .await
         .expect("drop test database");
         delete_vhost(&self.http, &self.vhost).await;
+    }
+
+    /// Starts one more notifier on this app's database and vhost; returns its WebSocket URL.
+    pub async fn spawn_notifier(&mut self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        self.tasks.push(tokio::spawn(upline_notifier::run(
+            self.settings.clone(),
+            listener,
+            self.shutdown.clone(),
+        )));
+        self.wait_ready(&format!("http://{addr}"), "/readyz").await;
+        format!("ws://{addr}/ws")
+    }
+
+    /// Closes, from the broker's side, every connection of this app whose client-provided
+    /// name is `name` (e.g. "upline-notifier"), as a broker restart or network cut would.
+    /// The management API lists connections with a few seconds' delay, so this waits (up to
+    /// 20 s) until at least one shows. Returns how many were closed.
+    pub async fn kill_broker_connections(&self, name: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list: Vec<Value> = self
+                .http
+                .get(format!(
+                    "{RABBIT_MANAGEMENT}/api/vhosts/{}/connections",
+                    self.vhost
+                ))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .expect("management API answers")
+                .json()
+                .await
+                .expect("json");
+            let mut closed = 0;
+            for c in list {
+                if c["client_properties"]["connection_name"].as_str() != Some(name) {
+                    continue;
+                }
+                let id = c["name"].as_str().expect("connection name");
+                let r = self
+                    .http
+                    .delete(format!(
+                        "{RABBIT_MANAGEMENT}/api/connections/{}",
+                        urlencode(id)
+                    ))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .expect("management API answers");
+                assert!(
+                    r.status().is_success() || r.status() == 404,
+                    "closing connection {id}: {}",
+                    r.status()
+                );
+                closed += 1;
+            }
+            if closed > 0 {
+                return closed;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} connection showed up in the management API"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -422,26 +447,37 @@ impl TestApp {
         }
     }
 
-    /// Opens a WebSocket and subscribes; returns the socket after `subscribed`.
+    /// Opens a WebSocket on this app's notifier and subscribes.
     pub async fn subscribe(&self, user_id: Value, token: &str, since: Option<i64>) -> Ws {
-        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url.as_str())
-            .await
-            .expect("websocket connects");
-        let mut msg = json!({"type": "subscribe", "user_id": user_id, "token": token});
-        if let Some(since) = since {
-            msg["since"] = json!(since);
-        }
-        ws.send(Message::Text(msg.to_string().into()))
-            .await
-            .expect("send subscribe");
-        let mut ws = Ws(ws);
-        let first = ws.next_json().await;
-        assert_eq!(
-            first["type"], "subscribed",
-            "unexpected first frame: {first}"
-        );
-        ws
+        subscribe_at(&self.ws_url, user_id, token, since).await
     }
+}
+
+/// Opens a WebSocket on a notifier and subscribes; returns the socket after `subscribed`.
+pub async fn subscribe_at(ws_url: &str, user_id: Value, token: &str, since: Option<i64>) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+        .await
+        .expect("websocket connects");
+    let mut msg = json!({"type": "subscribe", "user_id": user_id, "token": token});
+    if let Some(since) = since {
+        msg["since"] = json!(since);
+    }
+    ws.send(Message::Text(msg.to_string().into()))
+        .await
+        .expect("send subscribe");
+    let mut ws = Ws(ws);
+    let first = ws.next_json().await;
+    assert_eq!(
+        first["type"], "subscribed",
+        "unexpected first frame: {first}"
+    );
+    ws
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// A WebSocket client.

@@ -4,7 +4,10 @@
 mod harness;
 
 mod crash;
+mod dashboard;
 mod live;
+mod notifier;
+mod openapi;
 mod purchases;
 mod queue;
 mod registration;

@@ -1,6 +1,9 @@
-//! The lapin side of the worker: consume `upline.purchases` with manual acknowledgements,
-//! acknowledge only after the ledger committed, dead-letter what can never be processed with
-//! `x-upline-error`, and never let one bad message end the loop.
+//! The lapin side of the worker: consume `upline.purchases` with manual acknowledgements, take
+//! whatever deliveries are ready (up to `worker.batch_size`) as one batch, record the batch in
+//! one transaction, and acknowledge it with one `multiple` ack only after the commit.
+//! Unreadable messages are dead-lettered with `x-upline-error`; a batch that fails for any
+//! other reason than a database outage is retried message by message, so one poison message
+//! never holds up the rest, and never ends the loop.
 
 use std::time::Duration;
 
@@ -15,10 +18,19 @@ use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 
-use crate::process::{process, Ctx, Disposition};
+use crate::process::{process_batch, Ctx, Disposition};
+
+/// How one consumer takes work from the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerOptions {
+    /// Unacknowledged deliveries the broker may hand this consumer.
+    pub prefetch: u16,
+    /// Most deliveries recorded in one transaction.
+    pub batch_size: usize,
+}
 
 /// Runs one consumer on its own channel until `cancel` fires or the channel fails.
-/// On cancel, the message in hand is finished first; prefetched ones go back to the queue
+/// On cancel, the batch in hand is finished first; prefetched deliveries go back to the queue
 /// when the channel closes.
 ///
 /// # Errors
@@ -26,7 +38,7 @@ use crate::process::{process, Ctx, Disposition};
 pub async fn consume(
     ctx: Ctx,
     conn: &Connection,
-    prefetch: u16,
+    options: ConsumerOptions,
     tag: String,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -35,9 +47,9 @@ pub async fn consume(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     channel
-        .basic_qos(prefetch, BasicQosOptions::default())
+        .basic_qos(options.prefetch, BasicQosOptions::default())
         .await?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             amqp::PURCHASES_QUEUE,
             &tag,
@@ -45,20 +57,27 @@ pub async fn consume(
             FieldTable::default(),
         )
         .await?;
-    tracing::debug!(%tag, prefetch, "consuming purchases");
+    // Everything already delivered, up to batch_size, without waiting for more: under load
+    // deliveries pile up while a transaction runs, so batches grow by themselves.
+    let mut batches = consumer.ready_chunks(options.batch_size.max(1));
+    tracing::debug!(%tag, ?options, "consuming purchases");
     let result = loop {
-        let delivery = tokio::select! {
+        let next = tokio::select! {
             () = cancel.cancelled() => break Ok(()),
-            next = consumer.next() => next,
+            next = batches.next() => next,
         };
-        match delivery {
-            Some(Ok(delivery)) => {
-                if let Err(e) = handle(&ctx, &channel, delivery, &cancel).await {
-                    break Err(e);
-                }
-            }
-            Some(Err(e)) => break Err(e.into()),
-            None => break Err(anyhow::anyhow!("the broker cancelled consumer {tag}")),
+        let Some(chunk) = next else {
+            break Err(anyhow::anyhow!("the broker cancelled consumer {tag}"));
+        };
+        let deliveries = match chunk
+            .into_iter()
+            .collect::<Result<Vec<Delivery>, lapin::Error>>()
+        {
+            Ok(d) => d,
+            Err(e) => break Err(e.into()),
+        };
+        if let Err(e) = handle(&ctx, &channel, deliveries, &cancel).await {
+            break Err(e);
         }
     };
     if channel.status().connected() {
@@ -70,75 +89,114 @@ pub async fn consume(
     result
 }
 
-/// Processes one delivery to its end: ack after commit, dead-letter, or (on shutdown during a
-/// database outage) leave it for redelivery.
-async fn handle(
-    ctx: &Ctx,
-    channel: &Channel,
-    delivery: Delivery,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let mut attempt = 0u32;
-    let disposition = loop {
-        // A panic in processing is caught here (the task fails alone) and dead-letters the
-        // message rather than killing the consumer.
+/// How a batch attempt ended.
+enum Attempt {
+    Done(Vec<Disposition>),
+    /// Shutdown while the database was unavailable: leave the batch to be redelivered.
+    Cancelled,
+    /// A bug or bad data (panic, constraint violation): isolate it message by message.
+    Failed(String),
+}
+
+/// Processes a batch, retrying while the database is unavailable.
+async fn attempt(ctx: &Ctx, deliveries: &[Delivery], cancel: &CancellationToken) -> Attempt {
+    let mut retries = 0u32;
+    loop {
+        // A panic is caught here (the task fails alone), not in the consumer loop.
         let task = {
             let ctx = ctx.clone();
-            let body = delivery.data.clone();
-            tokio::spawn(async move { process(&ctx, &body).await })
+            let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| d.data.clone()).collect();
+            tokio::spawn(async move {
+                let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+                process_batch(&ctx, &refs).await
+            })
         };
         match task.await {
-            Ok(Ok(d)) => break d,
-            Ok(Err(e))
-                if upline_common::db::is_transient(&e)
-                    || matches!(e, sqlx::Error::PoolTimedOut) =>
-            {
-                attempt += 1;
-                let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-                tracing::warn!(error = %e, attempt, retry_in = ?wait, "database unavailable; retrying purchase");
+            Ok(Ok(dispositions)) => return Attempt::Done(dispositions),
+            Ok(Err(e)) if upline_common::db::is_transient(&e) => {
+                retries += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(retries.min(6)));
+                tracing::warn!(error = %e, retries, retry_in = ?wait, "database unavailable; retrying batch");
                 tokio::select! {
-                    () = cancel.cancelled() => {
-                        delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-                        return Ok(());
-                    }
-                    () = tokio::time::sleep(wait) => continue,
+                    () = cancel.cancelled() => return Attempt::Cancelled,
+                    () = tokio::time::sleep(wait) => {}
                 }
             }
             Ok(Err(e)) => {
-                // A non-transient database error is a bug or a schema problem: keep the
-                // message for inspection rather than loop on it.
-                tracing::error!(error = %e, "purchase could not be recorded");
-                break Disposition::DeadLetter(format!("database error: {e}"));
+                tracing::error!(error = %e, size = deliveries.len(), "batch could not be recorded");
+                return Attempt::Failed(format!("database error: {e}"));
             }
             Err(join) => {
-                tracing::error!(error = %join, "processing panicked");
-                break Disposition::DeadLetter(
-                    "worker panicked while processing this message".into(),
-                );
+                tracing::error!(error = %join, size = deliveries.len(), "processing panicked");
+                return Attempt::Failed("worker panicked while processing this message".into());
             }
         }
+    }
+}
+
+/// Processes deliveries to their end: dead-letter what must be, then one ack for all of them
+/// after the commit; or, on shutdown during a database outage, return them to the queue.
+async fn handle(
+    ctx: &Ctx,
+    channel: &Channel,
+    deliveries: Vec<Delivery>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(last) = deliveries.last().map(|d| d.delivery_tag) else {
+        return Ok(());
     };
-    if let Disposition::DeadLetter(reason) = &disposition {
-        tracing::warn!(%reason, "dead-lettering purchase message");
-        let props = amqp::with_error_header(&delivery.properties, reason);
-        let confirm = channel
-            .basic_publish(
-                amqp::PURCHASES_DLX,
-                "",
-                BasicPublishOptions::default(),
-                &delivery.data,
-                props,
-            )
-            .await?
-            .await?;
-        if !confirm.is_ack() {
-            anyhow::bail!("the broker refused the dead-lettered copy");
+    let started = std::time::Instant::now();
+    let dispositions = match attempt(ctx, &deliveries, cancel).await {
+        Attempt::Done(d) => d,
+        Attempt::Cancelled => {
+            channel
+                .basic_nack(
+                    last,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await?;
+            return Ok(());
+        }
+        Attempt::Failed(_) if deliveries.len() > 1 => {
+            // Find the poison message: one by one, each its own transaction and ack.
+            for delivery in deliveries {
+                Box::pin(handle(ctx, channel, vec![delivery], cancel)).await?;
+            }
+            return Ok(());
+        }
+        Attempt::Failed(reason) => vec![Disposition::DeadLetter(reason)],
+    };
+    let mut confirms = Vec::new();
+    for (delivery, disposition) in deliveries.iter().zip(&dispositions) {
+        if let Disposition::DeadLetter(reason) = disposition {
+            tracing::warn!(%reason, "dead-lettering purchase message");
+            let props = amqp::with_error_header(&delivery.properties, reason);
+            confirms.push(
+                channel
+                    .basic_publish(
+                        amqp::PURCHASES_DLX,
+                        "",
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        props,
+                    )
+                    .await?,
+            );
+        }
+    }
+    for confirm in confirms {
+        if !confirm.await?.is_ack() {
+            anyhow::bail!("the broker refused a dead-lettered copy");
         }
         metrics::counter!("upline_purchases_total", "result" => "dead_lettered").increment(1);
     }
-    delivery.ack(BasicAckOptions::default()).await?;
-    metrics::histogram!("upline_purchase_processing_seconds")
-        .record(started.elapsed().as_secs_f64());
+    channel
+        .basic_ack(last, BasicAckOptions { multiple: true })
+        .await?;
+    metrics::histogram!("upline_batch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("upline_batch_size").record(deliveries.len() as f64);
     Ok(())
 }

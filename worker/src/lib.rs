@@ -98,9 +98,12 @@ async fn session(
     let mut tasks = JoinSet::new();
     for i in 0..settings.worker.consumers {
         let (ctx, conn, cancel) = (ctx.clone(), conn.clone(), session.clone());
-        let prefetch = settings.worker.prefetch;
+        let options = consumer::ConsumerOptions {
+            prefetch: settings.worker.prefetch,
+            batch_size: settings.worker.batch_size,
+        };
         let tag = format!("upline-worker-{}-{i}", std::process::id());
-        tasks.spawn(async move { consumer::consume(ctx, &conn, prefetch, tag, cancel).await });
+        tasks.spawn(async move { consumer::consume(ctx, &conn, options, tag, cancel).await });
     }
     {
         let (db, conn, ready, cancel) = (

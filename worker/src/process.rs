@@ -1,14 +1,15 @@
-//! Processing one purchase message, without any broker types: read it, validate it, record it.
-//! The consumer turns the [`Disposition`] into an acknowledgement or a dead-letter.
+//! Processing purchase messages, without any broker types: read, validate, record a batch in
+//! one transaction. The consumer turns each [`Disposition`] into an acknowledgement or a
+//! dead-letter.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use upline_common::purchase::{self, Unreadable};
+use upline_common::purchase;
 use upline_common::rules::Rules;
 
-use crate::ledger::{self, Incoming, Recorded};
+use crate::ledger::{self, Incoming, Item, Recorded};
 
 /// What a worker needs to process purchases.
 #[derive(Clone)]
@@ -28,48 +29,67 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
-/// Processes one message body.
+/// Processes message bodies in one transaction; one [`Disposition`] per body, in order.
 ///
 /// # Errors
-/// Database errors, all of them before or at the commit: the caller retries or leaves the
-/// message unacknowledged, and a later attempt finds either nothing or the committed result.
-pub async fn process(ctx: &Ctx, body: &[u8]) -> sqlx::Result<Disposition> {
-    let (purchase_id, map) = match purchase::read(body) {
-        Ok(read) => read,
-        Err(
-            e @ (Unreadable::NotJson(_)
-            | Unreadable::NotAnObject
-            | Unreadable::MissingPurchaseId
-            | Unreadable::PurchaseIdNotAString
-            | Unreadable::BadPurchaseId(_)),
-        ) => return Ok(Disposition::DeadLetter(e.to_string())),
-    };
-    let incoming = match purchase::validate(purchase_id.clone(), &map, &ctx.rules) {
-        Ok(p) => Incoming::Valid(p),
-        Err(invalid) => Incoming::Invalid {
-            purchase_id,
-            reason: invalid.to_string(),
-        },
-    };
-    let recorded = ledger::record(&ctx.db, &ctx.rules, &incoming, &map).await?;
-    let result = match &recorded {
-        Recorded::Processed { earnings } => {
-            metrics::counter!("upline_earnings_credited_total").increment(*earnings as u64);
-            if *earnings > 0 {
-                ctx.outbox_ready.notify_one();
+/// Database errors, all of them before or at the commit: nothing of the batch is recorded,
+/// and the caller retries or leaves the messages unacknowledged.
+pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disposition>> {
+    let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
+    let mut items = Vec::with_capacity(bodies.len());
+    let mut positions = Vec::with_capacity(bodies.len());
+    for (i, body) in bodies.iter().enumerate() {
+        match purchase::read(body) {
+            Err(unreadable) => {
+                dispositions[i] = Some(Disposition::DeadLetter(unreadable.to_string()))
             }
-            "processed"
+            Ok((purchase_id, map)) => {
+                let incoming = match purchase::validate(purchase_id.clone(), &map, &ctx.rules) {
+                    Ok(p) => Incoming::Valid(p),
+                    Err(invalid) => Incoming::Invalid {
+                        purchase_id,
+                        reason: invalid.to_string(),
+                    },
+                };
+                items.push(Item {
+                    incoming,
+                    body: map,
+                });
+                positions.push(i);
+            }
         }
-        Recorded::Rejected { reason } => {
-            tracing::info!(%reason, "purchase rejected");
-            "rejected"
+    }
+    if !items.is_empty() {
+        let recorded = ledger::record_batch(&ctx.db, &ctx.rules, &items).await?;
+        let mut credited = 0;
+        for (position, recorded) in positions.into_iter().zip(recorded) {
+            let result = match &recorded {
+                Recorded::Processed { earnings } => {
+                    credited += earnings;
+                    "processed"
+                }
+                Recorded::Rejected { reason } => {
+                    tracing::info!(%reason, "purchase rejected");
+                    "rejected"
+                }
+                Recorded::Duplicate => "duplicate",
+                Recorded::Conflict => {
+                    tracing::warn!(
+                        "purchase id reused with different content; recorded as a conflict"
+                    );
+                    "conflict"
+                }
+            };
+            metrics::counter!("upline_purchases_total", "result" => result).increment(1);
+            dispositions[position] = Some(Disposition::Done(recorded));
         }
-        Recorded::Duplicate => "duplicate",
-        Recorded::Conflict => {
-            tracing::warn!("purchase id reused with different content; recorded as a conflict");
-            "conflict"
+        metrics::counter!("upline_earnings_credited_total").increment(credited as u64);
+        if credited > 0 {
+            ctx.outbox_ready.notify_one();
         }
-    };
-    metrics::counter!("upline_purchases_total", "result" => result).increment(1);
-    Ok(Disposition::Done(recorded))
+    }
+    Ok(dispositions
+        .into_iter()
+        .map(|d| d.expect("every body gets a disposition"))
+        .collect())
 }

@@ -1,6 +1,6 @@
 //! `/api/purchases`: intake (validate, publish with confirm, 202) and the processed result.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -11,9 +11,34 @@ use upline_common::purchase::{self, PurchaseId};
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{opt_str, JsonObject};
+use crate::extract::{opt_str, JsonObject, PathText};
 use crate::{store, AppState};
 
+#[utoipa::path(
+    post,
+    path = "/api/purchases",
+    operation_id = "create_purchase",
+    summary = "Submit a purchase",
+    description = "Validates the purchase and publishes it to `upline.purchases` (SPEC §3) with publisher confirms, answering 202 once RabbitMQ confirmed it; a worker then credits the commissions. The purchase id comes from the body's `purchase_id`, else the `Idempotency-Key` header, else is generated (`api-…`) and returned. Sending the same purchase again is harmless: it is processed once.",
+    tag = "purchases",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, max_length = 64, pattern = "^[A-Za-z0-9._:-]{1,64}$",
+            description = "The purchase id, when the body has no `purchase_id` (they must agree when both are sent)"),
+    ),
+    request_body(content = crate::openapi::PurchaseRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: RabbitMQ confirmed the message; a worker will process it", body = crate::openapi::PurchaseAccepted,
+            headers(("Location" = String, description = "`/api/purchases/{purchase_id}`"))),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither the producer key nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` names the bad one (`purchase_id`, `Idempotency-Key`, `buyer_id`, `amount`, `currency`, `profit`, `occurred_at`); `unknown_buyer`: no user with this `buyer_id`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`broker_unavailable`: not accepted, retry later", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait: `5`"))),
+    ),
+    security(("producer_key" = []), ("admin_key" = [])),
+)]
 /// `POST /api/purchases` (producer, admin). The purchase id comes from the body's
 /// `purchase_id`, else the `Idempotency-Key` header, else is generated. 202 once the broker
 /// confirmed the message; 422 for bad fields or an unknown buyer; 503 when the broker is down.
@@ -76,6 +101,25 @@ fn money(d: Option<rust_decimal::Decimal>) -> Value {
     d.map_or(Value::Null, |d| json!(Money::from_total(d)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/purchases/{purchase_id}",
+    operation_id = "get_purchase",
+    summary = "What became of a purchase",
+    description = "`status` is `processed` or `rejected` (with `reason`), or `conflict` once the id was received again with different content (`original_status` then tells what the first message came to; the later bodies are listed under `conflicts` and pay nothing). `levels` gives each configured level's outcome. 404 until a worker has processed the purchase.",
+    tag = "purchases",
+    params(
+        ("purchase_id" = String, Path, description = "The purchase id (SPEC §3)"),
+    ),
+    responses(
+        (status = 200, description = "What a worker recorded, with each level's outcome", body = crate::openapi::PurchaseStatus),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither the producer key nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: not processed (yet), or never received", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("producer_key" = []), ("admin_key" = [])),
+)]
 /// `GET /api/purchases/{purchase_id}` (producer, admin): what a worker recorded. `status` is
 /// `processed` or `rejected` (with `reason`), or `conflict` when the id was later received
 /// with different content (`original_status` then tells what the first one came to; the
@@ -83,9 +127,14 @@ fn money(d: Option<rust_decimal::Decimal>) -> Value {
 pub async fn get(
     State(state): State<AppState>,
     caller: Authenticated,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.producer_or_admin()?;
+    if PurchaseId::parse(&id).is_err() {
+        return Err(ApiError::NotFound(format!(
+            "no processed purchase with id {id:?}"
+        )));
+    }
     let (p, levels, conflicts) = store::purchase(&state.db, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no processed purchase with id {id:?} (yet)")))?;

@@ -19,6 +19,25 @@ const RECENT: i64 = 20;
 /// Rows of `by_referral`.
 const BY_REFERRAL: i64 = 100;
 
+#[utoipa::path(
+    get,
+    path = "/api/users/{id}/earnings",
+    operation_id = "user_earnings",
+    summary = "A user's earnings",
+    description = "`total` and `count`; `by_level`, every configured level with zero included; `by_referral`, the 100 largest (buyer, level) sources; `recent`, the 20 latest earning events (SPEC §4), newest first.",
+    tag = "reports",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "The user's earnings: totals per level, per referral, and the latest events", body = crate::openapi::EarningsReport),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
 /// `GET /api/users/{id}/earnings` (the user, admin): `{user_id, total, count, by_level,
 /// by_referral, recent}`; `by_level` lists every configured level, `recent` the latest 20
 /// earning events (SPEC §4), newest first.
@@ -51,6 +70,25 @@ pub async fn earnings(
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/users/{id}/referrals",
+    operation_id = "user_referrals",
+    summary = "A user's referrals",
+    description = "Direct referrals (`level_1`) and their referrals (`level_2`), by id.",
+    tag = "reports",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "The user's downline, two levels deep", body = crate::openapi::Referrals),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
 /// `GET /api/users/{id}/referrals` (the user, admin): the downline two levels deep.
 pub async fn referrals(
     State(state): State<AppState>,
@@ -74,6 +112,23 @@ pub struct LeaderboardQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/leaderboard",
+    operation_id = "leaderboard",
+    summary = "Leaderboard",
+    description = "The top earners by total earnings, largest first; no emails.",
+    tag = "reports",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "How many, 1–100 (default 10)"),
+    ),
+    responses(
+        (status = 200, description = "The top earners, largest first; no emails", body = Vec<crate::store::Leader>),
+        (status = 422, description = "`validation_failed`: `field` is `limit` or `query`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(()),
+)]
 /// `GET /api/leaderboard?limit=10` (anyone): top earners `[{user_id, name, total_earnings}]`.
 pub async fn leaderboard(
     State(state): State<AppState>,

@@ -88,6 +88,25 @@ async fn parse_referrer(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/users",
+    operation_id = "register_user",
+    summary = "Register a user",
+    description = "Registers a user, optionally under a referrer named by `referrer_id` or `referral_code`. Answers 201 with the user, its own `referral_code` to share, and its `token`.",
+    tag = "users",
+    request_body(content = crate::openapi::RegisterRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered: the user with its `referral_code` and `token`", body = crate::openapi::RegisteredUser,
+            headers(("Location" = String, description = "`/api/users/{id}`"))),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`email_taken`; `referral_limit_reached`: the referrer has the most direct referrals allowed; `referrer_inactive`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` names the bad one (`name`, `email`, `referrer_id`, `referral_code`)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(()),
+)]
 /// `POST /api/users`: registers a user, optionally under a referrer. 201 with the user, its
 /// `referral_code` and its `token`.
 pub async fn register(
@@ -132,6 +151,26 @@ pub struct Page {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/users",
+    operation_id = "list_users",
+    summary = "List users",
+    description = "Users by id, `limit` at a time; pass `next_cursor` as `cursor` for the next page (it is null on the last one).",
+    tag = "users",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Page size, 1–500 (default 50)"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-9]*$", description = "`next_cursor` of the previous page; absent for the first page"),
+    ),
+    responses(
+        (status = 200, description = "A page of users by id; `next_cursor` is null on the last page", body = crate::openapi::UserPage),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` is `limit`, `cursor` or `query`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_key" = [])),
+)]
 /// `GET /api/users?limit=&cursor=` (admin): users by id; `next_cursor` is absent on the last page.
 pub async fn list(
     State(state): State<AppState>,
@@ -156,19 +195,57 @@ pub async fn list(
     Ok(Json(json!({ "items": users, "next_cursor": next })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/me",
+    operation_id = "whoami",
+    summary = "Who am I",
+    description = "Who the bearer is: `{\"role\": \"admin\"}`, `{\"role\": \"producer\"}` or `{\"role\": \"user\", \"user\": {…}}`. The dashboard signs in with it.",
+    tag = "users",
+    responses(
+        (status = 200, description = "Who the bearer is: `admin`, `producer`, or `user` with the user", body = crate::openapi::Me),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: credentials that are not valid (or the token's user no longer exists)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = []), ("producer_key" = [])),
+)]
 /// `GET /api/me` (any credentials): who the bearer is — `{"role": "admin" | "producer"}` or
 /// `{"role": "user", "user": {…}}`. The dashboard uses it to sign in.
-pub async fn me(State(state): State<AppState>, caller: Authenticated) -> Result<impl IntoResponse, ApiError> {
+pub async fn me(
+    State(state): State<AppState>,
+    caller: Authenticated,
+) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(match caller.0 {
         crate::auth::Caller::Admin => json!({ "role": "admin" }),
         crate::auth::Caller::Producer => json!({ "role": "producer" }),
         crate::auth::Caller::User(id) => {
-            let user = store::user(&state.db, id).await?.ok_or(ApiError::Forbidden)?;
+            let user = store::user(&state.db, id)
+                .await?
+                .ok_or(ApiError::Forbidden)?;
             json!({ "role": "user", "user": user })
         }
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/users/{id}",
+    operation_id = "get_user",
+    summary = "Get a user",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "The user", body = crate::store::User),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
 /// `GET /api/users/{id}` (the user, admin).
 pub async fn get(
     State(state): State<AppState>,
@@ -182,6 +259,29 @@ pub async fn get(
     Ok(Json(user))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/users/{id}/referrer",
+    operation_id = "set_referrer",
+    summary = "Set a user's referrer",
+    description = "Sets the referrer once, e.g. a referral code entered after sign-up. The referral graph stays a forest (no self-referral, no cycle); the referrer must be active and below its direct-referral limit.",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    request_body(content = crate::openapi::SetReferrerRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The user, now with its referrer", body = crate::store::User),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id; `referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_referred`: a referrer is set once; `referral_limit_reached`; `referrer_inactive`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`referrer_id`, `referral_code`); `self_referral`; `referral_cycle`: the referrer is in this user's downline", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
 /// `PUT /api/users/{id}/referrer` (the user, admin): sets the referrer once.
 pub async fn set_referrer(
     State(state): State<AppState>,
@@ -213,6 +313,25 @@ pub async fn set_referrer(
     Ok(Json(user))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/users/{id}/deactivate",
+    operation_id = "deactivate_user",
+    summary = "Deactivate a user",
+    description = "An inactive user earns nothing: its levels of later purchases show `inactive`.",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "The user, inactive: it earns nothing until reactivated", body = crate::store::User),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_key" = [])),
+)]
 /// `POST /api/users/{id}/deactivate` (admin).
 pub async fn deactivate(
     State(state): State<AppState>,
@@ -222,6 +341,24 @@ pub async fn deactivate(
     set_active(state, caller, id, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/users/{id}/reactivate",
+    operation_id = "reactivate_user",
+    summary = "Reactivate a user",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "The user, active again", body = crate::store::User),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_key" = [])),
+)]
 /// `POST /api/users/{id}/reactivate` (admin).
 pub async fn reactivate(
     State(state): State<AppState>,
@@ -244,6 +381,25 @@ async fn set_active(
     Ok(Json(user))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/users/{id}/token",
+    operation_id = "issue_token",
+    summary = "Issue a user token",
+    description = "A fresh token for the user; earlier ones stay valid (rotating `auth.token_secret` revokes them all).",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 200, description = "A fresh token for the user (earlier ones stay valid)", body = crate::openapi::IssuedToken),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_key" = [])),
+)]
 /// `POST /api/users/{id}/token` (admin): a fresh token for the user.
 pub async fn token(
     State(state): State<AppState>,

@@ -1,0 +1,282 @@
+//! Queue backlog drain: N purchases waiting on `upline.purchases`, drained by 1, 2, 4 …
+//! worker processes; next to "PostgreSQL alone": the same purchases applied by the ledger's
+//! batch transaction straight to the database, with no broker in the way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use futures_util::stream::{self, StreamExt};
+use lapin::options::BasicPublishOptions;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use serde_json::json;
+use upline_common::money::Money;
+use upline_common::purchase::{Purchase, PurchaseId};
+use upline_common::{amqp, Settings};
+use upline_worker::ledger::{self, Incoming, Item};
+
+use super::env::{cpu_report, seed_tree, BenchEnv};
+use super::{progress, progress_done};
+use crate::check::{self, Sent};
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// Purchases in the backlog.
+    #[arg(long, default_value_t = 100_000)]
+    purchases: usize,
+    /// Users in the referral tree.
+    #[arg(long, default_value_t = 10_000)]
+    users: i64,
+    /// Worker counts to measure, comma-separated.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    workers: Vec<usize>,
+    /// Consumers per worker process (UPLINE__WORKER__CONSUMERS); default from configuration.
+    #[arg(long)]
+    consumers: Option<u16>,
+    /// Batch size (UPLINE__WORKER__BATCH_SIZE); default from configuration.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Prefetch (UPLINE__WORKER__PREFETCH); default from configuration.
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// Skip the PostgreSQL-alone baseline.
+    #[arg(long)]
+    no_baseline: bool,
+    #[arg(long)]
+    keep: bool,
+}
+
+fn purchases(n: usize, users: i64) -> Vec<Sent> {
+    let mut rng = StdRng::seed_from_u64(7);
+    (0..n)
+        .map(|i| Sent {
+            purchase_id: format!("d{i}"),
+            buyer_id: rng.gen_range(10..=users),
+            amount: Decimal::new(rng.gen_range(50_000..500_000), 2),
+            profit: None,
+        })
+        .collect()
+}
+
+pub async fn run(settings: &Settings, args: DrainArgs) -> anyhow::Result<()> {
+    let batch_size = args.batch_size.unwrap_or(settings.worker.batch_size);
+    let consumers = args.consumers.unwrap_or(settings.worker.consumers);
+    let prefetch = args.prefetch.unwrap_or(settings.worker.prefetch);
+    println!(
+        "Backlog drain: {} purchases, {} users; per worker {consumers} consumers, prefetch {prefetch}, batch {batch_size}",
+        args.purchases, args.users
+    );
+    let sent = purchases(args.purchases, args.users);
+    let mut rows = Vec::new();
+    if !args.no_baseline {
+        let mut env = BenchEnv::new(settings, "baseline", args.keep).await?;
+        let r = baseline(
+            &mut env,
+            &sent,
+            args.users,
+            batch_size,
+            usize::from(consumers),
+        )
+        .await;
+        env.finish().await;
+        rows.push((
+            "PostgreSQL alone (ledger batches, no broker)".to_owned(),
+            r?,
+        ));
+    }
+    for &workers in &args.workers {
+        let mut env = BenchEnv::new(settings, "drain", args.keep).await?;
+        let extra = [
+            ("UPLINE__WORKER__CONSUMERS", consumers.to_string()),
+            ("UPLINE__WORKER__BATCH_SIZE", batch_size.to_string()),
+            ("UPLINE__WORKER__PREFETCH", prefetch.to_string()),
+        ];
+        let r = drain(&mut env, &sent, args.users, workers, &extra).await;
+        env.finish().await;
+        rows.push((format!("{workers} worker(s) draining the queue"), r?));
+    }
+    println!("\n| scenario | purchases/s | seconds |");
+    println!("| --- | ---: | ---: |");
+    for (name, (rate, secs)) in &rows {
+        println!("| {name} | {rate:.0} | {secs:.1} |");
+    }
+    Ok(())
+}
+
+/// Applies the purchases with the ledger directly; returns (purchases/s, seconds).
+async fn baseline(
+    env: &mut BenchEnv,
+    sent: &[Sent],
+    users: i64,
+    batch_size: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, f64)> {
+    seed_tree(&env.db, users).await?;
+    let rules = Arc::new(env.settings.commission.rules()?);
+    let items: Vec<Item> = sent
+        .iter()
+        .map(|s| {
+            let purchase = Purchase {
+                purchase_id: PurchaseId::parse(&s.purchase_id).expect("valid id"),
+                buyer_id: s.buyer_id,
+                amount: Money::from_decimal(s.amount).expect("valid amount"),
+                currency: rules.currency.clone(),
+                profit: None,
+                occurred_at: None,
+            };
+            let body = json!({"purchase_id": s.purchase_id, "buyer_id": s.buyer_id, "amount": s.amount.to_string()});
+            let serde_json::Value::Object(body) = body else { unreachable!("an object literal") };
+            Item { incoming: Incoming::Valid(purchase), body }
+        })
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = env.cpu();
+    let started = Instant::now();
+    let work = stream::iter(items.chunks(batch_size))
+        .map(|chunk| {
+            let (db, rules, done) = (env.db.clone(), rules.clone(), done.clone());
+            async move {
+                ledger::record_batch(&db, &rules, chunk).await?;
+                let n = done.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+                if n % (batch_size as u64 * 50) < chunk.len() as u64 {
+                    progress(&format!("PostgreSQL alone: {n}/{}", sent.len()));
+                }
+                Ok::<_, sqlx::Error>(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    for r in work {
+        r?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    progress_done();
+    println!(
+        "PostgreSQL alone: {} purchases in {secs:.1} s = {:.0}/s (batches of {batch_size}, {concurrency} at a time); CPU (cores) {}",
+        sent.len(),
+        sent.len() as f64 / secs,
+        cpu_report(&cpu_before, &env.cpu(), started.elapsed())
+    );
+    verify(env, sent).await?;
+    Ok((sent.len() as f64 / secs, secs))
+}
+
+/// Publishes the backlog, then times `workers` worker processes draining it.
+async fn drain(
+    env: &mut BenchEnv,
+    sent: &[Sent],
+    users: i64,
+    workers: usize,
+    extra: &[(&str, String)],
+) -> anyhow::Result<(f64, f64)> {
+    seed_tree(&env.db, users).await?;
+    let conn = amqp::connect(&env.settings.amqp.url, "upline-bench").await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    let started = Instant::now();
+    for (i, window) in sent.chunks(2000).enumerate() {
+        let mut confirms = Vec::with_capacity(window.len());
+        for s in window {
+            let body = json!({"purchase_id": s.purchase_id, "buyer_id": s.buyer_id, "amount": s.amount.to_string()});
+            confirms.push(
+                channel
+                    .basic_publish(
+                        amqp::PURCHASES_EXCHANGE,
+                        amqp::PURCHASE_ROUTING_KEY,
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        amqp::persistent_json(),
+                    )
+                    .await?,
+            );
+        }
+        for c in confirms {
+            if !c.await?.is_ack() {
+                bail!("the broker refused a purchase");
+            }
+        }
+        progress(&format!(
+            "publishing the backlog: {}/{}",
+            ((i + 1) * 2000).min(sent.len()),
+            sent.len()
+        ));
+    }
+    progress_done();
+    let publish = started.elapsed().as_secs_f64();
+    println!(
+        "published {} purchases in {publish:.1} s = {:.0}/s (persistent, confirmed)",
+        sent.len(),
+        sent.len() as f64 / publish
+    );
+    conn.close(200, "published").await?;
+
+    let cpu_before = env.cpu();
+    let started = Instant::now();
+    for _ in 0..workers {
+        env.start("worker", extra).await?;
+    }
+    loop {
+        let n: i64 = sqlx::query_scalar("select count(*) from purchases")
+            .fetch_one(&env.db)
+            .await?;
+        let secs = started.elapsed().as_secs_f64();
+        progress(&format!(
+            "{workers} worker(s): {n}/{} processed, {:.0}/s",
+            sent.len(),
+            n as f64 / secs
+        ));
+        if n as usize >= sent.len() {
+            break;
+        }
+        if secs > 1800.0 {
+            bail!("the backlog was not drained within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    progress_done();
+    let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    // Events: wait for the outbox to empty (all earning events confirmed by the broker).
+    loop {
+        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
+            .fetch_one(&env.db)
+            .await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let with_events = started.elapsed().as_secs_f64();
+    println!(
+        "{workers} worker(s): drained {} purchases in {secs:.1} s = {:.0}/s (all earning events published after {with_events:.1} s); CPU (cores) {cpu}",
+        sent.len(),
+        sent.len() as f64 / secs
+    );
+    verify(env, sent).await?;
+    Ok((sent.len() as f64 / secs, secs))
+}
+
+async fn verify(env: &BenchEnv, sent: &[Sent]) -> anyhow::Result<()> {
+    let rules = env.settings.commission.rules()?;
+    let expected =
+        check::recompute(&env.db, sent, &rules.rates, rules.min_purchase.as_decimal()).await?;
+    let differences = check::compare(&env.db, "d", &expected).await?;
+    let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
+        .fetch_one(&env.db)
+        .await?;
+    if !differences.is_empty() || earnings as usize != expected.count {
+        for d in &differences {
+            println!("  {d}");
+        }
+        bail!(
+            "check FAILED: expected {} earnings, found {earnings}",
+            expected.count
+        );
+    }
+    println!("  check passed: {earnings} earnings equal an independent recomputation");
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! REST end to end: accepted → processed → earning event delivered on a WebSocket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use rust_decimal::Decimal;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use upline_common::Settings;
+
+use super::env::{cpu_report, seed_tree, BenchEnv};
+use super::{progress, progress_done, Latency};
+use crate::check::{self, Sent};
+
+#[derive(Debug, clap::Args)]
+pub struct RestArgs {
+    /// Users in the referral tree (a complete 8-ary tree).
+    #[arg(long, default_value_t = 10_000)]
+    users: i64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Concurrent HTTP connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Target purchases per second in total (steady load for latency); unset = as fast as possible.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Keep the benchmark's database and vhost afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+pub async fn run(settings: &Settings, args: RestArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(settings, "rest", args.keep).await?;
+    let result = scenario(&mut env, &args).await;
+    env.finish().await;
+    result
+}
+
+async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
+    println!(
+        "REST end to end: {} users, {} s, {} connections, {}, {} worker(s)",
+        args.users,
+        args.duration,
+        args.connections,
+        args.rate
+            .map_or("as fast as possible".to_owned(), |r| format!(
+                "{r} purchases/s"
+            )),
+        args.workers
+    );
+    seed_tree(&env.db, args.users).await?;
+    for _ in 0..args.workers {
+        env.start("worker", &[]).await?;
+    }
+    env.start("notifier", &[]).await?;
+    env.start("api", &[]).await?;
+    let api = env.service("api").expect("started").base.clone();
+    let ws_url = format!(
+        "{}/ws",
+        env.service("notifier")
+            .expect("started")
+            .base
+            .replacen("http", "ws", 1)
+    );
+    let admin = env.settings.auth.admin_token.expose_secret().to_owned();
+    let producer = env.settings.auth.producer_token.expose_secret().to_owned();
+
+    // The observer: one admin subscription to every earning.
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop_observer = tokio_util::sync::CancellationToken::new();
+    let observer = {
+        let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop_observer.clone());
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
+        ws.send(Message::Text(
+            json!({"type": "subscribe", "user_id": "*", "token": admin})
+                .to_string()
+                .into(),
+        ))
+        .await?;
+        tokio::spawn(async move {
+            let mut latency = Latency::new();
+            loop {
+                let msg = tokio::select! {
+                    () = stop.cancelled() => break,
+                    msg = ws.next() => msg,
+                };
+                let Some(Ok(Message::Text(text))) = msg else {
+                    if msg.is_none() {
+                        break;
+                    }
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if v["type"] != "earning" {
+                    continue;
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+                if v["earning"]["level"] == 1 {
+                    let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
+                    if let Some(t) = sent.lock().expect("not poisoned").remove(id) {
+                        latency.record(t.elapsed());
+                    }
+                }
+            }
+            latency
+        })
+    };
+
+    let accepted = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let cpu_before = env.cpu();
+    let mut tasks = Vec::new();
+    for task in 0..args.connections {
+        let (http, api, producer, sent, accepted, failed) = (
+            env.http.clone(),
+            api.clone(),
+            producer.clone(),
+            sent.clone(),
+            accepted.clone(),
+            failed.clone(),
+        );
+        let users = args.users;
+        let interval = args
+            .rate
+            .map(|r| Duration::from_secs_f64(args.connections as f64 / r as f64));
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Latency::new();
+            let mut sent_list = Vec::new();
+            let mut ticker = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let (buyer, amount) = {
+                    let mut rng = rand::thread_rng();
+                    // Users from 10 on have two levels above them.
+                    (rng.gen_range(10..=users), Decimal::new(rng.gen_range(50_000..500_000), 2))
+                };
+                let id = format!("r{task}-{n}");
+                n += 1;
+                let t0 = Instant::now();
+                sent.lock().expect("not poisoned").insert(id.clone(), t0);
+                let r = http
+                    .post(format!("{api}/api/purchases"))
+                    .bearer_auth(&producer)
+                    .json(&json!({"purchase_id": id, "buyer_id": buyer, "amount": amount.to_string()}))
+                    .send()
+                    .await;
+                latency.record(t0.elapsed());
+                match r {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        sent_list.push(Sent { purchase_id: id, buyer_id: buyer, amount, profit: None });
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        sent.lock().expect("not poisoned").remove(&id);
+                    }
+                }
+            }
+            (latency, sent_list)
+        }));
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let secs = started.elapsed().as_secs_f64();
+        progress(&format!(
+            "{secs:>5.1} s  accepted {} ({:.0}/s)  delivered events {}",
+            accepted.load(Ordering::Relaxed),
+            accepted.load(Ordering::Relaxed) as f64 / secs,
+            delivered.load(Ordering::Relaxed)
+        ));
+    }
+    let mut http_latency = Latency::new();
+    let mut all_sent = Vec::new();
+    for t in tasks {
+        let (l, s) = t.await?;
+        http_latency.add(&l);
+        all_sent.extend(s);
+    }
+    let load_time = started.elapsed();
+    let accepted_n = accepted.load(Ordering::Relaxed);
+
+    // Drain: every accepted purchase processed, every earning delivered.
+    let drain_deadline = Instant::now() + Duration::from_secs(300);
+    let (processed, earnings) = loop {
+        let processed: i64 = sqlx::query_scalar("select count(*) from purchases")
+            .fetch_one(&env.db)
+            .await?;
+        let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
+            .fetch_one(&env.db)
+            .await?;
+        let d = delivered.load(Ordering::Relaxed);
+        progress(&format!(
+            "draining: processed {processed}/{accepted_n}, delivered {d}/{earnings}"
+        ));
+        if processed as u64 >= accepted_n && d >= earnings as u64 {
+            break (processed, earnings);
+        }
+        if Instant::now() > drain_deadline {
+            progress_done();
+            bail!("not drained within 300 s: processed {processed}/{accepted_n}, delivered {d}/{earnings}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    progress_done();
+    let total_time = started.elapsed();
+    let cpu_after = env.cpu();
+    stop_observer.cancel();
+    let e2e = observer.await?;
+
+    let rules = env.settings.commission.rules()?;
+    let expected = check::recompute(
+        &env.db,
+        &all_sent,
+        &rules.rates,
+        rules.min_purchase.as_decimal(),
+    )
+    .await?;
+    let differences = check::compare(&env.db, "r", &expected).await?;
+
+    println!(
+        "accepted        {accepted_n} purchases in {:.1} s = {:.0}/s ({} failed)",
+        load_time.as_secs_f64(),
+        accepted_n as f64 / load_time.as_secs_f64(),
+        failed.load(Ordering::Relaxed)
+    );
+    println!("end to end      all {processed} processed and {earnings} earning events delivered after {:.1} s = {:.0} purchases/s", total_time.as_secs_f64(), processed as f64 / total_time.as_secs_f64());
+    println!("HTTP latency    {}", http_latency.summary());
+    println!("to WebSocket    {}", e2e.summary());
+    println!(
+        "CPU (cores)     {}",
+        cpu_report(&cpu_before, &cpu_after, total_time)
+    );
+    if differences.is_empty() && expected.count as i64 == earnings {
+        println!(
+            "check           passed: {} earnings, totals equal an independent recomputation",
+            expected.count
+        );
+        Ok(())
+    } else {
+        for d in &differences {
+            println!("  {d}");
+        }
+        bail!(
+            "check FAILED: expected {} earnings, found {earnings}; {} difference(s)",
+            expected.count,
+            differences.len()
+        )
+    }
+}

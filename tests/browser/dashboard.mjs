@@ -1,0 +1,293 @@
+// End-to-end test of the dashboard (SPEC §8) in real headless Chromium.
+//
+//   node dashboard.mjs <api_base_url> <admin_key> <producer_key> <user_token> <user_id> <buyer_id> <screenshot_path>
+//
+// The user must have no earnings yet and <buyer_id> must be one of their direct referrals (the
+// chain A ← B ← C of tests/it: user B, buyer C). Run by tests/it/dashboard.rs; exits 0 when every
+// check passes, else prints what the page showed and exits 1.
+import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [api, adminKey, producerKey, userToken, userIdArg, buyerIdArg, screenshot] = process.argv.slice(2);
+if (!screenshot) {
+  console.error('usage: node dashboard.mjs <api_base_url> <admin_key> <producer_key> <user_token> <user_id> <buyer_id> <screenshot_path>');
+  process.exit(2);
+}
+const userId = Number(userIdArg);
+const buyerId = Number(buyerIdArg);
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const TIMEOUT = 20000;
+// Optional: a directory for extra screenshots (sign-in, phone width, admin picker) when styling.
+const EXTRA_SHOTS = process.env.DASHBOARD_EXTRA_SHOTS;
+const extraShot = async (name) => {
+  if (EXTRA_SHOTS) await page.screenshot({ path: join(EXTRA_SHOTS, `${name}.png`), fullPage: true });
+};
+
+const log = (...a) => console.log('[dashboard]', ...a);
+const consoleLines = [];
+let page;
+
+function check(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+/** What the page shows right now, for failure reports. */
+async function snapshot() {
+  if (!page) return {};
+  return page.evaluate(() => {
+    const text = (id) => document.getElementById(id)?.textContent ?? null;
+    const chart = (id) => {
+      const c = window.Chart && window.Chart.getChart(document.getElementById(id));
+      return c ? { labels: c.data.labels, datasets: c.data.datasets.map((d) => ({ label: d.label, data: d.data })) } : null;
+    };
+    return {
+      url: location.href,
+      conn: document.getElementById('conn')?.dataset.state,
+      connText: text('conn-text'),
+      banner: text('banner'),
+      signinError: text('signin-error'),
+      total: document.getElementById('total')?.dataset.value,
+      level1: document.getElementById('level-1')?.dataset.value,
+      level2: document.getElementById('level-2')?.dataset.value,
+      feed: [...document.querySelectorAll('#feed li')].map((li) => li.textContent),
+      purchaseResult: text('purchase-result'),
+      doughnut: chart('chart-levels'),
+      bars: chart('chart-referrals'),
+      lastSeq: window.upline?.lastSeq,
+    };
+  }).catch((e) => ({ error: String(e) }));
+}
+
+/** Polls `fn` in the page until it returns a truthy value. */
+async function until(description, fn, arg) {
+  try {
+    return await page.waitForFunction(fn, arg, { timeout: TIMEOUT, polling: 100 });
+  } catch (e) {
+    throw new Error(`timed out waiting for ${description}`);
+  }
+}
+
+const chartData = (id) => page.evaluate((canvasId) => {
+  const c = window.Chart.getChart(document.getElementById(canvasId));
+  return c && { labels: [...c.data.labels], datasets: c.data.datasets.map((d) => ({ label: d.label, data: [...d.data] })) };
+}, id);
+
+const toPaise = (s) => { const [i, f = ''] = s.split('.'); return Number(i) * 100 + Number(f.padEnd(2, '0')); };
+const paiseToString = (p) => `${Math.floor(p / 100)}.${String(p % 100).padStart(2, '0')}`;
+
+async function adminGet(path) {
+  const r = await fetch(`${api}${path}`, { headers: { Authorization: `Bearer ${adminKey}` } });
+  const body = await r.text();
+  check(r.status === 200, `GET ${path}: ${r.status} ${body}`);
+  return JSON.parse(body);
+}
+
+/** A purchase straight through the REST API (as the producer), as another system would. */
+async function postPurchase(purchaseId, amount, buyer = buyerId) {
+  const r = await fetch(`${api}/api/purchases`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${producerKey}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ purchase_id: purchaseId, buyer_id: buyer, amount }),
+  });
+  check(r.status === 202, `POST /api/purchases ${purchaseId}: ${r.status} ${await r.text()}`);
+}
+
+async function waitProcessed(purchaseId) {
+  const deadline = Date.now() + TIMEOUT;
+  while (Date.now() < deadline) {
+    const r = await fetch(`${api}/api/purchases/${purchaseId}`, { headers: { Authorization: `Bearer ${adminKey}` } });
+    if (r.status === 200) return r.json();
+    await new Promise((res) => { setTimeout(res, 50); });
+  }
+  throw new Error(`purchase ${purchaseId} was not processed within ${TIMEOUT} ms`);
+}
+
+async function signIn(token) {
+  await page.fill('#token', token);
+  await page.click('#signin-submit');
+}
+
+async function main() {
+  const profile = mkdtempSync(join(tmpdir(), 'upline-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1360, height: 900 },
+    deviceScaleFactor: 1,
+  });
+  const offsite = [];
+  try {
+    page = context.pages()[0] || await context.newPage();
+    page.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+    page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
+    page.on('request', (r) => {
+      const u = new URL(r.url());
+      if (!['ws:', 'wss:', 'data:'].includes(u.protocol) && u.origin !== new URL(api).origin) offsite.push(r.url());
+    });
+
+    // 1. Sign in as the user.
+    log('open', api);
+    await page.goto(`${api}/`, { waitUntil: 'domcontentloaded' });
+    await page.waitForSelector('#signin-view:not([hidden])', { timeout: TIMEOUT });
+    await extraShot('signin');
+    await signIn(userToken);
+    await until('the dashboard panels', () => {
+      const ok = (id) => { const el = document.getElementById(id); return el && el.offsetParent !== null; };
+      return ok('dashboard-view') && document.getElementById('total').dataset.value !== ''
+        && ok('level-1') && ok('tree') && window.Chart.getChart(document.getElementById('chart-levels'));
+    });
+    await until('the live connection', () => document.getElementById('conn').dataset.state === 'live');
+    const before = await page.$eval('#total', (el) => el.dataset.value);
+    log('signed in; total', before);
+    check(before === '0.00', `expected a fresh user with total 0.00, saw ${before}`);
+    check(await page.$(`#tree [data-user-id="${buyerId}"].active`), 'the buyer is not shown as an active referral in the tree');
+    const doughnutBefore = await chartData('chart-levels');
+    const barsBefore = await chartData('chart-referrals');
+
+    // 2. Simulate a purchase through the form (producer key), without reloading.
+    await page.selectOption('#buyer', String(buyerId));
+    await page.fill('#amount', '2000.00');
+    await page.fill('#producer-key', producerKey);
+    await page.click('#purchase-submit');
+    await until('the purchase to be accepted', () => /Accepted as|processed/.test(document.getElementById('purchase-result').textContent));
+    await until('the earning of 100.00 in the counters and the feed', () => {
+      const v = (id) => document.getElementById(id)?.dataset.value;
+      const first = document.querySelector('#feed li');
+      return v('total') === '100.00' && v('level-1') === '100.00' && v('level-2') === '0.00'
+        && first && first.dataset.amount === '100.00' && first.textContent.includes('100.00');
+    });
+    const doughnut = await chartData('chart-levels');
+    const bars = await chartData('chart-referrals');
+    check(JSON.stringify(doughnut.datasets[0].data) !== JSON.stringify(doughnutBefore.datasets[0].data),
+      `the doughnut did not change: ${JSON.stringify(doughnut)}`);
+    check(doughnut.datasets[0].data[0] === 100, `doughnut level 1 is ${doughnut.datasets[0].data[0]}, expected 100`);
+    check(JSON.stringify(bars) !== JSON.stringify(barsBefore), 'the bar chart did not change');
+    const buyerBar = bars.labels.findIndex((l) => l.endsWith(`#${buyerId}`));
+    check(buyerBar >= 0, `no bar for the buyer #${buyerId}: ${JSON.stringify(bars)}`);
+    const level1Bars = bars.datasets.find((d) => d.label === 'Level 1');
+    check(level1Bars && level1Bars.data[buyerBar] === 100, `the buyer's level-1 bar is not 100: ${JSON.stringify(bars)}`);
+    await until('the outcome of the purchase', () => /processed: level 1 paid/.test(document.getElementById('purchase-result').textContent));
+    log('the earning arrived live: counters, feed, doughnut and bars updated');
+
+    // 3. Errors from the API are shown: a wrong producer key gets its problem+json detail.
+    await page.fill('#producer-key', 'not-the-producer-key');
+    await page.click('#purchase-submit');
+    await until('the error detail of a refused purchase', () => {
+      const el = document.getElementById('purchase-result');
+      return el.classList.contains('fail') && el.textContent.length > 10 && !/Accepted/.test(el.textContent);
+    });
+    log('refused purchase shows:', await page.$eval('#purchase-result', (el) => el.textContent));
+    await page.fill('#producer-key', producerKey);
+
+    // 4. The WebSocket drops; an earning credited while it is down arrives after the reconnect.
+    await page.evaluate(() => window.upline.socket.close());
+    await until('the page to notice the drop', () => document.getElementById('conn').dataset.state === 'reconnecting');
+    await postPurchase('browser-after-drop', '3000.00');
+    await waitProcessed('browser-after-drop');
+    await until('the reconnect', () => document.getElementById('conn').dataset.state === 'live');
+    await until('the earning credited while disconnected (total 250.00)', () => {
+      const v = (id) => document.getElementById(id)?.dataset.value;
+      return v('total') === '250.00' && v('level-1') === '250.00'
+        && document.querySelector('#feed li')?.dataset.purchaseId === 'browser-after-drop';
+    });
+    // …and a purchase after the reconnect arrives live, with nothing doubled.
+    await postPurchase('browser-after-reconnect', '1000.01');
+    await until('a live earning after the reconnect (total 300.00)', () => document.getElementById('total').dataset.value === '300.00'
+      && document.querySelector('#feed li')?.dataset.purchaseId === 'browser-after-reconnect');
+    const feedSeqs = await page.$$eval('#feed li', (lis) => lis.map((li) => Number(li.dataset.seq)));
+    check(JSON.stringify(feedSeqs) === JSON.stringify([3, 2, 1]), `feed seqs ${JSON.stringify(feedSeqs)}, expected [3,2,1]`);
+    const barsAfter = await chartData('chart-referrals');
+    const l1 = barsAfter.datasets.find((d) => d.label === 'Level 1');
+    check(l1.data[barsAfter.labels.findIndex((l) => l.endsWith(`#${buyerId}`))] === 300, `bars after reconnect: ${JSON.stringify(barsAfter)}`);
+    log('reconnected after a drop; nothing missed, nothing doubled');
+
+    // 5. A reload stays signed in (sessionStorage) and shows the same totals from the API.
+    await page.reload({ waitUntil: 'domcontentloaded' });
+    await until('the dashboard after a reload', () => document.getElementById('total')?.dataset.value === '300.00'
+      && document.querySelectorAll('#feed li').length === 3);
+    await until('the live connection after a reload', () => document.getElementById('conn').dataset.state === 'live');
+
+    // 6. Purchases by the rest of the downline (other legs, level 2, an inactive buyer): the live
+    // page ends up with exactly the totals the API reports, one bar per source.
+    const refs = await adminGet(`/api/users/${userId}/referrals`);
+    const others = [...refs.level_1, ...refs.level_2].filter((r) => r.id !== buyerId);
+    const amounts = ['4200.00', '12000.00', '8000.00', '1500.00', '2600.00', '3100.00'];
+    for (const [i, r] of others.entries()) {
+      await postPurchase(`browser-extra-${r.id}`, amounts[i % amounts.length], r.id);
+    }
+    for (const r of others) await waitProcessed(`browser-extra-${r.id}`);
+    const report = await adminGet(`/api/users/${userId}/earnings`);
+    await until('the totals the API reports', (want) => {
+      const v = (id) => document.getElementById(id)?.dataset.value;
+      return v('total') === want.total && Object.entries(want.by_level).every(([l, t]) => v(`level-${l}`) === t);
+    }, report);
+    const barsAll = await chartData('chart-referrals');
+    for (const row of report.by_referral) {
+      const i = barsAll.labels.findIndex((l) => l.endsWith(`#${row.source_user_id}`));
+      const ds = barsAll.datasets.find((d) => d.label === `Level ${row.level}`);
+      check(i >= 0 && ds && Math.round(ds.data[i] * 100) === toPaise(row.total),
+        `bar for #${row.source_user_id} level ${row.level} should be ${row.total}: ${JSON.stringify(barsAll)}`);
+    }
+    check(await page.$$eval('#tree .tree-node.inactive', (n) => n.length) === refs.level_1.concat(refs.level_2).filter((r) => !r.is_active).length,
+      'inactive referrals are not all shown red');
+    log(`downline purchases arrived: total ${report.total}, by level ${JSON.stringify(report.by_level)}`);
+
+    mkdirSync(dirname(screenshot), { recursive: true });
+    await page.waitForTimeout(1300); // let the highlight animations finish
+    await page.screenshot({ path: screenshot, fullPage: true });
+    log('screenshot written to', screenshot);
+    if (EXTRA_SHOTS) {
+      await page.setViewportSize({ width: 390, height: 844 });
+      await page.waitForTimeout(500);
+      await extraShot('phone');
+      await page.setViewportSize({ width: 1360, height: 900 });
+    }
+
+    // 7. Sign out; sign in as admin, pick the user, see the same dashboard.
+    await page.click('#sign-out');
+    await page.waitForSelector('#signin-view:not([hidden])', { timeout: TIMEOUT });
+    check(await page.evaluate(() => sessionStorage.getItem('upline.token')) === null, 'the token is still stored after signing out');
+    await signIn(adminKey);
+    await until('the user picker', (id) => [...document.querySelectorAll('#user-select option')].some((o) => o.value === String(id)), userId);
+    check(await page.isHidden('#dashboard-view'), 'the admin sees a dashboard before picking a user');
+    await extraShot('admin-picker');
+    await page.selectOption('#user-select', String(userId));
+    await page.click('#user-show');
+    await until('the picked user\'s dashboard', ([id, total]) => document.getElementById('total')?.dataset.value === total
+      && window.upline.user?.id === id && document.querySelectorAll('#feed li').length > 3, [userId, report.total]);
+    await until('the admin\'s live connection', () => document.getElementById('conn').dataset.state === 'live');
+    // The admin's form sends with the admin key (no producer key field).
+    check(await page.isHidden('#producer-key-row'), 'the admin is asked for a producer key');
+    await page.selectOption('#buyer', String(buyerId));
+    await page.fill('#amount', '2000.00');
+    await page.click('#purchase-submit');
+    const expected = paiseToString(toPaise(report.total) + 10000);
+    await until(`a live earning on the admin view (total ${expected})`, (want) => document.getElementById('total').dataset.value === want, expected);
+    log('admin view renders and updates live');
+
+    check(offsite.length === 0, `requests to other hosts: ${offsite.join(', ')}`);
+    const errors = consoleLines.filter((l) => l.startsWith('error') || l.startsWith('pageerror'))
+      .filter((l) => !/403|Forbidden/.test(l)); // the refused purchase above logs its 403
+    check(errors.length === 0, `console errors:\n${errors.join('\n')}`);
+  } catch (e) {
+    e.sawPage = await snapshot();
+    throw e;
+  } finally {
+    await context.close().catch(() => {});
+    rmSync(profile, { recursive: true, force: true });
+  }
+}
+
+main().then(() => {
+  log('all checks passed');
+  process.exit(0);
+}).catch((e) => {
+  console.error('[dashboard] FAILED:', e.message);
+  console.error('[dashboard] the page showed:', JSON.stringify(e.sawPage ?? {}, null, 2));
+  if (consoleLines.length) console.error('[dashboard] browser console:\n' + consoleLines.join('\n'));
+  process.exit(1);
+});
