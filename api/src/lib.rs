@@ -33,6 +33,8 @@ pub struct AppState {
     pub rules: Arc<Rules>,
     pub publisher: Publisher,
     pub max_direct: i32,
+    /// Buyers already checked to exist (purchase intake).
+    pub known_users: Arc<store::KnownUsers>,
     /// Where the dashboard page finds the notifier (`GET /dashboard/config.json`).
     pub dashboard: Arc<dashboard::DashboardConfig>,
 }
@@ -82,6 +84,7 @@ pub async fn run(
         rules,
         publisher: publisher.clone(),
         max_direct: settings.referrals.max_direct,
+        known_users: Arc::default(),
         dashboard: Arc::new(dashboard::DashboardConfig::new(
             &settings.api.notifier_public_url,
             settings.notifier.bind,

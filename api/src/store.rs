@@ -231,6 +231,41 @@ pub async fn user_exists(db: &PgPool, id: UserId) -> sqlx::Result<bool> {
         .await
 }
 
+/// Ids known to belong to users, so that purchase intake checks the buyer without a database
+/// round trip after the first time. Users are never deleted, so a remembered id stays true;
+/// the set is bounded (it is emptied when full, and refills from the database).
+#[derive(Debug, Default)]
+pub struct KnownUsers(std::sync::Mutex<std::collections::HashSet<UserId>>);
+
+impl KnownUsers {
+    /// Most ids remembered (8 bytes each, a few MiB at most).
+    const CAPACITY: usize = 500_000;
+
+    /// Whether `id` is a user, asking the database only for ids not seen before.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn contains(&self, db: &PgPool, id: UserId) -> sqlx::Result<bool> {
+        if self
+            .0
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .contains(&id)
+        {
+            return Ok(true);
+        }
+        let exists = user_exists(db, id).await?;
+        if exists {
+            let mut known = self.0.lock().expect("never poisoned: no panics while held");
+            if known.len() >= Self::CAPACITY {
+                known.clear();
+            }
+            known.insert(id);
+        }
+        Ok(exists)
+    }
+}
+
 /// A purchase as recorded by a worker.
 #[derive(Debug, sqlx::FromRow)]
 pub struct PurchaseRow {

@@ -13,8 +13,11 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::feed::{Feed, FeedEnd};
+use crate::feed::{Feed, FeedEnd, Target};
 use crate::NotifierState;
+
+/// The reconnection delay suggested to clients (`retry:`).
+const RECONNECT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Deserialize)]
 pub struct SseQuery {
@@ -53,37 +56,57 @@ pub async fn events(
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i64>().ok());
+        .map(str::trim);
+    let last_event_id = match last_event_id.map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => {
+            tracing::warn!(value = ?last_event_id, "ignoring a Last-Event-ID that is not a seq");
+            None
+        }
+    };
     let since = last_event_id.or(query.since);
+    // Ask browsers to reconnect one second after a drop (the EventSource default is ~3 s).
+    let hello = stream::once(async { Ok(Event::default().retry(RECONNECT).comment("subscribed")) });
     let feed = match Feed::open(&state.hub, state.db.clone(), target, since).await {
         Ok(feed) => feed,
         Err(e) => {
+            // Not a 503: an EventSource gives up for good on any answer but 200. A stream that
+            // ends at once makes it come back after `retry`.
             tracing::error!(error = %e, "opening an SSE feed");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "could not open the feed; retry",
+            let unavailable = Event::default().event("feed-error").data(
+                json!({"code": "unavailable", "message": "could not open the feed; reconnecting"})
+                    .to_string(),
             );
+            let stream = hello.chain(stream::once(async { Ok(unavailable) }));
+            return Sse::new(stream).into_response();
         }
     };
     metrics::counter!("upline_notifier_sse_streams_total").increment(1);
-    let stream = feed_events(feed).take_until(state.shutdown.clone().cancelled_owned());
+    let stream = hello
+        .chain(feed_events(feed, target))
+        .take_until(state.shutdown.clone().cancelled_owned());
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
-/// The feed as SSE events; after a lag or error one `event: error` is sent and the stream
-/// ends, and the browser reconnects with `Last-Event-ID`.
-fn feed_events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
-    stream::unfold(Some(feed), |feed| async move {
+/// The feed as SSE events; after a lag or error one `event: feed-error` is sent (a name of its
+/// own: browsers deliver their connection errors as `error`) and the stream ends, and the
+/// browser reconnects with `Last-Event-ID`. The admin feed of every earner is live only: its
+/// events carry no `id:`, since each earner's `seq` counts separately.
+fn feed_events(feed: Feed, target: Target) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(Some(feed), move |feed| async move {
         let mut feed = feed?;
         match feed.next().await {
             Ok(frame) => {
                 let event = Event::default()
                     .event("earning")
-                    .id(frame.seq.to_string())
                     .data(frame.event_json.clone());
+                let event = match target {
+                    Target::User(_) => event.id(frame.seq.to_string()),
+                    Target::All => event,
+                };
                 Some((Ok(event), Some(feed)))
             }
             Err(end) => {
@@ -95,7 +118,7 @@ fn feed_events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                 let data =
                     json!({"code": code, "message": end.to_string(), "last_seq": feed.last_seq()});
                 Some((
-                    Ok(Event::default().event("error").data(data.to_string())),
+                    Ok(Event::default().event("feed-error").data(data.to_string())),
                     None,
                 ))
             }

@@ -69,7 +69,7 @@ pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
     let mut s =
         Settings::load_from(Path::new("/nonexistent/upline.toml")).expect("built-in defaults load");
     s.database.url = format!("{PG_SERVER}/{db_name}");
-    s.database.max_connections = 10;
+    s.database.max_connections = 5;
     s.amqp.url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
     s.api.bind = "127.0.0.1:0".parse().expect("valid address");
     s.worker.bind = "127.0.0.1:0".parse().expect("valid address");
@@ -212,6 +212,31 @@ impl TestApp {
         )));
         self.wait_ready(&format!("http://{addr}"), "/readyz").await;
         format!("ws://{addr}/ws")
+    }
+
+    /// Starts a worker in this process (for apps spawned without one).
+    pub async fn spawn_worker(&mut self) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        self.tasks.push(tokio::spawn(upline_worker::run(
+            self.settings.clone(),
+            listener,
+            self.shutdown.clone(),
+        )));
+    }
+
+    /// Starts a notifier on `addr` (port 0 for any) that stops when `stop` is cancelled, as a
+    /// notifier restart would; returns its HTTP base URL. Await the handle after cancelling.
+    pub async fn spawn_stoppable_notifier(
+        &self,
+        addr: &str,
+        stop: CancellationToken,
+    ) -> (String, JoinHandle<anyhow::Result<()>>) {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(upline_notifier::run(self.settings.clone(), listener, stop));
+        let base = format!("http://{addr}");
+        self.wait_ready(&base, "/readyz").await;
+        (base, task)
     }
 
     /// Closes, from the broker's side, every connection of this app whose client-provided

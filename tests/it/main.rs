@@ -12,3 +12,4 @@ mod purchases;
 mod queue;
 mod registration;
 mod reports;
+mod sse_browser;

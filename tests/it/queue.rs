@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::TestApp;
+use crate::harness::{Services, TestApp};
 
 #[tokio::test]
 async fn a_purchase_published_three_times_pays_once() {
@@ -165,5 +165,55 @@ async fn bad_content_under_a_usable_id_is_stored_as_rejected_with_its_reason() {
         "{r}"
     );
     assert_eq!(app.earnings(b.id).await["total"], "0.00");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_batch_holding_repeats_a_conflict_a_rejection_and_garbage_records_each_correctly() {
+    let mut app = TestApp::spawn_with(
+        Services {
+            worker: false,
+            broker: true,
+        },
+        |s| s.worker.consumers = 1,
+    )
+    .await;
+    let (a, b, c) = app.chain_abc().await;
+    // A backlog the single consumer takes as one batch.
+    let messages = [
+        json!({"purchase_id": "batch-1", "buyer_id": c.id, "amount": "2000.00"}).to_string(),
+        json!({"purchase_id": "batch-1", "buyer_id": c.id, "amount": 2000}).to_string(),
+        json!({"purchase_id": "batch-1", "buyer_id": c.id, "amount": "7000.00"}).to_string(),
+        "{ not json".to_owned(),
+        json!({"purchase_id": "batch-2", "buyer_id": b.id, "amount": "3000.00"}).to_string(),
+        json!({"purchase_id": "batch-3", "buyer_id": 99_999, "amount": "3000.00"}).to_string(),
+        json!({"purchase_id": "batch-4", "buyer_id": c.id, "amount": "1000.01", "profit": "500.00"}).to_string(),
+    ];
+    for m in &messages {
+        app.publish_raw(m.as_bytes()).await;
+    }
+    app.spawn_worker().await;
+    app.wait_purchase_count(4, Duration::from_secs(20)).await;
+    let r1 = app.wait_processed("batch-1").await;
+    assert_eq!(
+        (r1["status"].as_str(), r1["original_status"].as_str()),
+        (Some("conflict"), Some("processed"))
+    );
+    assert_eq!(r1["conflicts"].as_array().map(Vec::len), Some(1), "{r1}");
+    assert_eq!(app.wait_processed("batch-3").await["status"], "rejected");
+    // batch-1: B 100.00, A 20.00; batch-2 (bought by B): A 150.00; batch-4 on profit 500: B 25.00, A 5.00
+    assert_eq!(app.earnings(b.id).await["total"], "125.00");
+    assert_eq!(app.earnings(a.id).await["total"], "175.00");
+    let seqs: Vec<(i64, i64)> =
+        sqlx::query_as("select earner_id, seq from earnings order by earner_id, seq")
+            .fetch_all(&app.db)
+            .await
+            .expect("earnings");
+    assert_eq!(
+        seqs,
+        vec![(a.id, 1), (a.id, 2), (a.id, 3), (b.id, 1), (b.id, 2)]
+    );
+    let dead = app.get_dead_letter().await;
+    assert_eq!(dead.delivery.data, b"{ not json");
     app.stop().await;
 }

@@ -74,7 +74,11 @@ pub async fn create(
     body.insert("purchase_id".into(), Value::String(raw_id));
     let purchase = purchase::validate(purchase_id, &body, &state.rules)
         .map_err(|invalid| ApiError::validation(invalid.field, invalid.message))?;
-    if !store::user_exists(&state.db, purchase.buyer_id).await? {
+    if !state
+        .known_users
+        .contains(&state.db, purchase.buyer_id)
+        .await?
+    {
         return Err(ApiError::UnknownBuyer(purchase.buyer_id));
     }
     state.publisher.publish(&purchase).await.map_err(|e| {
