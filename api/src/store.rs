@@ -85,11 +85,12 @@ pub async fn take_referral_slot(
     referrer_id: UserId,
     max_direct: i32,
 ) -> Result<(), ApiError> {
-    let row: Option<(bool, i32)> =
-        sqlx::query_as("select is_active, direct_referrals from users where id = $1 for update")
-            .bind(referrer_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let row: Option<(bool, i32)> = sqlx::query_as(
+        "select is_active, direct_referrals from users where id = $1 for no key update",
+    )
+    .bind(referrer_id)
+    .fetch_optional(&mut *tx)
+    .await?;
     match row {
         None => Err(ApiError::ReferrerNotFound),
         Some((false, _)) => Err(ApiError::ReferrerInactive),
@@ -157,7 +158,7 @@ pub async fn lock_user_referrer(
     id: UserId,
 ) -> Result<Option<UserId>, ApiError> {
     let row: Option<(Option<UserId>,)> =
-        sqlx::query_as("select referrer_id from users where id = $1 for update")
+        sqlx::query_as("select referrer_id from users where id = $1 for no key update")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;

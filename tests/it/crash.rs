@@ -20,6 +20,10 @@ fn spawn_worker(app: &TestApp) -> Child {
         .env("AMQP_URL", &s.amqp.url)
         .env("UPLINE__WORKER__BIND", "127.0.0.1:0")
         .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
+        // Small batches, so that the stream takes many transactions and the kill lands
+        // between (or inside) them rather than after one big batch.
+        .env("UPLINE__WORKER__BATCH_SIZE", "16")
+        .env("UPLINE__WORKER__PREFETCH", "32")
         .env(
             "UPLINE__AUTH__TOKEN_SECRET",
             s.auth.token_secret.expose_secret(),

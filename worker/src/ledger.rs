@@ -359,6 +359,7 @@ async fn credit(
     }
 
     // Lock every earner of the batch at once, in id order: the same order in every worker.
+    // `for no key update` is enough (ids never change) and does not block readers' key locks.
     let mut earner_ids: Vec<UserId> = uplines
         .values()
         .flat_map(|u| u.iter().filter(|(l, _)| **l > 0).map(|(_, id)| *id))
@@ -367,7 +368,7 @@ async fn credit(
     earner_ids.dedup();
     let mut earners: HashMap<UserId, Earner> = HashMap::new();
     if !earner_ids.is_empty() {
-        let rows = sqlx::query("select id, is_active, earnings_seq, total_earnings from users where id = any($1) order by id for update")
+        let rows = sqlx::query("select id, is_active, earnings_seq, total_earnings from users where id = any($1) order by id for no key update")
             .bind(&earner_ids)
             .fetch_all(&mut *tx)
             .await?;
