@@ -44,7 +44,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let mut settings = Settings::load()?;
     if matches!(cli.command, Command::Bench(_) | Command::Demo(_)) {
         // The operator's commands print their own report; only warnings from the libraries.
-        settings.log.level = "warn".into();
+        settings.log.level = "warn,sqlx=error".into();
     }
     upline_common::telemetry::init_tracing(&settings.log);
     if !matches!(

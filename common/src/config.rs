@@ -95,7 +95,9 @@ pub struct NotifierSettings {
 /// Commission rules, SPEC §2.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CommissionSettings {
-    /// Rate per level as decimal strings, level 1 first: `["0.05", "0.01"]`.
+    /// Rate per level as decimal strings, level 1 first: `["0.05", "0.01"]` in the file, or
+    /// `0.05,0.01` in `UPLINE__COMMISSION__RATES`.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub rates: Vec<String>,
     /// A purchase qualifies when its amount is strictly greater than this (rupees).
     pub min_purchase: String,
@@ -142,6 +144,22 @@ impl Settings {
 
     /// Like [`Settings::load`] with an explicit file (which may be absent).
     pub fn load_from(file: &Path) -> anyhow::Result<Self> {
+        Self::load_with(file, None)
+    }
+
+    /// Loads with `environment` standing in for the process environment (`None` = the real one).
+    fn load_with(
+        file: &Path,
+        environment: Option<config::Map<String, String>>,
+    ) -> anyhow::Result<Self> {
+        let database_url = environment.as_ref().map_or_else(
+            || std::env::var("DATABASE_URL").ok(),
+            |e| e.get("DATABASE_URL").cloned(),
+        );
+        let amqp_url = environment.as_ref().map_or_else(
+            || std::env::var("AMQP_URL").ok(),
+            |e| e.get("AMQP_URL").cloned(),
+        );
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(
                 DEFAULT_TOML,
@@ -149,16 +167,17 @@ impl Settings {
             ))
             .add_source(config::File::from(file).required(false))
             .add_source(
+                // Values stay strings (no guessing of numbers: a secret like "0123" must stay
+                // as written); typed settings are parsed from them.
                 config::Environment::with_prefix("UPLINE")
                     .prefix_separator("__")
                     .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key("commission.rates"),
+                    .source(environment),
             );
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        if let Some(url) = database_url {
             builder = builder.set_override("database.url", url)?;
         }
-        if let Ok(url) = std::env::var("AMQP_URL") {
+        if let Some(url) = amqp_url {
             builder = builder.set_override("amqp.url", url)?;
         }
         let settings: Settings = builder
@@ -216,6 +235,26 @@ impl Settings {
             || self.auth.admin_token.expose_secret() == DEV_ADMIN_TOKEN
             || self.auth.producer_token.expose_secret() == DEV_PRODUCER_TOKEN
     }
+}
+
+/// A list from the file, or a comma-separated string from the environment.
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Rates {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Rates::deserialize(d)? {
+        Rates::List(list) => list,
+        Rates::Text(text) => text
+            .split(',')
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .collect(),
+    })
 }
 
 /// The commission rules in domain types, parsed from [`CommissionSettings`].
@@ -287,7 +326,9 @@ mod tests {
 
     #[test]
     fn built_in_defaults_give_the_rules_of_the_contract() {
-        let settings = Settings::load_from(Path::new("/nonexistent.toml")).expect("defaults load");
+        let settings =
+            Settings::load_with(Path::new("/nonexistent.toml"), Some(config::Map::new()))
+                .expect("defaults load");
         let rules = settings
             .commission
             .rules()
@@ -297,6 +338,34 @@ mod tests {
         assert_eq!(rules.cap_per_level, None);
         assert_eq!(rules.currency, "INR");
         assert_eq!(settings.referrals.max_direct, 8);
+    }
+
+    #[test]
+    fn rates_can_be_overridden_from_the_environment_as_a_comma_separated_list() {
+        let env = config::Map::from([
+            (
+                "UPLINE__COMMISSION__RATES".to_owned(),
+                "0.05, 0.01,0.005".to_owned(),
+            ),
+            ("UPLINE__AUTH__ADMIN_TOKEN".to_owned(), "0123".to_owned()),
+            (
+                "DATABASE_URL".to_owned(),
+                "postgres://db.example/upline".to_owned(),
+            ),
+        ]);
+        let settings =
+            Settings::load_with(Path::new("/nonexistent.toml"), Some(env)).expect("loads");
+        let rules = settings.commission.rules().expect("valid rules");
+        assert_eq!(
+            rules.rates,
+            vec![Decimal::new(5, 2), Decimal::new(1, 2), Decimal::new(5, 3)]
+        );
+        assert_eq!(
+            settings.auth.admin_token.expose_secret(),
+            "0123",
+            "values are not guessed to be numbers"
+        );
+        assert_eq!(settings.database.url, "postgres://db.example/upline");
     }
 
     #[test]

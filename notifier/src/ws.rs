@@ -33,7 +33,13 @@ struct Subscribe {
 }
 
 pub async fn upgrade(State(state): State<NotifierState>, ws: WebSocketUpgrade) -> Response {
+    // Small buffers: tungstenite's defaults (128 KiB each way) would cost ~140 KiB per idle
+    // connection; frames here are a few hundred bytes, and back-pressure is the hub's bounded
+    // buffer, not the socket's.
     ws.max_message_size(64 * 1024)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(64 * 1024)
         .on_upgrade(move |socket| connection(state, socket))
 }
 

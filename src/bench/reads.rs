@@ -141,18 +141,14 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
         .await?
         .json()
         .await?;
-    let top: Option<String> = sqlx::query_scalar(
-        "select total_earnings::text from users order by total_earnings desc limit 1",
-    )
-    .fetch_one(&db)
-    .await?;
-    if board[0]["total_earnings"].as_str() != top.as_deref() {
-        bail!("the leaderboard is wrong: {} vs {top:?}", board[0]);
+    let top: rust_decimal::Decimal = sqlx::query_scalar("select max(total_earnings) from users")
+        .fetch_one(&db)
+        .await?;
+    let top = upline_common::money::Money::from_total(top).to_string();
+    if board[0]["total_earnings"].as_str() != Some(top.as_str()) {
+        bail!("the leaderboard is wrong: {} vs {top}", board[0]);
     }
-    println!(
-        "  check passed: summary total {expected_total}, leaderboard top {}",
-        top.unwrap_or_default()
-    );
+    println!("  check passed: summary total {expected_total}, leaderboard top {top}");
 
     for (label, path, auth) in [
         (

@@ -77,7 +77,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let producer = env.settings.auth.producer_token.expose_secret().to_owned();
 
     // The observer: one admin subscription to every earning.
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let sent: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let delivered = Arc::new(AtomicU64::new(0));
     let stop_observer = tokio_util::sync::CancellationToken::new();
     let observer = {
@@ -90,7 +90,10 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         ))
         .await?;
         tokio::spawn(async move {
-            let mut latency = Latency::new();
+            // Whole path, then split at the ledger transaction (the event's created_at is
+            // PostgreSQL's now(): the start of the transaction that credited it).
+            let (mut latency, mut to_ledger, mut from_ledger) =
+                (Latency::new(), Latency::new(), Latency::new());
             loop {
                 let msg = tokio::select! {
                     () = stop.cancelled() => break,
@@ -111,12 +114,24 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 delivered.fetch_add(1, Ordering::Relaxed);
                 if v["earning"]["level"] == 1 {
                     let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
-                    if let Some(t) = sent.lock().expect("not poisoned").remove(id) {
+                    if let Some((t, wall)) = sent.lock().expect("not poisoned").remove(id) {
                         latency.record(t.elapsed());
+                        let created = v["earning"]["created_at"].as_str().and_then(|c| {
+                            time::OffsetDateTime::parse(
+                                c,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                        });
+                        if let Some(created) = created {
+                            let now = time::OffsetDateTime::now_utc();
+                            to_ledger.record((created - wall).try_into().unwrap_or_default());
+                            from_ledger.record((now - created).try_into().unwrap_or_default());
+                        }
                     }
                 }
             }
-            latency
+            (latency, to_ledger, from_ledger)
         })
     };
 
@@ -160,7 +175,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 let id = format!("r{task}-{n}");
                 n += 1;
                 let t0 = Instant::now();
-                sent.lock().expect("not poisoned").insert(id.clone(), t0);
+                sent.lock().expect("not poisoned").insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
                 let r = http
                     .post(format!("{api}/api/purchases"))
                     .bearer_auth(&producer)
@@ -229,7 +244,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let total_time = started.elapsed();
     let cpu_after = env.cpu();
     stop_observer.cancel();
-    let e2e = observer.await?;
+    let (e2e, to_ledger, from_ledger) = observer.await?;
 
     let rules = env.settings.commission.rules()?;
     let expected = check::recompute(
@@ -250,6 +265,14 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     println!("end to end      all {processed} processed and {earnings} earning events delivered after {:.1} s = {:.0} purchases/s", total_time.as_secs_f64(), processed as f64 / total_time.as_secs_f64());
     println!("HTTP latency    {}", http_latency.summary());
     println!("to WebSocket    {}", e2e.summary());
+    println!(
+        "  of which      POST → ledger transaction start {}",
+        to_ledger.summary()
+    );
+    println!(
+        "                ledger transaction start → WebSocket {}",
+        from_ledger.summary()
+    );
     println!(
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, total_time)

@@ -82,6 +82,11 @@ impl From<lapin::Error> for RelayError {
 /// Publishes up to [`BATCH`] outbox rows, oldest first; returns how many.
 async fn relay_batch(db: &PgPool, channel: &lapin::Channel) -> Result<usize, RelayError> {
     let mut tx = db.begin().await?;
+    // Forgetting a delete in a crash only means publishing again (at least once, duplicates are
+    // dropped by seq downstream), so this transaction need not wait for its WAL flush.
+    sqlx::query("set local synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let rows: Vec<EarningRow> = sqlx::query_as(&format!(
         r#"select {EARNING_COLUMNS} from earnings where id in (
                select earning_id from earning_outbox order by earning_id limit $1 for update skip locked
