@@ -164,8 +164,10 @@ pub async fn run(
             results.into_iter().collect::<anyhow::Result<Vec<()>>>()
         })
     };
-    let mut confirms = Vec::with_capacity(queue.len());
-    for (_, p) in &queue {
+    // A few producers retry: 5 % of the queued purchases are published twice; they must pay once.
+    let republished: Vec<_> = queue.iter().filter(|(i, _)| i % 40 == 1).collect();
+    let mut confirms = Vec::with_capacity(queue.len() + republished.len());
+    for (_, p) in queue.iter().chain(republished.iter().copied()) {
         let payload = serde_json::to_vec(&body(p, &ids))?;
         confirms.push(
             channel
@@ -179,23 +181,7 @@ pub async fn run(
                 .await?,
         );
     }
-    // A few producers retry: republish 5 % of the queued purchases; they must pay once.
-    let mut republished = 0;
-    for (_, p) in queue.iter().filter(|(i, _)| i % 40 == 1) {
-        let payload = serde_json::to_vec(&body(p, &ids))?;
-        confirms.push(
-            channel
-                .basic_publish(
-                    amqp::PURCHASES_EXCHANGE,
-                    amqp::PURCHASE_ROUTING_KEY,
-                    BasicPublishOptions::default(),
-                    &payload,
-                    amqp::persistent_json(),
-                )
-                .await?,
-        );
-        republished += 1;
-    }
+    let republished = republished.len();
     for c in confirms {
         if !c.await?.is_ack() {
             bail!("RabbitMQ refused a purchase");

@@ -88,13 +88,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
 
     // 400 purchases straight onto the queue before any worker runs.
     let mut expected: HashMap<i64, Decimal> = HashMap::new();
-    let conn = app.amqp().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut confirms = Vec::new();
+    let mut bodies = Vec::new();
     for i in 0..400i64 {
         let (buyer, mid) = &buyers[(i % 8) as usize];
         let amount = Decimal::new(90_000 + (i * 3_701) % 400_000, 2); // 900.00 … 4899.99
@@ -104,23 +98,9 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
                 commission(amount, Decimal::new(1, 2));
         }
         let body = json!({"purchase_id": format!("kill-{i}"), "buyer_id": buyer.id, "amount": amount.to_string()});
-        confirms.push(
-            channel
-                .basic_publish(
-                    upline_common::amqp::PURCHASES_EXCHANGE,
-                    upline_common::amqp::PURCHASE_ROUTING_KEY,
-                    Default::default(),
-                    body.to_string().as_bytes(),
-                    upline_common::amqp::persistent_json(),
-                )
-                .await
-                .expect("publish"),
-        );
+        bodies.push(body.to_string().into_bytes());
     }
-    for c in confirms {
-        assert!(c.await.expect("confirm").is_ack());
-    }
-    conn.close(200, "published").await.expect("close");
+    app.publish_all(bodies).await;
 
     // Kill the first worker with SIGKILL once it is well into the stream.
     let mut worker = spawn_worker(&app);

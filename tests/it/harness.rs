@@ -428,25 +428,36 @@ impl TestApp {
     /// Publishes raw bytes onto `upline.purchases` (like an external producer) and waits for
     /// the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8]) {
+        self.publish_all([body.to_vec()]).await;
+    }
+
+    /// Publishes message bodies onto `upline.purchases` over one connection, in order, with
+    /// pipelined confirms, and waits until the broker confirmed them all.
+    pub async fn publish_all(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
         let conn = self.amqp().await;
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(Default::default())
             .await
             .expect("confirms");
-        let confirm = channel
-            .basic_publish(
-                amqp::PURCHASES_EXCHANGE,
-                amqp::PURCHASE_ROUTING_KEY,
-                BasicPublishOptions::default(),
-                body,
-                amqp::persistent_json(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
+        let mut confirms = Vec::new();
+        for body in bodies {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        amqp::PURCHASES_EXCHANGE,
+                        amqp::PURCHASE_ROUTING_KEY,
+                        BasicPublishOptions::default(),
+                        &body,
+                        amqp::persistent_json(),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for confirm in confirms {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
         conn.close(200, "done").await.expect("close");
     }
 

@@ -10,35 +10,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{subscribe_at, Services, TestApp, ADMIN};
 
-/// Publishes purchases by `buyer` straight onto the queue, one connection for all.
+/// Publishes `n` purchases of 2000.00 by `buyer` straight onto the queue.
 async fn publish_purchases(app: &TestApp, prefix: &str, buyer: i64, n: usize) {
-    let conn = app.amqp().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut confirms = Vec::with_capacity(n);
-    for i in 0..n {
-        let body =
-            json!({"purchase_id": format!("{prefix}-{i}"), "buyer_id": buyer, "amount": "2000.00"});
-        confirms.push(
-            channel
-                .basic_publish(
-                    upline_common::amqp::PURCHASES_EXCHANGE,
-                    upline_common::amqp::PURCHASE_ROUTING_KEY,
-                    Default::default(),
-                    body.to_string().as_bytes(),
-                    upline_common::amqp::persistent_json(),
-                )
-                .await
-                .expect("publish"),
-        );
-    }
-    for c in confirms {
-        assert!(c.await.expect("confirm").is_ack());
-    }
-    conn.close(200, "published").await.expect("close");
+    let bodies = (0..n).map(|i| {
+        json!({"purchase_id": format!("{prefix}-{i}"), "buyer_id": buyer, "amount": "2000.00"})
+            .to_string()
+            .into_bytes()
+    });
+    app.publish_all(bodies).await;
 }
 
 fn seqs(events: &[Value]) -> Vec<i64> {
