@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures_util::stream::{self, StreamExt};
-use lapin::options::BasicPublishOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -169,17 +168,7 @@ pub async fn run(
     let mut confirms = Vec::with_capacity(queue.len() + republished.len());
     for (_, p) in queue.iter().chain(republished.iter().copied()) {
         let payload = serde_json::to_vec(&body(p, &ids))?;
-        confirms.push(
-            channel
-                .basic_publish(
-                    amqp::PURCHASES_EXCHANGE,
-                    amqp::PURCHASE_ROUTING_KEY,
-                    BasicPublishOptions::default(),
-                    &payload,
-                    amqp::persistent_json(),
-                )
-                .await?,
-        );
+        confirms.push(amqp::publish_purchase(&channel, &payload).await?);
     }
     let republished = republished.len();
     for c in confirms {

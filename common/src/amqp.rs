@@ -147,6 +147,26 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
     Ok(())
 }
 
+/// Publishes one purchase message body to `upline.purchases` (persistent JSON, routing key
+/// `purchase`), as any producer does; await the returned confirm for the broker's answer.
+///
+/// # Errors
+/// The channel is closed.
+pub async fn publish_purchase(
+    channel: &Channel,
+    body: &[u8],
+) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {
+    channel
+        .basic_publish(
+            PURCHASES_EXCHANGE,
+            PURCHASE_ROUTING_KEY,
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            persistent_json(),
+        )
+        .await
+}
+
 /// Properties of every message upline publishes: persistent JSON.
 pub fn persistent_json() -> BasicProperties {
     BasicProperties::default()

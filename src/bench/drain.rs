@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
-use lapin::options::BasicPublishOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -182,17 +181,7 @@ async fn drain(
         let mut confirms = Vec::with_capacity(window.len());
         for s in window {
             let body = json!({"purchase_id": s.purchase_id, "buyer_id": s.buyer_id, "amount": s.amount.to_string()});
-            confirms.push(
-                channel
-                    .basic_publish(
-                        amqp::PURCHASES_EXCHANGE,
-                        amqp::PURCHASE_ROUTING_KEY,
-                        BasicPublishOptions::default(),
-                        body.to_string().as_bytes(),
-                        amqp::persistent_json(),
-                    )
-                    .await?,
-            );
+            confirms.push(amqp::publish_purchase(&channel, body.to_string().as_bytes()).await?);
         }
         for c in confirms {
             if !c.await?.is_ack() {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
-use lapin::options::BasicPublishOptions;
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -161,17 +160,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             sent.lock()
                 .expect("not poisoned")
                 .insert(id, Instant::now());
-            confirms.push(
-                channel
-                    .basic_publish(
-                        amqp::PURCHASES_EXCHANGE,
-                        amqp::PURCHASE_ROUTING_KEY,
-                        BasicPublishOptions::default(),
-                        body.to_string().as_bytes(),
-                        amqp::persistent_json(),
-                    )
-                    .await?,
-            );
+            confirms.push(amqp::publish_purchase(&channel, body.to_string().as_bytes()).await?);
             published += 1;
         }
         if published.is_multiple_of(args.rate.max(1)) {

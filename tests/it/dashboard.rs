@@ -2,13 +2,13 @@
 //! driven end to end in real headless Chromium by `tests/browser/dashboard.mjs` (sign in, live
 //! earnings over the notifier, a simulated purchase, a dropped WebSocket, the admin's picker).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{TestApp, ADMIN, PRODUCER};
+use crate::harness::{browser_test_dir, TestApp, ADMIN, PRODUCER};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -133,27 +133,6 @@ async fn check_page_and_assets(app: &TestApp) {
         Some(app.ws_url.as_str())
     );
     assert!(config["notifier_port"].is_u64(), "{config}");
-}
-
-/// `tests/browser/node_modules`, installed with `npm ci` when missing.
-async fn browser_test_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").is_dir() {
-        let out = tokio::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .output()
-            .await
-            .expect("npm runs (Node.js 18+ and npm are needed for the browser test)");
-        assert!(
-            out.status.success(),
-            "`npm ci` in {} failed; run it by hand:\n{}{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    dir
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::options::BasicGetOptions;
 use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -443,14 +443,7 @@ impl TestApp {
         let mut confirms = Vec::new();
         for body in bodies {
             confirms.push(
-                channel
-                    .basic_publish(
-                        amqp::PURCHASES_EXCHANGE,
-                        amqp::PURCHASE_ROUTING_KEY,
-                        BasicPublishOptions::default(),
-                        &body,
-                        amqp::persistent_json(),
-                    )
+                upline_common::amqp::publish_purchase(&channel, &body)
                     .await
                     .expect("publish"),
             );
@@ -548,4 +541,25 @@ impl Ws {
         }
         out
     }
+}
+
+/// `tests/browser/node_modules`, installed with `npm ci` when missing.
+pub async fn browser_test_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !dir.join("node_modules/playwright-core").is_dir() {
+        let out = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .await
+            .expect("npm runs (Node.js 18+ and npm are needed for the browser test)");
+        assert!(
+            out.status.success(),
+            "`npm ci` in {} failed; run it by hand:\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
 }

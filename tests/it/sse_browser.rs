@@ -3,7 +3,7 @@
 //! `Last-Event-ID`, gets the earnings credited while the notifier was down replayed from
 //! PostgreSQL, then live ones, with no gap and no duplicate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,32 +14,11 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::TestApp;
+use crate::harness::{browser_test_dir, TestApp};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// How long any one step may take.
 const STEP: Duration = Duration::from_secs(15);
-
-/// `tests/browser` with its node_modules, installed with `npm ci` when missing.
-async fn browser_test_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").is_dir() {
-        let out = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .output()
-            .await
-            .expect("npm runs (Node.js 18+ and npm are needed for the browser tests)");
-        assert!(
-            out.status.success(),
-            "`npm ci` in {} failed; run it by hand:\n{}{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    dir
-}
 
 /// A free port on 127.0.0.1 (bound, then released for the notifier to take).
 fn free_port() -> u16 {
