@@ -83,7 +83,7 @@ pub async fn run(
     //    at max_direct.
     let plan = plan_forest(&mut rng, args.users, max_direct);
     let started = Instant::now();
-    let ids = register(&http, &api, &run_id, &plan, args.concurrency).await?;
+    let ids = register(&http, &api, &admin, &run_id, &plan, args.concurrency).await?;
     let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
     let roots = plan.iter().filter(|u| u.referrer.is_none()).count();
     println!(
@@ -351,9 +351,12 @@ fn plan_forest(rng: &mut StdRng, users: usize, max_direct: usize) -> Vec<Planned
     plan
 }
 
+/// Registers the planned forest with the admin key: it names referrers by id (anonymous
+/// sign-ups use referral codes) and is not rate-limited.
 async fn register(
     http: &reqwest::Client,
     api: &str,
+    admin: &str,
     run_id: &str,
     plan: &[PlannedUser],
     concurrency: usize,
@@ -377,6 +380,7 @@ async fn register(
                 });
                 let r = http
                     .post(format!("{api}/api/users"))
+                    .bearer_auth(admin)
                     .json(&body)
                     .send()
                     .await?;

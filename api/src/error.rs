@@ -21,6 +21,23 @@ pub enum ApiError {
     /// 403 `forbidden`: credentials that do not allow this.
     #[error("these credentials do not allow this request")]
     Forbidden,
+    /// 403 `token_expired`: a user token past its expiry; renew tokens before they expire
+    /// (`POST /api/users/{id}/token`) or have a new one issued.
+    #[error("the token has expired; renew it before it expires, or have a new one issued")]
+    TokenExpired,
+    /// 403 `token_revoked`: the user's tokens were revoked (sign-out everywhere,
+    /// deactivation, erasure) or the user is inactive.
+    #[error("the token was revoked, or its user is inactive")]
+    TokenRevoked,
+    /// 403 `admin_only`: `field` may be sent only with the admin key.
+    #[error("{field}: {message}")]
+    AdminOnly {
+        field: &'static str,
+        message: &'static str,
+    },
+    /// 429 `rate_limited`: too many requests of this kind from this address; see `Retry-After`.
+    #[error("{0}")]
+    RateLimited(#[from] upline_common::limits::RateLimited),
     /// 404 `not_found`.
     #[error("{0}")]
     NotFound(String),
@@ -39,6 +56,16 @@ pub enum ApiError {
     /// 409 `already_referred`: a referrer is set once.
     #[error("this user already has a referrer")]
     AlreadyReferred,
+    /// 409 `user_inactive`: tokens are not issued to inactive users.
+    #[error("the user is inactive; reactivate it first")]
+    UserInactive,
+    /// 409 `user_erased`: the user's personal data was erased; the account cannot be used again.
+    #[error("the user was erased")]
+    UserErased,
+    /// 409 `referral_not_releasable`: a referrer may release only a referral that has brought
+    /// it nothing and has no referrals of its own; an admin may release any.
+    #[error("this referral has made purchases or referred others; only an admin may release it")]
+    ReferralNotReleasable,
     /// 422 `self_referral`.
     #[error("a user cannot refer themselves")]
     SelfReferral,
@@ -71,12 +98,19 @@ impl ApiError {
             ApiError::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::TokenExpired => (StatusCode::FORBIDDEN, "token_expired"),
+            ApiError::TokenRevoked => (StatusCode::FORBIDDEN, "token_revoked"),
+            ApiError::AdminOnly { .. } => (StatusCode::FORBIDDEN, "admin_only"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::ReferrerNotFound => (StatusCode::NOT_FOUND, "referrer_not_found"),
             ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
             ApiError::ReferralLimitReached(_) => (StatusCode::CONFLICT, "referral_limit_reached"),
             ApiError::ReferrerInactive => (StatusCode::CONFLICT, "referrer_inactive"),
             ApiError::AlreadyReferred => (StatusCode::CONFLICT, "already_referred"),
+            ApiError::UserInactive => (StatusCode::CONFLICT, "user_inactive"),
+            ApiError::UserErased => (StatusCode::CONFLICT, "user_erased"),
+            ApiError::ReferralNotReleasable => (StatusCode::CONFLICT, "referral_not_releasable"),
             ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, "self_referral"),
             ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, "referral_cycle"),
             ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_buyer"),
@@ -115,6 +149,9 @@ impl IntoResponse for ApiError {
         if let ApiError::UnknownBuyer(_) = &self {
             body["field"] = json!("buyer_id");
         }
+        if let ApiError::AdminOnly { field, .. } = &self {
+            body["field"] = json!(field);
+        }
         let mut response = (status, axum::Json(body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -124,6 +161,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let ApiError::RateLimited(limited) = &self {
+            if let Ok(value) = HeaderValue::from_str(&limited.retry_after_secs().to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
         }
         if status == StatusCode::UNAUTHORIZED {
             response

@@ -103,3 +103,38 @@ pub fn opt_user_id(map: &Map<String, Value>, field: &str) -> Result<Option<i64>,
             .ok_or_else(|| ApiError::validation(field, "must be a positive integer")),
     }
 }
+
+/// Two numeric ids from the path (`/api/users/{id}/referrals/{referral_id}`); anything else
+/// is 404.
+pub struct PathIds(pub i64, pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathIds {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path((a, b)) =
+            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| ApiError::NotFound("no such resource".into()))?;
+        match (a.parse(), b.parse()) {
+            (Ok(a), Ok(b)) => Ok(PathIds(a, b)),
+            _ => Err(ApiError::NotFound(format!(
+                "no user with id {a:?} or {b:?}"
+            ))),
+        }
+    }
+}
+
+/// The client's address as the abuse limits see it (`None` when unknown).
+pub struct ClientIp(pub Option<std::net::IpAddr>);
+
+impl FromRequestParts<crate::AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &crate::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(crate::auth::client_ip(parts, state)))
+    }
+}

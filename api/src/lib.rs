@@ -12,13 +12,14 @@ pub mod store;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use upline_common::auth::Auth;
 use upline_common::http::Probes;
+use upline_common::limits::Limits;
 use upline_common::rules::Rules;
 use upline_common::Settings;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub rules: Arc<Rules>,
     pub publisher: Publisher,
     pub max_direct: i32,
+    /// Abuse limits per client address (`limits.*`).
+    pub limits: Limits,
     /// Buyers already checked to exist (purchase intake).
     pub known_users: Arc<store::KnownUsers>,
     /// Where the dashboard page finds the notifier (`GET /dashboard/config.json`).
@@ -44,11 +47,19 @@ pub fn router(state: AppState, probes: Probes) -> Router {
     Router::new()
         .route("/api/users", post(users::register).get(users::list))
         .route("/api/me", get(users::me))
-        .route("/api/users/{id}", get(users::get))
+        .route(
+            "/api/users/{id}",
+            get(users::get).patch(users::update).delete(users::erase),
+        )
         .route("/api/users/{id}/referrer", put(users::set_referrer))
         .route("/api/users/{id}/deactivate", post(users::deactivate))
         .route("/api/users/{id}/reactivate", post(users::reactivate))
         .route("/api/users/{id}/token", post(users::token))
+        .route("/api/users/{id}/tokens", delete(users::revoke_tokens))
+        .route(
+            "/api/users/{id}/referrals/{referral_id}",
+            delete(users::release_referral),
+        )
         .route("/api/users/{id}/earnings", get(reports::earnings))
         .route("/api/users/{id}/referrals", get(reports::referrals))
         .route("/api/purchases", post(purchases::create))
@@ -84,6 +95,7 @@ pub async fn run(
         rules,
         publisher: publisher.clone(),
         max_direct: settings.referrals.max_direct,
+        limits: Limits::new(&settings.limits),
         known_users: Arc::default(),
         dashboard: Arc::new(dashboard::DashboardConfig::new(
             &settings.api.notifier_public_url,
@@ -91,7 +103,9 @@ pub async fn run(
         )),
     };
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state, probes))
+    // The peer address feeds the abuse limits.
+    let app = router(state, probes).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     publisher.close().await;

@@ -47,6 +47,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         users::deactivate,
         users::reactivate,
         users::token,
+        users::revoke_tokens,
+        users::erase,
+        users::update,
+        users::release_referral,
         reports::earnings,
         reports::referrals,
         reports::leaderboard,
@@ -181,12 +185,19 @@ pub enum ErrorCode {
     ValidationFailed,
     Unauthorized,
     Forbidden,
+    TokenExpired,
+    TokenRevoked,
+    AdminOnly,
+    RateLimited,
     NotFound,
     ReferrerNotFound,
     EmailTaken,
     ReferralLimitReached,
     ReferrerInactive,
     AlreadyReferred,
+    UserInactive,
+    UserErased,
+    ReferralNotReleasable,
     SelfReferral,
     ReferralCycle,
     UnknownBuyer,
@@ -202,12 +213,25 @@ fn samples() -> Vec<ApiError> {
         ApiError::validation("email", "must be an email address such as asha@example.com"),
         ApiError::Unauthorized,
         ApiError::Forbidden,
+        ApiError::TokenExpired,
+        ApiError::TokenRevoked,
+        ApiError::AdminOnly {
+            field: "referrer_id",
+            message:
+                "naming a referrer by id needs the admin key; send the referrer's referral_code",
+        },
+        ApiError::RateLimited(upline_common::limits::RateLimited {
+            retry_after: std::time::Duration::from_secs(12),
+        }),
         ApiError::NotFound("no user with id 7".into()),
         ApiError::ReferrerNotFound,
         ApiError::EmailTaken,
         ApiError::ReferralLimitReached(8),
         ApiError::ReferrerInactive,
         ApiError::AlreadyReferred,
+        ApiError::UserInactive,
+        ApiError::UserErased,
+        ApiError::ReferralNotReleasable,
         ApiError::SelfReferral,
         ApiError::ReferralCycle,
         ApiError::UnknownBuyer(42),
@@ -220,12 +244,19 @@ fn samples() -> Vec<ApiError> {
             | ApiError::Validation { .. }
             | ApiError::Unauthorized
             | ApiError::Forbidden
+            | ApiError::TokenExpired
+            | ApiError::TokenRevoked
+            | ApiError::AdminOnly { .. }
+            | ApiError::RateLimited(_)
             | ApiError::NotFound(_)
             | ApiError::ReferrerNotFound
             | ApiError::EmailTaken
             | ApiError::ReferralLimitReached(_)
             | ApiError::ReferrerInactive
             | ApiError::AlreadyReferred
+            | ApiError::UserInactive
+            | ApiError::UserErased
+            | ApiError::ReferralNotReleasable
             | ApiError::SelfReferral
             | ApiError::ReferralCycle
             | ApiError::UnknownBuyer(_)
@@ -253,6 +284,7 @@ fn problem_body(e: &ApiError) -> Value {
     match e {
         ApiError::Validation { field, .. } => body["field"] = json!(field),
         ApiError::UnknownBuyer(_) => body["field"] = json!("buyer_id"),
+        ApiError::AdminOnly { field, .. } => body["field"] = json!(field),
         _ => {}
     }
     body
@@ -420,8 +452,11 @@ pub struct PurchaseMessage {
 pub struct RegisteredUser {
     #[serde(flatten)]
     user: store::User,
-    /// The user's bearer token (`user_token`); it does not expire.
+    /// The user's bearer token (`user_token`), valid until `token_expires_at`
+    /// (`auth.token_ttl`); renew it with `POST /api/users/{id}/token` before then.
     token: String,
+    #[schema(format = DateTime)]
+    token_expires_at: String,
 }
 
 /// A page of users.
@@ -458,6 +493,18 @@ pub enum Role {
 pub struct IssuedToken {
     user_id: i64,
     token: String,
+    /// When the token stops being valid (RFC 3339).
+    #[schema(format = DateTime)]
+    expires_at: String,
+}
+
+/// `PATCH /api/users/{id}`.
+#[derive(ToSchema)]
+#[schema(example = json!({"show_on_leaderboard": false}))]
+#[allow(dead_code)]
+pub struct UpdateUserRequest {
+    /// `false` hides the user from the public leaderboard.
+    show_on_leaderboard: bool,
 }
 
 /// A user's earnings.

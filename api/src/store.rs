@@ -4,6 +4,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
+use upline_common::auth::REVOCATIONS_CHANNEL;
 use upline_common::money::Money;
 use upline_common::UserId;
 
@@ -13,13 +14,16 @@ use crate::error::{ApiError, ResultExt};
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[schema(example = json!({"id": 7, "name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA",
     "referrer_id": 3, "is_active": true, "direct_referrals": 2, "total_earnings": "1530.00",
-    "created_at": "2026-11-20T10:00:00Z"}))]
+    "show_on_leaderboard": true, "erased_at": null, "created_at": "2026-11-20T10:00:00Z"}))]
 pub struct User {
     #[schema(value_type = i64, minimum = 1)]
     pub id: UserId,
+    /// The user's name; [`ERASED_NAME`] once erased.
     pub name: String,
-    pub email: String,
-    pub referral_code: String,
+    /// `null` once erased.
+    pub email: Option<String>,
+    /// The code others sign up with; `null` once erased.
+    pub referral_code: Option<String>,
     #[schema(value_type = Option<i64>)]
     pub referrer_id: Option<UserId>,
     pub is_active: bool,
@@ -27,17 +31,26 @@ pub struct User {
     #[serde(serialize_with = "money")]
     #[schema(value_type = crate::openapi::Money)]
     pub total_earnings: Decimal,
+    /// Whether the user appears on the public leaderboard (`PATCH /api/users/{id}`).
+    pub show_on_leaderboard: bool,
+    /// When the user's personal data was erased (`DELETE /api/users/{id}`), else `null`.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub erased_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
+
+/// The name an erased user is shown under in reports: earnings stay, the person does not.
+pub const ERASED_NAME: &str = "erased user";
 
 fn money<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
     Money::from_total(*d).serialize(s)
 }
 
 const USER_COLUMNS: &str =
-    "id, name, email, referral_code, referrer_id, is_active, direct_referrals, total_earnings, created_at";
+    "id, name, email, referral_code, referrer_id, is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at";
 
 /// Fetches a user.
 ///
@@ -207,18 +220,172 @@ pub async fn set_referrer(
     Ok(())
 }
 
-/// Activates or deactivates a user; `None` if there is no such user.
+/// Activates or deactivates a user; `None` if there is no such user. Deactivation also
+/// revokes the user's tokens ([`revoke_tokens`]).
+///
+/// # Errors
+/// 409 `user_erased` for an erased user; database errors.
+pub async fn set_active(
+    tx: &mut PgConnection,
+    id: UserId,
+    active: bool,
+) -> Result<Option<User>, ApiError> {
+    let Some(erased) = lock_user(tx, id).await? else {
+        return Ok(None);
+    };
+    if erased {
+        return Err(ApiError::UserErased);
+    }
+    sqlx::query("update users set is_active = $2 where id = $1")
+        .bind(id)
+        .bind(active)
+        .execute(&mut *tx)
+        .await?;
+    if !active {
+        revoke_tokens(tx, id).await?;
+    }
+    Ok(user(&mut *tx, id).await?)
+}
+
+/// Locks a user's row for an update; `Some(erased)` when the user exists.
+async fn lock_user(tx: &mut PgConnection, id: UserId) -> sqlx::Result<Option<bool>> {
+    sqlx::query_scalar("select erased_at is not null from users where id = $1 for no key update")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+}
+
+/// Revokes every token of a user at once: bumps `users.token_version` and announces the user
+/// on [`REVOCATIONS_CHANNEL`] (delivered when the transaction commits), so notifiers close the
+/// user's streams.
 ///
 /// # Errors
 /// Database errors.
-pub async fn set_active(db: &PgPool, id: UserId, active: bool) -> sqlx::Result<Option<User>> {
-    sqlx::query_as(&format!(
-        "update users set is_active = $2 where id = $1 returning {USER_COLUMNS}"
-    ))
+pub async fn revoke_tokens(tx: &mut PgConnection, id: UserId) -> sqlx::Result<()> {
+    sqlx::query("update users set token_version = token_version + 1 where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(REVOCATIONS_CHANNEL)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A user's current token version, for issuing a token.
+///
+/// # Errors
+/// 404 for no such user, 409 `user_erased` or `user_inactive`; database errors.
+pub async fn token_version_for_issue(db: &PgPool, id: UserId) -> Result<i64, ApiError> {
+    let row: Option<(i64, bool, bool)> = sqlx::query_as(
+        "select token_version, is_active, erased_at is not null from users where id = $1",
+    )
     .bind(id)
-    .bind(active)
     .fetch_optional(db)
-    .await
+    .await?;
+    match row {
+        None => Err(ApiError::NotFound(format!("no user with id {id}"))),
+        Some((_, _, true)) => Err(ApiError::UserErased),
+        Some((_, false, _)) => Err(ApiError::UserInactive),
+        Some((version, true, false)) => Ok(version),
+    }
+}
+
+/// Erases a user's personal data: the name becomes [`ERASED_NAME`], email and referral code
+/// are removed, the user is deactivated, hidden from the leaderboard and its tokens revoked.
+/// Earnings, totals and the referral tree stay as they are, so the ledger remains exact.
+/// `false` if there is no such user; erasing twice changes nothing more.
+///
+/// # Errors
+/// Database errors.
+pub async fn erase_user(tx: &mut PgConnection, id: UserId) -> sqlx::Result<bool> {
+    let Some(erased) = lock_user(tx, id).await? else {
+        return Ok(false);
+    };
+    if !erased {
+        sqlx::query(
+            r#"update users set name = $2, email = null, referral_code = null, is_active = false,
+                   show_on_leaderboard = false, erased_at = now()
+               where id = $1"#,
+        )
+        .bind(id)
+        .bind(ERASED_NAME)
+        .execute(&mut *tx)
+        .await?;
+        revoke_tokens(tx, id).await?;
+    }
+    Ok(true)
+}
+
+/// Shows or hides a user on the leaderboard; `None` if there is no such user.
+///
+/// # Errors
+/// 409 `user_erased` when showing an erased user; database errors.
+pub async fn set_leaderboard_visibility(
+    tx: &mut PgConnection,
+    id: UserId,
+    visible: bool,
+) -> Result<Option<User>, ApiError> {
+    let Some(erased) = lock_user(tx, id).await? else {
+        return Ok(None);
+    };
+    if erased && visible {
+        return Err(ApiError::UserErased);
+    }
+    sqlx::query("update users set show_on_leaderboard = $2 where id = $1")
+        .bind(id)
+        .bind(visible)
+        .execute(&mut *tx)
+        .await?;
+    Ok(user(&mut *tx, id).await?)
+}
+
+/// Releases one of a referrer's direct referrals: the referral loses its referrer (and may
+/// choose another) and the referrer gets the slot back. Unless `by_admin`, only a referral
+/// that has brought the referrer nothing and has no referrals of its own may be released: the
+/// remedy for sign-ups that squat a referrer's slots, not a way to drop a paying leg.
+///
+/// # Errors
+/// 404 when `referral_id` is not a direct referral of `referrer_id`; 409
+/// `referral_not_releasable`; database errors.
+pub async fn release_referral(
+    tx: &mut PgConnection,
+    referrer_id: UserId,
+    referral_id: UserId,
+    by_admin: bool,
+) -> Result<(), ApiError> {
+    lock_referral_graph(tx).await?;
+    let row: Option<(i32, bool)> = sqlx::query_as(
+        r#"select direct_referrals,
+                  exists (select 1 from earner_referrals
+                          where user_id = $1 and source_user_id = $2)
+           from users
+           where id = $2 and referrer_id = $1
+           for no key update"#,
+    )
+    .bind(referrer_id)
+    .bind(referral_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((downline, has_paid)) = row else {
+        return Err(ApiError::NotFound(format!(
+            "user {referral_id} is not a direct referral of user {referrer_id}"
+        )));
+    };
+    if !by_admin && (downline > 0 || has_paid) {
+        return Err(ApiError::ReferralNotReleasable);
+    }
+    sqlx::query("update users set referrer_id = null where id = $1")
+        .bind(referral_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("update users set direct_referrals = direct_referrals - 1 where id = $1")
+        .bind(referrer_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// Whether a user exists.
@@ -295,7 +462,8 @@ pub struct LevelRow {
 /// A later message that reused the purchase id with other content.
 #[derive(Debug, sqlx::FromRow)]
 pub struct ConflictRow {
-    pub body: sqlx::types::Json<serde_json::Value>,
+    /// `None` once past `privacy.raw_body_retention`.
+    pub body: Option<sqlx::types::Json<serde_json::Value>>,
     pub received_at: OffsetDateTime,
 }
 
@@ -424,7 +592,8 @@ pub struct Leader {
 /// Database errors.
 pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
     sqlx::query_as(
-        r#"select id as user_id, name, total_earnings from users where total_earnings > 0
+        r#"select id as user_id, name, total_earnings from users
+           where total_earnings > 0 and show_on_leaderboard
            order by total_earnings desc, id limit $1"#,
     )
     .bind(limit)

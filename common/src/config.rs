@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rust_decimal::Decimal;
@@ -16,10 +17,14 @@ use crate::money::Money;
 /// in the working directory, when present, is read on top of them.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
-/// Development secrets: accepted only with `app.environment = "development"`, with a warning.
-const DEV_TOKEN_SECRET: &str = "dev-only-token-secret-change-me";
-const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
-const DEV_PRODUCER_TOKEN: &str = "dev-producer-token";
+/// Development secrets: filled in for empty settings only with `app.environment =
+/// "development"` (with a warning at start-up), and refused everywhere else.
+pub const DEV_TOKEN_SECRET: &str = "dev-only-token-secret-change-me";
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
+pub const DEV_PRODUCER_TOKEN: &str = "dev-producer-token";
+
+/// Shortest secret accepted outside development, in characters.
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// Every setting of every service.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,12 +38,15 @@ pub struct Settings {
     pub commission: CommissionSettings,
     pub referrals: ReferralSettings,
     pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub privacy: PrivacySettings,
     pub log: LogSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AppSettings {
-    /// `development` allows the built-in secrets (with a warning); anything else requires real ones.
+    /// `production` by default. `development` fills in built-in secrets for empty `auth.*`
+    /// settings (with a warning); anything else requires real ones (see [`Settings::validate`]).
     pub environment: String,
 }
 
@@ -122,6 +130,31 @@ pub struct AuthSettings {
     pub admin_token: SecretString,
     /// Bearer key for purchase producers.
     pub producer_token: SecretString,
+    /// How long a user token is valid: `"24h"` in the file, 1 second to 30 days.
+    #[serde(with = "humantime_serde_compat")]
+    pub token_ttl: Duration,
+}
+
+/// Abuse limits per client address (README "Security").
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitSettings {
+    /// `false` turns every abuse limit off (tests and benchmarks).
+    pub enabled: bool,
+    /// Anonymous sign-ups per client address per minute (also the burst).
+    pub registrations_per_minute: u32,
+    /// Failed authentications per client address per minute (also the burst); past it, every
+    /// authenticated request from the address answers 429 until the budget refills.
+    pub auth_failures_per_minute: u32,
+    /// Take the client address from `X-Forwarded-For` (only behind a proxy that sets it).
+    pub trust_forwarded_for: bool,
+}
+
+/// What is kept about people and producers, and for how long.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PrivacySettings {
+    /// How long raw purchase message bodies are kept (`"30d"`); zero drops them at once.
+    #[serde(with = "humantime_serde_compat")]
+    pub raw_body_retention: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,14 +176,28 @@ impl Settings {
     }
 
     /// Like [`Settings::load`] with an explicit file (which may be absent).
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
     pub fn load_from(file: &Path) -> anyhow::Result<Self> {
-        Self::load_with(file, None)
+        Self::load_with(file, None, &[])
+    }
+
+    /// Like [`Settings::load_from`], then `overrides` (`("app.environment", "development")`)
+    /// on top of everything, before validation: how tests and tools pick their settings
+    /// without touching the process environment.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_with_overrides(file: &Path, overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::load_with(file, None, overrides)
     }
 
     /// Loads with `environment` standing in for the process environment (`None` = the real one).
     fn load_with(
         file: &Path,
         environment: Option<config::Map<String, String>>,
+        overrides: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let database_url = environment.as_ref().map_or_else(
             || std::env::var("DATABASE_URL").ok(),
@@ -180,16 +227,24 @@ impl Settings {
         if let Some(url) = amqp_url {
             builder = builder.set_override("amqp.url", url)?;
         }
-        let settings: Settings = builder
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, *value)?;
+        }
+        let mut settings: Settings = builder
             .build()
             .context("reading configuration")?
             .try_deserialize()
             .context("parsing configuration")?;
+        settings.fill_development_secrets();
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Checks what the types cannot: rates, amounts and secrets.
+    /// Checks what the types cannot: rates, amounts, limits and secrets.
+    ///
+    /// Outside development each of `auth.token_secret`, `auth.admin_token` and
+    /// `auth.producer_token` must be set, at least [`MIN_SECRET_LEN`] characters long, not a
+    /// built-in development value, and different from the other two.
     ///
     /// # Errors
     /// The first invalid setting, named by its key.
@@ -201,27 +256,74 @@ impl Settings {
         if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
             bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
         }
-        if !self.is_development() {
-            for (key, value, dev) in [
-                (
-                    "auth.token_secret",
-                    &self.auth.token_secret,
-                    DEV_TOKEN_SECRET,
-                ),
-                ("auth.admin_token", &self.auth.admin_token, DEV_ADMIN_TOKEN),
-                (
-                    "auth.producer_token",
-                    &self.auth.producer_token,
-                    DEV_PRODUCER_TOKEN,
-                ),
-            ] {
-                let value = value.expose_secret();
-                if value == dev || value.len() < 16 {
-                    bail!("{key} must be set to a secret of at least 16 characters outside development");
-                }
+        if self.auth.token_ttl < Duration::from_secs(1)
+            || self.auth.token_ttl > Duration::from_secs(30 * 24 * 3600)
+        {
+            bail!("auth.token_ttl must be between 1 second and 30 days");
+        }
+        if self.limits.enabled
+            && (self.limits.registrations_per_minute == 0
+                || self.limits.auth_failures_per_minute == 0)
+        {
+            bail!("limits.registrations_per_minute and limits.auth_failures_per_minute must be at least 1 (or limits.enabled = false)");
+        }
+        let secrets = [
+            (
+                "auth.token_secret",
+                &self.auth.token_secret,
+                DEV_TOKEN_SECRET,
+            ),
+            ("auth.admin_token", &self.auth.admin_token, DEV_ADMIN_TOKEN),
+            (
+                "auth.producer_token",
+                &self.auth.producer_token,
+                DEV_PRODUCER_TOKEN,
+            ),
+        ];
+        for (i, (key, value, _)) in secrets.iter().enumerate() {
+            if let Some((other, _, _)) = secrets[i + 1..].iter().find(|(_, v, _)| {
+                !v.expose_secret().is_empty() && v.expose_secret() == value.expose_secret()
+            }) {
+                bail!("{key} and {other} must differ: each credential grants other rights");
+            }
+        }
+        if self.is_development() {
+            return Ok(());
+        }
+        for (key, value, _) in secrets {
+            let value = value.expose_secret();
+            let variable = format!("UPLINE__{}", key.replace('.', "__").to_ascii_uppercase());
+            if value.is_empty() {
+                bail!(
+                    "{key} is not set: set {variable} to a random secret of at least {MIN_SECRET_LEN} \
+                     characters (e.g. `openssl rand -hex 32`), or app.environment = \"development\" \
+                     on a machine of your own"
+                );
+            }
+            if [DEV_TOKEN_SECRET, DEV_ADMIN_TOKEN, DEV_PRODUCER_TOKEN].contains(&value) {
+                bail!("{key} is a built-in development value, refused outside development: set {variable} to a secret of your own");
+            }
+            if value.chars().count() < MIN_SECRET_LEN {
+                bail!("{key} is too short: it must be at least {MIN_SECRET_LEN} characters outside development (set {variable})");
             }
         }
         Ok(())
+    }
+
+    /// In development, fills each empty secret with its built-in value.
+    fn fill_development_secrets(&mut self) {
+        if !self.is_development() {
+            return;
+        }
+        for (value, dev) in [
+            (&mut self.auth.token_secret, DEV_TOKEN_SECRET),
+            (&mut self.auth.admin_token, DEV_ADMIN_TOKEN),
+            (&mut self.auth.producer_token, DEV_PRODUCER_TOKEN),
+        ] {
+            if value.expose_secret().is_empty() {
+                *value = SecretString::from(dev);
+            }
+        }
     }
 
     /// True when the built-in development secrets are acceptable.
@@ -234,6 +336,22 @@ impl Settings {
         self.auth.token_secret.expose_secret() == DEV_TOKEN_SECRET
             || self.auth.admin_token.expose_secret() == DEV_ADMIN_TOKEN
             || self.auth.producer_token.expose_secret() == DEV_PRODUCER_TOKEN
+    }
+}
+
+/// A duration written for people (`"24h"`, `"30d"`, `"90s"`), parsed with `humantime`.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration such as \"24h\" or \"30d\": {e}"
+            ))
+        })
     }
 }
 
@@ -324,11 +442,25 @@ impl CommissionSettings {
 mod tests {
     use super::*;
 
+    fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::load_with(Path::new("/nonexistent.toml"), Some(env(pairs)), &[])
+    }
+
+    const DEVELOPMENT: (&str, &str) = ("UPLINE__APP__ENVIRONMENT", "development");
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-token";
+    const ADMIN: &str = "0123456789abcdef0123456789abcdef-admin";
+    const PRODUCER: &str = "0123456789abcdef0123456789abcdef-producer";
+
     #[test]
     fn built_in_defaults_give_the_rules_of_the_contract() {
-        let settings =
-            Settings::load_with(Path::new("/nonexistent.toml"), Some(config::Map::new()))
-                .expect("defaults load");
+        let settings = load(&[DEVELOPMENT]).expect("defaults load in development");
         let rules = settings
             .commission
             .rules()
@@ -338,23 +470,93 @@ mod tests {
         assert_eq!(rules.cap_per_level, None);
         assert_eq!(rules.currency, "INR");
         assert_eq!(settings.referrals.max_direct, 8);
+        assert_eq!(settings.auth.token_ttl, Duration::from_secs(24 * 3600));
+        assert!(settings.limits.enabled);
+    }
+
+    #[test]
+    fn with_nothing_configured_the_default_environment_is_production_and_refuses_to_start() {
+        let e = load(&[]).expect_err("no secrets, production");
+        let message = format!("{e:#}");
+        assert!(
+            message.contains("auth.token_secret is not set")
+                && message.contains("UPLINE__AUTH__TOKEN_SECRET"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn outside_development_built_in_short_or_repeated_secrets_are_refused_by_name() {
+        let with = |secret: &str, admin: &str, producer: &str| {
+            load(&[
+                ("UPLINE__AUTH__TOKEN_SECRET", secret),
+                ("UPLINE__AUTH__ADMIN_TOKEN", admin),
+                ("UPLINE__AUTH__PRODUCER_TOKEN", producer),
+            ])
+            .map_err(|e| format!("{e:#}"))
+        };
+        assert!(with(SECRET, ADMIN, PRODUCER).is_ok());
+        let built_in = with(SECRET, DEV_ADMIN_TOKEN, PRODUCER).expect_err("dev admin key");
+        assert!(
+            built_in.contains("auth.admin_token is a built-in development value"),
+            "{built_in}"
+        );
+        let short = with(SECRET, ADMIN, "short-producer-key").expect_err("short");
+        assert!(
+            short.contains("auth.producer_token is too short"),
+            "{short}"
+        );
+        let same = with(SECRET, ADMIN, ADMIN).expect_err("same key twice");
+        assert!(
+            same.contains("auth.admin_token and auth.producer_token must differ"),
+            "{same}"
+        );
+    }
+
+    #[test]
+    fn development_fills_in_the_built_in_secrets_but_still_wants_distinct_keys() {
+        let settings = load(&[DEVELOPMENT]).expect("development");
+        assert_eq!(settings.auth.admin_token.expose_secret(), DEV_ADMIN_TOKEN);
+        assert!(settings.uses_development_secrets());
+        let e = load(&[
+            DEVELOPMENT,
+            ("UPLINE__AUTH__ADMIN_TOKEN", "same"),
+            ("UPLINE__AUTH__PRODUCER_TOKEN", "same"),
+        ])
+        .expect_err("repeated key");
+        assert!(format!("{e:#}").contains("must differ"));
+    }
+
+    #[test]
+    fn durations_and_limits_are_read_from_the_environment() {
+        let settings = load(&[
+            DEVELOPMENT,
+            ("UPLINE__AUTH__TOKEN_TTL", "90m"),
+            ("UPLINE__LIMITS__ENABLED", "false"),
+            ("UPLINE__LIMITS__REGISTRATIONS_PER_MINUTE", "7"),
+            ("UPLINE__PRIVACY__RAW_BODY_RETENTION", "12h"),
+        ])
+        .expect("loads");
+        assert_eq!(settings.auth.token_ttl, Duration::from_secs(90 * 60));
+        assert!(!settings.limits.enabled);
+        assert_eq!(settings.limits.registrations_per_minute, 7);
+        assert_eq!(
+            settings.privacy.raw_body_retention,
+            Duration::from_secs(12 * 3600)
+        );
+        let e = load(&[DEVELOPMENT, ("UPLINE__AUTH__TOKEN_TTL", "forever")]).expect_err("bad");
+        assert!(format!("{e:#}").contains("not a duration"), "{e:#}");
     }
 
     #[test]
     fn rates_can_be_overridden_from_the_environment_as_a_comma_separated_list() {
-        let env = config::Map::from([
-            (
-                "UPLINE__COMMISSION__RATES".to_owned(),
-                "0.05, 0.01,0.005".to_owned(),
-            ),
-            ("UPLINE__AUTH__ADMIN_TOKEN".to_owned(), "0123".to_owned()),
-            (
-                "DATABASE_URL".to_owned(),
-                "postgres://db.example/upline".to_owned(),
-            ),
-        ]);
-        let settings =
-            Settings::load_with(Path::new("/nonexistent.toml"), Some(env)).expect("loads");
+        let settings = load(&[
+            DEVELOPMENT,
+            ("UPLINE__COMMISSION__RATES", "0.05, 0.01,0.005"),
+            ("UPLINE__AUTH__ADMIN_TOKEN", "0123"),
+            ("DATABASE_URL", "postgres://db.example/upline"),
+        ])
+        .expect("loads");
         let rules = settings.commission.rules().expect("valid rules");
         assert_eq!(
             rules.rates,
@@ -370,9 +572,7 @@ mod tests {
 
     #[test]
     fn rates_outside_zero_to_one_are_refused() {
-        let mut c = Settings::load_from(Path::new("/nonexistent.toml"))
-            .expect("defaults load")
-            .commission;
+        let mut c = load(&[DEVELOPMENT]).expect("defaults load").commission;
         c.rates = vec!["1.5".into()];
         assert!(c.rules().is_err());
         c.rates = vec![];

@@ -1,6 +1,6 @@
 //! Code shared by every upline service: typed configuration, money and ids, the commission
 //! rules, the wire formats of purchase and earning events, the RabbitMQ topology, database
-//! access, authentication tokens, shutdown, telemetry and the health/metrics endpoints.
+//! access, authentication tokens, abuse limits, shutdown, telemetry and the health/metrics endpoints.
 //!
 //! The services (`upline-api`, `upline-worker`, `upline-notifier`) depend on this crate and on
 //! nothing of each other's.
@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod limits;
 pub mod money;
 pub mod purchase;
 pub mod rules;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::broadcast::{self, error::RecvError};
+use upline_common::auth::UserToken;
 use upline_common::UserId;
 
 use crate::hub::{Frame, Hub, Signal};
@@ -34,6 +35,12 @@ pub enum FeedEnd {
     Lagged { last_seq: i64 },
     #[error("the notifier is shutting down")]
     Closed,
+    /// The user's tokens were revoked, or the user deactivated or erased.
+    #[error("the token was revoked; sign in again")]
+    Revoked,
+    /// The token the feed was opened with has expired.
+    #[error("the token has expired; renew it and resume with since")]
+    Expired,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -47,6 +54,12 @@ pub struct Feed {
     last_seq: i64,
     /// Frames read but not yet handed out: keeps [`Feed::next`] cancel-safe.
     pending: VecDeque<Arc<Frame>>,
+    /// The user token the feed was opened with (none for the admin key): it ends the feed
+    /// when it expires or is revoked.
+    token: Option<UserToken>,
+    /// A [`Signal::TokensChanged`] arrived and the token is still to be checked (a flag, so
+    /// that a cancelled [`Feed::next`] checks on its next call).
+    token_check_due: bool,
 }
 
 impl Feed {
@@ -60,6 +73,7 @@ impl Feed {
         db: PgPool,
         target: Target,
         since: Option<i64>,
+        token: Option<UserToken>,
     ) -> Result<Feed, FeedEnd> {
         let rx = match target {
             Target::User(id) => hub.subscribe(id),
@@ -71,6 +85,8 @@ impl Feed {
             db,
             last_seq: 0,
             pending: VecDeque::new(),
+            token,
+            token_check_due: false,
         };
         match (target, since) {
             (Target::User(id), Some(since)) => {
@@ -118,10 +134,23 @@ impl Feed {
     /// [`FeedEnd`] when the subscription lagged, the hub closed, or the database failed.
     pub async fn next(&mut self) -> Result<Arc<Frame>, FeedEnd> {
         loop {
+            if self.token_check_due {
+                if let Some(token) = &self.token {
+                    if !upline_common::auth::token_is_current(&self.db, token).await? {
+                        return Err(FeedEnd::Revoked);
+                    }
+                }
+                self.token_check_due = false;
+            }
             if let Some(frame) = self.pending.pop_front() {
                 return Ok(frame);
             }
-            let signal = match self.rx.recv().await {
+            let expiry = expiry_sleep(self.token.as_ref());
+            let received = tokio::select! {
+                () = expiry => return Err(FeedEnd::Expired),
+                received = self.rx.recv() => received,
+            };
+            let signal = match received {
                 Ok(s) => s,
                 Err(RecvError::Lagged(_)) => {
                     return Err(FeedEnd::Lagged {
@@ -131,6 +160,7 @@ impl Feed {
                 Err(RecvError::Closed) => return Err(FeedEnd::Closed),
             };
             match (self.target, signal) {
+                (_, Signal::TokensChanged) => self.token_check_due = self.token.is_some(),
                 (Target::All, Signal::Earning(frame)) => return Ok(frame),
                 (Target::All, Signal::Resync) => {}
                 (Target::User(id), Signal::Resync) => self.catch_up(id, None).await?,
@@ -146,6 +176,18 @@ impl Feed {
                     self.catch_up(id, Some(frame.seq)).await?;
                 }
             }
+        }
+    }
+}
+
+/// Sleeps until the token expires; forever for feeds opened with the admin key.
+async fn expiry_sleep(token: Option<&UserToken>) {
+    match token {
+        None => std::future::pending().await,
+        Some(token) => {
+            let left = token.expires_at - time::OffsetDateTime::now_utc();
+            let left = std::time::Duration::try_from(left).unwrap_or_default();
+            tokio::time::sleep(left).await;
         }
     }
 }

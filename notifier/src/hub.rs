@@ -48,6 +48,10 @@ pub enum Signal {
     /// The notifier's broker connection was re-established: events may have been missed,
     /// so every subscription catches up from PostgreSQL.
     Resync,
+    /// The user's tokens may have been revoked (or the revocation feed was interrupted):
+    /// each subscription opened with a user token checks it again, and ends if it no longer
+    /// holds.
+    TokensChanged,
 }
 
 /// Subscriptions by earner, plus the admin feed of everything.
@@ -112,6 +116,28 @@ impl Hub {
             .expect("hub lock is never poisoned: no panics while held");
         users.retain(|_, tx| tx.send(Signal::Resync).is_ok());
         let _ = self.all.send(Signal::Resync);
+    }
+
+    /// Tells `user_id`'s subscriptions that its tokens may have been revoked.
+    pub fn tokens_changed(&self, user_id: UserId) {
+        let mut users = self
+            .users
+            .lock()
+            .expect("hub lock is never poisoned: no panics while held");
+        if let Some(tx) = users.get(&user_id) {
+            if tx.send(Signal::TokensChanged).is_err() {
+                users.remove(&user_id);
+            }
+        }
+    }
+
+    /// Tells every subscription to check its token again (revocations may have been missed).
+    pub fn all_tokens_changed(&self) {
+        let mut users = self
+            .users
+            .lock()
+            .expect("hub lock is never poisoned: no panics while held");
+        users.retain(|_, tx| tx.send(Signal::TokensChanged).is_ok());
     }
 
     /// Earners with at least one subscription.

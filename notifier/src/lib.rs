@@ -6,6 +6,7 @@
 pub mod consumer;
 pub mod feed;
 pub mod hub;
+pub mod revocations;
 pub mod sse;
 pub mod ws;
 
@@ -17,10 +18,13 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
 use sqlx::PgPool;
+use std::net::IpAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use upline_common::auth::{Auth, Caller};
+
+use upline_common::auth::{Auth, Credential, CredentialError, UserToken};
 use upline_common::http::Probes;
+use upline_common::limits::{Limits, RateLimited};
 use upline_common::Settings;
 
 use crate::feed::Target;
@@ -36,23 +40,104 @@ pub struct NotifierState {
     pub idle_timeout: Duration,
     /// A frame that cannot be written within this time means the client is not reading.
     pub send_timeout: Duration,
+    /// Abuse limits per client address (`limits.*`): failed authentications.
+    pub limits: Limits,
     pub shutdown: CancellationToken,
 }
 
+/// A feed a credential may open.
+#[derive(Debug, Clone, Copy)]
+pub struct Authorized {
+    pub target: Target,
+    /// The user token it was opened with (`None` for the admin key): the feed ends when it
+    /// expires or is revoked.
+    pub token: Option<UserToken>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Not a credential for this feed (WebSocket `unauthorized`, SSE 403).
+    #[error("the token is not valid for this user")]
+    Unauthorized,
+    #[error("the token has expired; renew it (POST /api/users/{{id}}/token) and reconnect")]
+    Expired,
+    #[error("the token was revoked, or its user is inactive")]
+    Revoked,
+    /// The address spent its budget of failed authentications.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl Refused {
+    /// The stable machine code clients see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::Unauthorized => "unauthorized",
+            Refused::Expired => "token_expired",
+            Refused::Revoked => "token_revoked",
+            Refused::RateLimited(_) => "rate_limited",
+            Refused::Db(_) => "internal_error",
+        }
+    }
+}
+
 impl NotifierState {
-    /// The feed a token may open for `user_id` (a number, or `"*"` for admins).
-    pub fn authorize(&self, user_id: &Value, token: &str) -> Option<Target> {
-        let caller = self.auth.identify(token)?;
-        match (user_id, caller) {
-            (Value::String(s), Caller::Admin) if s == "*" => Some(Target::All),
-            (v, caller) => {
-                let id = upline_common::purchase::parse_user_id(v)?;
-                match caller {
-                    Caller::Admin => Some(Target::User(id)),
-                    Caller::User(u) if u == id => Some(Target::User(id)),
-                    _ => None,
+    /// The feed `token` may open for `user_id` (a number, or `"*"` for the admin key). A user
+    /// token must be current ([`upline_common::auth::token_is_current`]) and name `user_id`.
+    /// Failures count against `ip`'s budget (`limits.auth_failures_per_minute`).
+    ///
+    /// # Errors
+    /// [`Refused`], saying why.
+    pub async fn authorize(
+        &self,
+        user_id: &Value,
+        token: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<Authorized, Refused> {
+        self.limits.check_auth_allowed(ip)?;
+        let outcome = self.check(user_id, token).await;
+        if matches!(
+            outcome,
+            Err(Refused::Unauthorized | Refused::Expired | Refused::Revoked)
+        ) {
+            self.limits.record_auth_failure(ip);
+        }
+        outcome
+    }
+
+    async fn check(&self, user_id: &Value, token: &str) -> Result<Authorized, Refused> {
+        let credential = self.auth.identify(token).map_err(|e| match e {
+            CredentialError::Expired => Refused::Expired,
+            CredentialError::Invalid => Refused::Unauthorized,
+        })?;
+        if let (Value::String(s), Credential::Admin) = (user_id, credential) {
+            if s == "*" {
+                return Ok(Authorized {
+                    target: Target::All,
+                    token: None,
+                });
+            }
+        }
+        let id = upline_common::purchase::parse_user_id(user_id).ok_or(Refused::Unauthorized)?;
+        match credential {
+            Credential::Admin => Ok(Authorized {
+                target: Target::User(id),
+                token: None,
+            }),
+            Credential::User(user) if user.user_id == id => {
+                if upline_common::auth::token_is_current(&self.db, &user).await? {
+                    Ok(Authorized {
+                        target: Target::User(id),
+                        token: Some(user),
+                    })
+                } else {
+                    Err(Refused::Revoked)
                 }
             }
+            _ => Err(Refused::Unauthorized),
         }
     }
 }
@@ -96,10 +181,16 @@ pub async fn run(
         probes.broker_up.clone(),
         shutdown.clone(),
     ));
+    let revocations = tokio::spawn(revocations::listen(
+        db.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
     let state = NotifierState {
         db,
         hub,
         auth: Auth::new(&settings.auth),
+        limits: Limits::new(&settings.limits),
         ping_interval: Duration::from_secs(settings.notifier.ping_interval_secs),
         idle_timeout: Duration::from_secs(settings.notifier.idle_timeout_secs),
         send_timeout: Duration::from_secs(settings.notifier.send_timeout_secs),
@@ -119,10 +210,15 @@ pub async fn run(
                 tracing::debug!(error = %e, "could not set socket options");
             }
         });
-    axum::serve(listener, router(state, probes))
+    // The peer address feeds the abuse limits.
+    let app = router(state, probes).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     consumer.await.context("earnings consumer task")?;
+    revocations
+        .await
+        .context("token revocation listener task")?;
     tracing::info!("notifier stopped");
     Ok(())
 }

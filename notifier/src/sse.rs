@@ -5,8 +5,10 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -14,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::feed::{Feed, FeedEnd, Target};
-use crate::NotifierState;
+use crate::{Authorized, NotifierState, Refused};
 
 /// The reconnection delay suggested to clients (`retry:`).
 const RECONNECT: Duration = Duration::from_secs(1);
@@ -29,13 +31,16 @@ pub async fn events(
     State(state): State<NotifierState>,
     Path(user_id): Path<String>,
     Query(query): Query<SseQuery>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    let ip = state.limits.client_ip(Some(peer), &headers);
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
+    let in_url = bearer.is_none() && query.token.is_some();
     let Some(token) = bearer.or(query.token) else {
         return problem(
             StatusCode::UNAUTHORIZED,
@@ -46,13 +51,43 @@ pub async fn events(
     let user_value = user_id
         .parse::<i64>()
         .map_or_else(|_| Value::String(user_id.clone()), |id| json!(id));
-    let Some(target) = state.authorize(&user_value, &token) else {
+    let Authorized { target, token } = match state.authorize(&user_value, &token, ip).await {
+        Ok(authorized) => authorized,
+        Err(Refused::RateLimited(limited)) => {
+            let mut response = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &limited.to_string(),
+            );
+            if let Ok(value) = HeaderValue::from_str(&limited.retry_after_secs().to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+        Err(Refused::Db(e)) => {
+            tracing::error!(error = %e, "checking an SSE token");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "could not check the token; try again",
+            );
+        }
+        Err(refused) => {
+            return problem(StatusCode::FORBIDDEN, refused.code(), &refused.to_string())
+        }
+    };
+    // Only user tokens may travel in a URL (proxies and browser history keep URLs): the admin
+    // key must come in the Authorization header. It was valid, so it leaked: say so loudly.
+    if in_url && token.is_none() {
+        tracing::warn!(
+            "refused the admin key in an SSE URL; send it as Authorization: Bearer and rotate it"
+        );
         return problem(
             StatusCode::FORBIDDEN,
-            "unauthorized",
-            "the token is not valid for this user",
+            "key_in_url",
+            "the admin key may not be sent in a URL (?token=), where proxies and browser history keep it; send it as Authorization: Bearer, and rotate it",
         );
-    };
+    }
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -68,7 +103,7 @@ pub async fn events(
     let since = last_event_id.or(query.since);
     // Ask browsers to reconnect one second after a drop (the EventSource default is ~3 s).
     let hello = stream::once(async { Ok(Event::default().retry(RECONNECT).comment("subscribed")) });
-    let feed = match Feed::open(&state.hub, state.db.clone(), target, since).await {
+    let feed = match Feed::open(&state.hub, state.db.clone(), target, since, token).await {
         Ok(feed) => feed,
         Err(e) => {
             // Not a 503: an EventSource gives up for good on any answer but 200. A stream that
@@ -113,6 +148,8 @@ fn feed_events(feed: Feed, target: Target) -> impl Stream<Item = Result<Event, I
                 let code = match end {
                     FeedEnd::Lagged { .. } => "lagged",
                     FeedEnd::Closed => "closing",
+                    FeedEnd::Revoked => "token_revoked",
+                    FeedEnd::Expired => "token_expired",
                     FeedEnd::Db(_) => "internal_error",
                 };
                 let data =

@@ -1,16 +1,18 @@
 //! `GET /ws` (SPEC §5): subscribe with a token, replay from `since`, then live earnings;
 //! pings idle connections and closes silent or too-slow ones with a reason.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::feed::{Feed, FeedEnd, Target};
-use crate::NotifierState;
+use crate::{Authorized, NotifierState, Refused};
 
 /// How long a new connection may take to send its `subscribe` message.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,6 +22,8 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_LAGGED: u16 = 4001;
 const CLOSE_IDLE: u16 = 4002;
+/// The token was revoked or expired: sign in again (or renew the token) before reconnecting.
+const CLOSE_UNAUTHORIZED: u16 = 4003;
 const CLOSE_ERROR: u16 = 1011;
 
 /// `{"type":"subscribe","user_id":7 | "*","token":"…","since":12}`
@@ -32,7 +36,13 @@ struct Subscribe {
     since: Option<i64>,
 }
 
-pub async fn upgrade(State(state): State<NotifierState>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(state): State<NotifierState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ip = state.limits.client_ip(Some(peer), &headers);
     // Small buffers: tungstenite's defaults (128 KiB each way) would cost ~140 KiB per idle
     // connection; frames here are a few hundred bytes, and back-pressure is the hub's bounded
     // buffer, not the socket's.
@@ -40,20 +50,20 @@ pub async fn upgrade(State(state): State<NotifierState>, ws: WebSocketUpgrade) -
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(64 * 1024)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| connection(state, socket, ip))
 }
 
-async fn connection(state: NotifierState, socket: WebSocket) {
+async fn connection(state: NotifierState, socket: WebSocket, ip: Option<IpAddr>) {
     metrics::gauge!("upline_notifier_connections", "protocol" => "ws").increment(1.0);
     let mut client = Client {
         socket,
         send_timeout: state.send_timeout,
     };
-    serve(&state, &mut client).await;
+    serve(&state, &mut client, ip).await;
     metrics::gauge!("upline_notifier_connections", "protocol" => "ws").decrement(1.0);
 }
 
-async fn serve(state: &NotifierState, socket: &mut Client) {
+async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
     let request =
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, first_text(&mut socket.socket)).await {
             Ok(Some(text)) => text,
@@ -86,13 +96,17 @@ async fn serve(state: &NotifierState, socket: &mut Client) {
             .await;
         return;
     }
-    let Some(target) = state.authorize(&sub.user_id, &sub.token) else {
-        socket
-            .reject("unauthorized", "the token is not valid for this user")
-            .await;
-        return;
+    let Authorized { target, token } = match state.authorize(&sub.user_id, &sub.token, ip).await {
+        Ok(authorized) => authorized,
+        Err(refused) => {
+            if let Refused::Db(e) = &refused {
+                tracing::error!(error = %e, "checking a token");
+            }
+            socket.reject(refused.code(), &refused.to_string()).await;
+            return;
+        }
     };
-    let mut feed = match Feed::open(&state.hub, state.db.clone(), target, sub.since).await {
+    let mut feed = match Feed::open(&state.hub, state.db.clone(), target, sub.since, token).await {
         Ok(feed) => feed,
         Err(e) => {
             tracing::error!(error = %e, "opening a feed");
@@ -137,6 +151,13 @@ async fn serve(state: &NotifierState, socket: &mut Client) {
                     break (CLOSE_LAGGED, message);
                 }
                 Err(FeedEnd::Closed) => break (CLOSE_GOING_AWAY, "notifier shutting down; reconnect with since".to_owned()),
+                Err(end @ (FeedEnd::Revoked | FeedEnd::Expired)) => {
+                    let code = if matches!(end, FeedEnd::Revoked) { "token_revoked" } else { "token_expired" };
+                    let message = end.to_string();
+                    let _ = socket.send(json!({"type": "error", "code": code, "message": message, "last_seq": feed.last_seq()}).to_string()).await;
+                    metrics::counter!("upline_notifier_auth_closed_total", "reason" => code).increment(1);
+                    break (CLOSE_UNAUTHORIZED, message);
+                }
                 Err(FeedEnd::Db(e)) => {
                     tracing::error!(error = %e, "feed database error");
                     break (CLOSE_ERROR, format!("internal error; reconnect with since={}", feed.last_seq()));

@@ -112,6 +112,8 @@ impl BenchEnv {
                 s.auth.producer_token.expose_secret(),
             )
             .env("UPLINE__APP__ENVIRONMENT", &s.app.environment)
+            // Abuse limits off: the load comes from one address on purpose.
+            .env("UPLINE__LIMITS__ENABLED", "false")
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
             .stdout(std::process::Stdio::null());

@@ -70,7 +70,8 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     let sockets: Vec<anyhow::Result<_>> = stream::iter(0..args.subscribers)
         .map(|i| {
             let user = (i as i64 % args.users) + 1;
-            let (url, token, connected) = (ws_url.clone(), auth.issue(user), connected.clone());
+            let (url, token, connected) =
+                (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
                 ws.send(Message::Text(

@@ -36,6 +36,7 @@ fn spawn_worker(app: &TestApp) -> Child {
             "UPLINE__AUTH__PRODUCER_TOKEN",
             s.auth.producer_token.expose_secret(),
         )
+        .env("UPLINE__APP__ENVIRONMENT", "development")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -66,8 +66,17 @@ fn unique(prefix: &str) -> String {
 
 /// Settings for a fresh database and vhost, everything bound to 127.0.0.1:0.
 pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
-    let mut s =
-        Settings::load_from(Path::new("/nonexistent/upline.toml")).expect("built-in defaults load");
+    // Development, explicitly (the default is production, which refuses the short test keys);
+    // abuse limits off: every test client comes from 127.0.0.1 (tests of the limits turn them
+    // back on).
+    let mut s = Settings::load_with_overrides(
+        Path::new("/nonexistent/upline.toml"),
+        &[
+            ("app.environment", "development"),
+            ("limits.enabled", "false"),
+        ],
+    )
+    .expect("built-in defaults load");
     s.database.url = format!("{PG_SERVER}/{db_name}");
     s.database.max_connections = 5;
     s.amqp.url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
@@ -303,9 +312,11 @@ impl TestApp {
             "{}@example.com",
             unique(&name.to_lowercase().replace(' ', "."))
         );
+        // Naming the referrer by id takes the admin key (README "Security").
         let r = self
             .http
             .post(self.url("/api/users"))
+            .bearer_auth(ADMIN)
             .json(&json!({"name": name, "email": email, "referrer_id": referrer}))
             .send()
             .await
@@ -562,4 +573,88 @@ pub async fn browser_test_dir() -> std::path::PathBuf {
         );
     }
     dir
+}
+
+impl Ws {
+    /// Reads until the server closes the socket (waiting up to 15 s): the JSON frames that
+    /// came first, and the close code and reason.
+    pub async fn until_close(&mut self) -> (Vec<Value>, Option<(u16, String)>) {
+        let mut frames = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(15), self.0.next())
+                .await
+                .expect("the server closes within 15 s");
+            match msg {
+                None | Some(Err(_)) => return (frames, None),
+                Some(Ok(Message::Text(t))) => {
+                    frames.push(serde_json::from_str(&t).expect("JSON frame"));
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return (frames, c.map(|c| (u16::from(c.code), c.reason.to_string())))
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// An SSE stream read with reqwest, as a non-browser client would.
+pub struct Sse {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Sse {
+    /// Opens `GET {notifier}/events/{user_id}` with the token in the `Authorization` header,
+    /// or in `?token=` when `in_url`. Returns the status and, on 200, the stream.
+    pub async fn open(app: &TestApp, user_id: i64, token: &str, in_url: bool) -> (u16, Self) {
+        let url = format!("{}/events/{user_id}", app.notifier);
+        let request = if in_url {
+            app.http.get(format!("{url}?token={token}"))
+        } else {
+            app.http.get(url).bearer_auth(token)
+        };
+        let response = request.send().await.expect("request");
+        (
+            response.status().as_u16(),
+            Sse {
+                response,
+                buffer: String::new(),
+            },
+        )
+    }
+
+    /// The body of an answer that was not a stream.
+    pub async fn problem(self) -> Value {
+        self.response.json().await.expect("problem+json")
+    }
+
+    /// Reads events until one named `name` arrives (waiting up to 15 s); returns its data.
+    /// `None` if the stream ended first.
+    pub async fn until_event(&mut self, name: &str) -> Option<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                let mut kind = "message";
+                let mut data = String::new();
+                for line in event.lines() {
+                    if let Some(k) = line.strip_prefix("event:") {
+                        kind = k.trim();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim());
+                    }
+                }
+                if kind == name {
+                    return Some(serde_json::from_str(&data).expect("JSON data"));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no `{name}` event within 15 s"))
+                .expect("stream readable")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
 }

@@ -12,4 +12,5 @@ mod purchases;
 mod queue;
 mod registration;
 mod reports;
+mod security;
 mod sse_browser;

@@ -9,11 +9,15 @@ async fn twenty_concurrent_signups_under_one_referrer_make_exactly_eight_referra
     let app = TestApp::spawn().await;
     let referrer = app.register("Ravi", None).await;
     let attempts = (0..20).map(|i| {
-        let (http, url) = (app.http.clone(), app.url("/api/users"));
+        let (http, url, code) = (
+            app.http.clone(),
+            app.url("/api/users"),
+            referrer.referral_code.clone(),
+        );
         async move {
             let r = http
                 .post(url)
-                .json(&json!({"name": format!("Joiner {i}"), "email": format!("joiner{i}@example.com"), "referrer_id": referrer.id}))
+                .json(&json!({"name": format!("Joiner {i}"), "email": format!("joiner{i}@example.com"), "referral_code": code}))
                 .send()
                 .await
                 .expect("request");
@@ -89,12 +93,27 @@ async fn registration_enforces_every_referral_rule_with_clear_errors() {
         .expect("request");
     assert_eq!(r.status(), 400);
 
-    // The referrer must exist and be active.
+    // Only the admin key may name a referrer by id (anyone else uses its referral code).
     let (status, body, _) =
-        post(json!({"name": "X", "email": "x1@example.com", "referrer_id": 999_999})).await;
+        post(json!({"name": "X", "email": "x1@example.com", "referrer_id": 1})).await;
     assert_eq!(
-        (status, body["code"].as_str()),
-        (404, Some("referrer_not_found"))
+        (status, body["code"].as_str(), body["field"].as_str()),
+        (403, Some("admin_only"), Some("referrer_id"))
+    );
+
+    // The referrer must exist and be active.
+    let r = app
+        .http
+        .post(app.url("/api/users"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "X", "email": "x1@example.com", "referrer_id": 999_999}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "referrer_not_found"
     );
     let (status, body, _) =
         post(json!({"name": "X", "email": "x2@example.com", "referral_code": "NOSUCH99"})).await;
@@ -111,8 +130,10 @@ async fn registration_enforces_every_referral_rule_with_clear_errors() {
         .await
         .expect("request");
     assert_eq!(r.status(), 200);
-    let (status, body, _) =
-        post(json!({"name": "X", "email": "x3@example.com", "referrer_id": asha_id})).await;
+    let (status, body, _) = post(
+        json!({"name": "X", "email": "x3@example.com", "referral_code": asha["referral_code"]}),
+    )
+    .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (409, Some("referrer_inactive"))
@@ -126,7 +147,7 @@ async fn registration_enforces_every_referral_rule_with_clear_errors() {
         .expect("request");
     assert_eq!(r.json::<Value>().await.expect("json")["is_active"], true);
 
-    // A referral code works like a referrer id.
+    // Active again, the referral code works.
     let (status, body, _) = post(json!({"name": "Bala", "email": "bala@example.com", "referral_code": asha["referral_code"]})).await;
     assert_eq!(status, 201);
     assert_eq!(body["referrer_id"].as_i64(), Some(asha_id));
@@ -158,24 +179,47 @@ async fn a_referrer_is_set_once_without_self_referral_or_cycles() {
         }
     };
     // C already has a referrer.
-    let (status, body) = put(c.id, c.token.clone(), json!({"referrer_id": d.id})).await;
+    let (status, body) = put(
+        c.id,
+        c.token.clone(),
+        json!({"referral_code": d.referral_code}),
+    )
+    .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (409, Some("already_referred"))
     );
     // A cannot refer themself, nor join under their own downline.
-    let (status, body) = put(a.id, a.token.clone(), json!({"referrer_id": a.id})).await;
+    let (status, body) = put(
+        a.id,
+        a.token.clone(),
+        json!({"referral_code": a.referral_code}),
+    )
+    .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (422, Some("self_referral"))
     );
-    let (status, body) = put(a.id, a.token.clone(), json!({"referrer_id": c.id})).await;
+    let (status, body) = put(
+        a.id,
+        a.token.clone(),
+        json!({"referral_code": c.referral_code}),
+    )
+    .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (422, Some("referral_cycle"))
     );
+    // A user names its referrer by code, not by id; only the admin key may use ids.
+    let (status, body) = put(a.id, a.token.clone(), json!({"referrer_id": d.id})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("admin_only")));
     // Another user's token may not change A.
-    let (status, _) = put(a.id, d.token.clone(), json!({"referrer_id": d.id})).await;
+    let (status, _) = put(
+        a.id,
+        d.token.clone(),
+        json!({"referral_code": d.referral_code}),
+    )
+    .await;
     assert_eq!(status, 403);
     // A joins D with D's referral code; a second change is refused.
     let (status, body) = put(

@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod ledger;
 pub mod outbox;
 pub mod process;
+pub mod retention;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,6 +49,11 @@ pub async fn run(
             .with_graceful_shutdown(http_shutdown.cancelled_owned())
             .await
     });
+    let retention = tokio::spawn(retention::run(
+        ctx.db.clone(),
+        settings.privacy.raw_body_retention,
+        shutdown.clone(),
+    ));
 
     tracing::info!(
         consumers = settings.worker.consumers,
@@ -76,6 +82,7 @@ pub async fn run(
     http.await
         .context("health server task")?
         .context("health server")?;
+    retention.await.context("raw body retention task")?;
     tracing::info!("worker stopped");
     Ok(())
 }

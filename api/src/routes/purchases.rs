@@ -168,7 +168,7 @@ pub async fn get(
         })).collect::<Vec<_>>(),
         "conflicts": conflicts.iter().map(|c| json!({
             "received_at": c.received_at.format(&time::format_description::well_known::Rfc3339).ok(),
-            "body": c.body.0,
+            "body": c.body.as_ref().map(|b| &b.0),
         })).collect::<Vec<_>>(),
     })))
 }

@@ -11,7 +11,7 @@ use upline_common::UserId;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{opt_str, opt_user_id, JsonObject, PathId, Query};
+use crate::extract::{opt_str, opt_user_id, ClientIp, JsonObject, PathId, PathIds, Query};
 use crate::{store, AppState};
 
 /// Characters of referral codes: no 0/O or 1/I/L to misread.
@@ -62,12 +62,22 @@ fn parse_email(map: &Map<String, Value>) -> Result<String, ApiError> {
     Ok(email.to_owned())
 }
 
-/// The referrer named by `referrer_id` and/or `referral_code` (they must agree).
+/// The referrer named by `referrer_id` and/or `referral_code` (they must agree). Only the admin
+/// key may name a referrer by id: ids are sequential and public, so anyone else could fill a
+/// stranger's referral slots (README "Security"); everyone else uses the referrer's code.
 async fn parse_referrer(
     state: &AppState,
     map: &Map<String, Value>,
+    admin: bool,
 ) -> Result<Option<UserId>, ApiError> {
     let by_id = opt_user_id(map, "referrer_id")?;
+    if by_id.is_some() && !admin {
+        return Err(ApiError::AdminOnly {
+            field: "referrer_id",
+            message:
+                "naming a referrer by id needs the admin key; send the referrer's referral_code",
+        });
+    }
     let code = opt_str(map, "referral_code")?
         .map(str::trim)
         .filter(|c| !c.is_empty());
@@ -93,7 +103,7 @@ async fn parse_referrer(
     path = "/api/users",
     operation_id = "register_user",
     summary = "Register a user",
-    description = "Registers a user, optionally under a referrer named by `referrer_id` or `referral_code`. Answers 201 with the user, its own `referral_code` to share, and its `token`.",
+    description = "Registers a user, optionally under a referrer named by its `referral_code` (or by `referrer_id`, with the admin key only). Answers 201 with the user, its own `referral_code` to share, its `token` and `token_expires_at`. Anonymous sign-ups are limited per client address (`limits.registrations_per_minute`); the admin key is not.",
     tag = "users",
     request_body(content = crate::openapi::RegisterRequest, content_type = "application/json"),
     responses(
@@ -101,21 +111,31 @@ async fn parse_referrer(
             headers(("Location" = String, description = "`/api/users/{id}`"))),
         (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: an `Authorization` header that is not `Bearer …` (send none to sign up anonymously)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`admin_only`: `referrer_id` was sent without the admin key (anyone else names the referrer by `referral_code`); `forbidden`, `token_expired`, `token_revoked`: credentials were sent and are not valid", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`email_taken`; `referral_limit_reached`: the referrer has the most direct referrals allowed; `referrer_inactive`", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed`: `field` names the bad one (`name`, `email`, `referrer_id`, `referral_code`)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many sign-ups (or failed authentications) from this address (`limits.registrations_per_minute`)", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
         (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
-    security(()),
+    security((), ("admin_key" = [])),
 )]
 /// `POST /api/users`: registers a user, optionally under a referrer. 201 with the user, its
 /// `referral_code` and its `token`.
 pub async fn register(
     State(state): State<AppState>,
+    caller: Option<Authenticated>,
+    ClientIp(ip): ClientIp,
     JsonObject(body): JsonObject,
 ) -> Result<impl IntoResponse, ApiError> {
+    let admin = caller.as_ref().is_some_and(Authenticated::is_admin);
+    if !admin {
+        state.limits.check_registration(ip)?;
+    }
     let name = parse_name(&body)?;
     let email = parse_email(&body)?;
-    let referrer = parse_referrer(&state, &body).await?;
+    let referrer = parse_referrer(&state, &body, admin).await?;
     for _ in 0..5 {
         let mut tx = state.db.begin().await?;
         if let Some(referrer_id) = referrer {
@@ -128,9 +148,10 @@ pub async fn register(
         };
         tx.commit().await?;
         metrics::counter!("upline_users_registered_total").increment(1);
-        let token = state.auth.issue(user.id);
+        let token = state.auth.issue(user.id, 0);
         let mut body = serde_json::to_value(&user).map_err(anyhow::Error::from)?;
-        body["token"] = json!(token);
+        body["token"] = json!(token.token);
+        body["token_expires_at"] = json!(rfc3339(token.expires_at));
         return Ok((
             StatusCode::CREATED,
             [(
@@ -290,7 +311,7 @@ pub async fn set_referrer(
     JsonObject(body): JsonObject,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.user_or_admin(id)?;
-    let referrer_id = parse_referrer(&state, &body)
+    let referrer_id = parse_referrer(&state, &body, caller.is_admin())
         .await?
         .ok_or_else(|| ApiError::validation("referrer_id", "send referrer_id or referral_code"))?;
     let mut tx = state.db.begin().await?;
@@ -375,9 +396,11 @@ async fn set_active(
     active: bool,
 ) -> Result<Json<store::User>, ApiError> {
     caller.admin()?;
-    let user = store::set_active(&state.db, id, active)
+    let mut tx = state.db.begin().await?;
+    let user = store::set_active(&mut tx, id, active)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
+    tx.commit().await?;
     Ok(Json(user))
 }
 
@@ -385,32 +408,208 @@ async fn set_active(
     post,
     path = "/api/users/{id}/token",
     operation_id = "issue_token",
-    summary = "Issue a user token",
-    description = "A fresh token for the user; earlier ones stay valid (rotating `auth.token_secret` revokes them all).",
+    summary = "Issue or renew a user token",
+    description = "A fresh token for the user, valid for `auth.token_ttl` (24 h by default). The user renews its own token with a token that has not expired yet; the admin issues one at any time (for instance after a revocation). Earlier tokens stay valid until they expire or are revoked.",
     tag = "users",
     params(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
     responses(
-        (status = 200, description = "A fresh token for the user (earlier ones stay valid)", body = crate::openapi::IssuedToken),
+        (status = 200, description = "A fresh token and when it expires", body = crate::openapi::IssuedToken),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_inactive`: the user is deactivated; `user_erased`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
         (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
-    security(("admin_key" = [])),
+    security(("user_token" = []), ("admin_key" = [])),
 )]
-/// `POST /api/users/{id}/token` (admin): a fresh token for the user.
+/// `POST /api/users/{id}/token` (the user, admin): a fresh token for the user.
 pub async fn token(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.admin()?;
+    caller.user_or_admin(id)?;
+    let version = store::token_version_for_issue(&state.db, id).await?;
+    let issued = state.auth.issue(id, version);
+    Ok(Json(json!({
+        "user_id": id,
+        "token": issued.token,
+        "expires_at": rfc3339(issued.expires_at),
+    })))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/users/{id}/tokens",
+    operation_id = "revoke_tokens",
+    summary = "Revoke every token of a user",
+    description = "Signs the user out everywhere: every token issued so far stops working at once, and the notifier closes the user's open WebSocket (close code 4003) and SSE streams. The admin then issues a new token with `POST /api/users/{id}/token`.",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
+/// `DELETE /api/users/{id}/tokens` (the user, admin): revokes all the user's tokens. 204.
+pub async fn revoke_tokens(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathId(id): PathId,
+) -> Result<StatusCode, ApiError> {
+    caller.user_or_admin(id)?;
     if !store::user_exists(&state.db, id).await? {
         return Err(ApiError::NotFound(format!("no user with id {id}")));
     }
-    Ok(Json(
-        json!({ "user_id": id, "token": state.auth.issue(id) }),
-    ))
+    let mut tx = state.db.begin().await?;
+    store::revoke_tokens(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/users/{id}",
+    operation_id = "erase_user",
+    summary = "Erase a user's personal data",
+    description = "Erases the user's name (reports show `erased user`), email and referral code, deactivates the user, hides it from the leaderboard and revokes its tokens. The ledger stays exact: its earnings, totals and place in the referral tree remain, under the anonymous label. Erasing twice is harmless.",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    responses(
+        (status = 204, description = "Erased"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
+/// `DELETE /api/users/{id}` (the user, admin): erases the user's personal data. 204.
+pub async fn erase(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathId(id): PathId,
+) -> Result<StatusCode, ApiError> {
+    caller.user_or_admin(id)?;
+    let mut tx = state.db.begin().await?;
+    if !store::erase_user(&mut tx, id).await? {
+        return Err(ApiError::NotFound(format!("no user with id {id}")));
+    }
+    tx.commit().await?;
+    metrics::counter!("upline_users_erased_total").increment(1);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/users/{id}",
+    operation_id = "update_user",
+    summary = "Change a user's settings",
+    description = "`show_on_leaderboard: false` hides the user from the public leaderboard (its earnings are unaffected).",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The user's id"),
+    ),
+    request_body(content = crate::openapi::UpdateUserRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The user", body = crate::store::User),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_erased`: an erased user cannot be shown", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` is `show_on_leaderboard`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
+/// `PATCH /api/users/{id}` (the user, admin): `{show_on_leaderboard}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathId(id): PathId,
+    JsonObject(body): JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.user_or_admin(id)?;
+    let visible = match body.get("show_on_leaderboard") {
+        Some(Value::Bool(b)) => *b,
+        None | Some(Value::Null) => {
+            return Err(ApiError::validation(
+                "show_on_leaderboard",
+                "is required: true or false",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "show_on_leaderboard",
+                "must be true or false",
+            ))
+        }
+    };
+    let mut tx = state.db.begin().await?;
+    let user = store::set_leaderboard_visibility(&mut tx, id, visible)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
+    tx.commit().await?;
+    Ok(Json(user))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/users/{id}/referrals/{referral_id}",
+    operation_id = "release_referral",
+    summary = "Release a direct referral",
+    description = "Frees one of the user's referral slots: the referral loses its referrer (and may set another). A user may release a referral that has brought it nothing yet and has no referrals of its own, the remedy for sign-ups that squat its slots; the admin may release any.",
+    tag = "users",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The referrer's id"),
+        ("referral_id" = i64, Path, minimum = 1, description = "The direct referral's id"),
+    ),
+    responses(
+        (status = 204, description = "Released"),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: not a direct referral of this user", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`referral_not_releasable`: it has brought the user commissions or has referrals of its own (admin only)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []), ("admin_key" = [])),
+)]
+/// `DELETE /api/users/{id}/referrals/{referral_id}` (the user, admin): releases a referral. 204.
+pub async fn release_referral(
+    State(state): State<AppState>,
+    caller: Authenticated,
+    PathIds(id, referral_id): PathIds,
+) -> Result<StatusCode, ApiError> {
+    caller.user_or_admin(id)?;
+    let mut tx = state.db.begin().await?;
+    store::release_referral(&mut tx, id, referral_id, caller.is_admin()).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An RFC 3339 timestamp.
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
