@@ -60,7 +60,7 @@ pub struct User {
     pub referral_code: String,
 }
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::thread_rng().gen::<u64>())
 }
 
