@@ -13,3 +13,4 @@ mod queue;
 mod registration;
 mod reports;
 mod sse_browser;
+mod tls;
