@@ -130,7 +130,7 @@ pub async fn run(
             }
         })
         .collect();
-    let conn = amqp::connect(&settings.amqp.url, "upline-demo")
+    let conn = amqp::connect(&settings.amqp, "upline-demo")
         .await
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await?;

@@ -87,7 +87,7 @@ pub async fn run(
     let rules = Arc::new(settings.commission.rules()?);
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());
-    let publisher = Publisher::new(&settings.amqp.url, probes.broker_up.clone());
+    let publisher = Publisher::new(settings.amqp.clone(), probes.broker_up.clone());
     publisher.warm_up().await;
     let state = AppState {
         db,

@@ -12,6 +12,7 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
 use upline_common::amqp;
+use upline_common::config::AmqpSettings;
 use upline_common::purchase::Purchase;
 
 /// How long a request waits for the broker before answering 503.
@@ -20,7 +21,7 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A shared, reconnecting purchase publisher.
 #[derive(Clone)]
 pub struct Publisher {
-    url: Arc<str>,
+    amqp: Arc<AmqpSettings>,
     link: Arc<Mutex<Option<(Connection, Channel)>>>,
     broker_up: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -35,9 +36,11 @@ pub enum PublishError {
 }
 
 impl Publisher {
-    pub fn new(url: &str, broker_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
+    /// A publisher for the broker of `amqp` (URL and TLS CA); it connects lazily, on
+    /// [`Publisher::warm_up`] or the first publish.
+    pub fn new(amqp: AmqpSettings, broker_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
         Publisher {
-            url: url.into(),
+            amqp: Arc::new(amqp),
             link: Arc::new(Mutex::new(None)),
             broker_up,
         }
@@ -54,7 +57,7 @@ impl Publisher {
         self.broker_up.store(false, Ordering::Relaxed);
         *link = None;
         let connect = async {
-            let conn = amqp::connect(&self.url, "upline-api").await?;
+            let conn = amqp::connect(&self.amqp, "upline-api").await?;
             let channel = conn.create_channel().await?;
             amqp::declare_topology(&channel).await?;
             channel

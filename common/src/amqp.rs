@@ -1,13 +1,23 @@
 //! The RabbitMQ side of the contract (SPEC §3–4): exchange, queue and routing-key names, the
 //! topology every service declares idempotently at start-up, and connecting with retry.
+//!
+//! TLS is chosen by the URL: `amqps://` connects with rustls (ring), checking the server's
+//! certificate and host name against the built-in Mozilla roots (webpki-roots) plus the CA
+//! certificates of `amqp.tls_ca_file`, if set; `amqp://` is plain TCP.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpSettings;
 
 /// Direct exchange where producers publish purchases, routing key [`PURCHASE_ROUTING_KEY`].
 pub const PURCHASES_EXCHANGE: &str = "upline.purchases";
@@ -26,11 +36,71 @@ pub const ERROR_HEADER: &str = "x-upline-error";
 /// crashing workers must not stall the queue).
 pub const DELIVERY_LIMIT: i64 = 20;
 
-/// Opens a connection driven by tokio; `name` shows in the RabbitMQ management UI.
+/// Why `amqp.tls_ca_file` cannot be used; every message names the setting and the path.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsCaError {
+    /// The file is missing or unreadable.
+    #[error("amqp.tls_ca_file: cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    /// A PEM section is malformed.
+    #[error("amqp.tls_ca_file: {path} is not a valid PEM file: {error}")]
+    Pem {
+        path: String,
+        error: rustls_pki_types::pem::Error,
+    },
+    /// The file has no `CERTIFICATE` section.
+    #[error("amqp.tls_ca_file: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate { path: String },
+}
+
+/// The TLS configuration for `amqps://` URLs: the PEM CA certificates of `amqp.tls_ca_file`,
+/// trusted on top of the built-in roots, or the default (built-in roots only) when it is empty.
+/// `amqp://` URLs ignore it. The file is read on every call, so a reconnect sees a replaced CA.
 ///
 /// # Errors
-/// The broker is unreachable or refuses the credentials.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// The file cannot be read, is not PEM, or holds no certificate.
+pub fn tls_config(settings: &AmqpSettings) -> Result<OwnedTLSConfig, TlsCaError> {
+    let path = settings.tls_ca_file.trim();
+    if path.is_empty() {
+        return Ok(OwnedTLSConfig::default());
+    }
+    let pem = std::fs::read_to_string(path).map_err(|error| TlsCaError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let mut certificates = 0;
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        cert.map_err(|error| TlsCaError::Pem {
+            path: path.to_owned(),
+            error,
+        })?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(TlsCaError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    })
+}
+
+/// Opens a connection driven by tokio to `settings.url` (TLS for `amqps://`, trusting
+/// `settings.tls_ca_file` too); `name` shows in the RabbitMQ management UI.
+///
+/// # Errors
+/// The broker is unreachable, its certificate is not trusted (`amqps://`), it refuses the
+/// credentials, or `amqp.tls_ca_file` cannot be used (an [`lapin::Error::IOError`] whose message
+/// names the setting).
+pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    let tls = tls_config(settings).map_err(|e| {
+        lapin::Error::IOError(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e,
+        )))
+    })?;
     let mut props = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
@@ -38,17 +108,17 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     props
         .client_properties
         .insert("product".into(), AMQPValue::LongString("upline".into()));
-    Connection::connect(url, props).await
+    Connection::connect_with_config(&settings.url, props, tls).await
 }
 
-/// Connects, retrying with exponential backoff (up to 5 s apart) until it succeeds or `cancel`
-/// fires (`None`).
+/// Connects as [`connect`] does, retrying with exponential backoff (up to 5 s apart) until it
+/// succeeds or `cancel` fires (`None`).
 pub async fn connect_with_retry(
-    url: &str,
+    settings: &AmqpSettings,
     name: &str,
     cancel: &CancellationToken,
 ) -> Option<Connection> {
-    let attempt = || async { connect(url, name).await };
+    let attempt = || async { connect(settings, name).await };
     let retrying = attempt.retry(backoff()).sleep(tokio::time::sleep).notify(
         |e: &lapin::Error, wait: Duration| {
             tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable; retrying");

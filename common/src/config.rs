@@ -52,7 +52,9 @@ pub struct AppSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct DatabaseSettings {
-    /// PostgreSQL URL; the database is created if missing and migrated at start-up.
+    /// PostgreSQL URL; the database is created if missing and migrated at start-up. TLS is
+    /// chosen by its query, as with libpq: `sslmode=require|verify-ca|verify-full` and
+    /// `sslrootcert=/path/ca.pem` (see [`crate::db::connect_and_migrate`]).
     pub url: String,
     /// Connections per service process.
     pub max_connections: u32,
@@ -60,8 +62,14 @@ pub struct DatabaseSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmqpSettings {
-    /// RabbitMQ URL, vhost included (`%2f` is `/`).
+    /// RabbitMQ URL, vhost included (`%2f` is `/`): `amqp://` is plain TCP, `amqps://` is TLS
+    /// (server certificate and host name checked).
     pub url: String,
+    /// Path to a PEM file of CA certificates trusted for `amqps://` in addition to the built-in
+    /// Mozilla roots (a private CA); empty means the built-in roots only. Read and checked at
+    /// start-up (see [`crate::amqp::tls_config`]) and again on every (re)connect.
+    #[serde(default)]
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,7 +248,8 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks what the types cannot: rates, amounts, limits and secrets.
+    /// Checks what the types cannot: rates, amounts, limits, secrets, and that
+    /// `amqp.tls_ca_file` (when set) is a readable PEM file of certificates.
     ///
     /// Outside development each of `auth.token_secret`, `auth.admin_token` and
     /// `auth.producer_token` must be set, at least [`MIN_SECRET_LEN`] characters long, not a
@@ -253,6 +262,7 @@ impl Settings {
         if self.referrals.max_direct < 0 {
             bail!("referrals.max_direct must not be negative");
         }
+        crate::amqp::tls_config(&self.amqp)?;
         if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
             bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
         }

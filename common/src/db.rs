@@ -25,8 +25,15 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Connects (retrying with backoff until the server answers or `cancel` fires), creating the
 /// database if it does not exist, and applies pending migrations.
 ///
+/// TLS is chosen by the URL, as libpq does: `sslmode=require` encrypts without checking the
+/// certificate, `verify-ca` checks it against the built-in Mozilla roots (webpki-roots) plus
+/// `sslrootcert=/path/ca.pem`, `verify-full` checks the host name too; `disable` is plain TCP,
+/// and the default `prefer` tries TLS and falls back to plain TCP.
+///
 /// # Errors
-/// A malformed URL, a failed migration, or cancellation before the database answered.
+/// A malformed URL, a failed migration, or cancellation before the database answered. A
+/// configuration error is not retried: a refused server certificate, an unreadable
+/// `sslrootcert`, a server without TLS under `sslmode=require`, refused credentials.
 pub async fn connect_and_migrate(
     settings: &DatabaseSettings,
     cancel: &CancellationToken,
@@ -50,7 +57,7 @@ pub async fn connect_and_migrate(
     let ready = create
         .retry(crate::amqp::backoff())
         .sleep(tokio::time::sleep)
-        .when(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)) || is_starting_up(e))
+        .when(|e| is_unreachable(e) || is_starting_up(e))
         .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable; retrying"));
     tokio::select! {
         () = cancel.cancelled() => anyhow::bail!("cancelled while waiting for PostgreSQL"),
@@ -64,6 +71,24 @@ pub async fn connect_and_migrate(
         .context("connecting to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("applying migrations")?;
     Ok(pool)
+}
+
+/// Whether a failure to connect may go away by itself (server down, restarting, not yet
+/// resolvable), as opposed to a configuration error that retrying would only hide: sqlx reports
+/// a TLS handshake the client refused (untrusted certificate, wrong host name) as an I/O error
+/// of kind `InvalidData`, and an unreadable `sslrootcert` as `NotFound`/`PermissionDenied`;
+/// [`sqlx::Error::Tls`] is a bad certificate file or a server without TLS.
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(io) => !matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData
+                | std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::PermissionDenied
+        ),
+        sqlx::Error::PoolTimedOut => true,
+        _ => false,
+    }
 }
 
 fn is_starting_up(e: &sqlx::Error) -> bool {

@@ -11,6 +11,7 @@ use lapin::types::FieldTable;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
+use upline_common::config::AmqpSettings;
 
 use crate::hub::{Frame, Hub};
 
@@ -24,13 +25,13 @@ struct Routing {
 
 /// Runs until `cancel` fires, reconnecting with backoff whenever the broker goes away.
 pub async fn run(
-    url: String,
+    amqp: AmqpSettings,
     hub: Arc<Hub>,
     broker_up: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
     let mut first = true;
-    while let Some(conn) = amqp::connect_with_retry(&url, "upline-notifier", &cancel).await {
+    while let Some(conn) = amqp::connect_with_retry(&amqp, "upline-notifier", &cancel).await {
         if !first {
             hub.resync();
         }

@@ -176,7 +176,7 @@ pub async fn run(
     let probes = Probes::new(db.clone());
     let hub = Arc::new(Hub::new(settings.notifier.buffer));
     let consumer = tokio::spawn(consumer::run(
-        settings.amqp.url.clone(),
+        settings.amqp.clone(),
         hub.clone(),
         probes.broker_up.clone(),
         shutdown.clone(),

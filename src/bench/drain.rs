@@ -173,7 +173,7 @@ async fn drain(
     extra: &[(&str, String)],
 ) -> anyhow::Result<(f64, f64)> {
     seed_tree(&env.db, users).await?;
-    let conn = amqp::connect(&env.settings.amqp.url, "upline-bench").await?;
+    let conn = amqp::connect(&env.settings.amqp, "upline-bench").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     let started = Instant::now();

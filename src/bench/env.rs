@@ -66,7 +66,7 @@ impl BenchEnv {
         let db =
             upline_common::db::connect_and_migrate(&settings.database, &CancellationToken::new())
                 .await?;
-        let conn = upline_common::amqp::connect(&settings.amqp.url, "upline-bench").await?;
+        let conn = upline_common::amqp::connect(&settings.amqp, "upline-bench").await?;
         let channel = conn.create_channel().await?;
         upline_common::amqp::declare_topology(&channel).await?;
         conn.close(200, "topology declared").await?;
@@ -98,6 +98,7 @@ impl BenchEnv {
         cmd.arg(kind)
             .env("DATABASE_URL", &s.database.url)
             .env("AMQP_URL", &s.amqp.url)
+            .env("UPLINE__AMQP__TLS_CA_FILE", &s.amqp.tls_ca_file)
             .env(bind_key, format!("127.0.0.1:{port}"))
             .env(
                 "UPLINE__AUTH__TOKEN_SECRET",

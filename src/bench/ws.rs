@@ -139,7 +139,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     );
 
     // Drive purchases straight onto the queue at a steady rate.
-    let conn = amqp::connect(&env.settings.amqp.url, "upline-bench").await?;
+    let conn = amqp::connect(&env.settings.amqp, "upline-bench").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     let cpu_before = env.cpu();

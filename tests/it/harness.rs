@@ -431,7 +431,7 @@ impl TestApp {
 
     /// A broker connection to this app's vhost.
     pub async fn amqp(&self) -> lapin::Connection {
-        amqp::connect(&self.settings.amqp.url, "upline-test")
+        amqp::connect(&self.settings.amqp, "upline-test")
             .await
             .expect("connect to RabbitMQ")
     }

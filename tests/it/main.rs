@@ -14,3 +14,4 @@ mod registration;
 mod reports;
 mod security;
 mod sse_browser;
+mod tls;

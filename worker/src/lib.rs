@@ -61,8 +61,7 @@ pub async fn run(
         "worker starting"
     );
     while !shutdown.is_cancelled() {
-        let Some(conn) =
-            amqp::connect_with_retry(&settings.amqp.url, "upline-worker", &shutdown).await
+        let Some(conn) = amqp::connect_with_retry(&settings.amqp, "upline-worker", &shutdown).await
         else {
             break;
         };
