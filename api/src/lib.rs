@@ -78,6 +78,7 @@ pub async fn run(
     let probes = Probes::new(db.clone());
     let publisher = Publisher::new(&settings.amqp.url, probes.broker_up.clone());
     publisher.warm_up().await;
+    let keep_connected = tokio::spawn(publisher.clone().keep_connected(shutdown.clone()));
     let state = AppState {
         db,
         auth: Auth::new(&settings.auth),
@@ -91,10 +92,13 @@ pub async fn run(
         )),
     };
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state, probes))
+    let served = axum::serve(listener, router(state, probes))
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+        .await;
+    keep_connected.abort();
+    let _ = keep_connected.await;
     publisher.close().await;
+    served?;
     tracing::info!("api stopped");
     Ok(())
 }
