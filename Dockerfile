@@ -56,6 +56,9 @@ COPY --from=builder /out/ /usr/local/bin/
 # are compiled in); override any key with UPLINE__SECTION__KEY, DATABASE_URL and AMQP_URL.
 WORKDIR /app
 COPY config/ /app/config/
+# The broker users' provisioning script, run by compose's one-shot rabbitmq-users service
+# (POSIX sh + curl, both in this image).
+COPY deploy/ /app/deploy/
 
 USER upline:upline
 

@@ -89,6 +89,7 @@ pub async fn run(
     let probes = Probes::new(db.clone());
     let publisher = Publisher::new(settings.amqp.clone(), probes.broker_up.clone());
     publisher.warm_up().await;
+    let keep_connected = tokio::spawn(publisher.clone().keep_connected(shutdown.clone()));
     let state = AppState {
         db,
         auth: Auth::new(&settings.auth),
@@ -105,10 +106,13 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "api listening");
     // The peer address feeds the abuse limits.
     let app = router(state, probes).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+        .await;
+    keep_connected.abort();
+    let _ = keep_connected.await;
     publisher.close().await;
+    served?;
     tracing::info!("api stopped");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Publishing purchases to `upline.purchases` over one long-lived channel with publisher
 //! confirms (pipelined: many requests share the channel, each awaits its own confirm).
-//! A lost connection is re-opened on the next publish; while the broker is down, publishing
-//! fails fast with `broker_unavailable`.
+//! A lost connection is re-opened on the next publish, and in the background by
+//! [`Publisher::keep_connected`]; while the broker is down, or while `upline.purchases` does
+//! not exist yet (a least-privilege api user cannot declare it: the worker does), publishing
+//! fails fast with `broker_unavailable` and readiness says not ready.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::config::AmqpSettings;
 use upline_common::purchase::Purchase;
@@ -23,7 +26,9 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Publisher {
     amqp: Arc<AmqpSettings>,
     link: Arc<Mutex<Option<(Connection, Channel)>>>,
-    broker_up: Arc<std::sync::atomic::AtomicBool>,
+    broker_up: Arc<AtomicBool>,
+    /// Set once the "may not declare the topology" fallback has been logged.
+    fallback_noted: Arc<AtomicBool>,
 }
 
 /// Why a purchase was not accepted by the broker.
@@ -36,17 +41,19 @@ pub enum PublishError {
 }
 
 impl Publisher {
-    /// A publisher for the broker of `amqp` (URL and TLS CA); it connects lazily, on
-    /// [`Publisher::warm_up`] or the first publish.
-    pub fn new(amqp: AmqpSettings, broker_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
+    /// A publisher for the broker of `amqp` (URL and TLS CA), not connected yet; `broker_up`
+    /// is kept true while it holds a channel ready to publish.
+    pub fn new(amqp: AmqpSettings, broker_up: Arc<AtomicBool>) -> Self {
         Publisher {
             amqp: Arc::new(amqp),
             link: Arc::new(Mutex::new(None)),
             broker_up,
+            fallback_noted: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// A channel in confirm mode, (re)connecting and declaring the topology if needed.
+    /// A channel in confirm mode, (re)connecting and declaring the topology (or, without the
+    /// permission, checking that `upline.purchases` exists) if needed.
     async fn channel(&self) -> Result<Channel, PublishError> {
         let mut link = self.link.lock().await;
         if let Some((conn, channel)) = link.as_ref() {
@@ -58,12 +65,27 @@ impl Publisher {
         *link = None;
         let connect = async {
             let conn = amqp::connect(&self.amqp, "upline-api").await?;
-            let channel = conn.create_channel().await?;
-            amqp::declare_topology(&channel).await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
+            let prepared = async {
+                let channel = amqp::declare_topology_if_allowed(
+                    &conn,
+                    &[amqp::PURCHASES_EXCHANGE],
+                    &self.fallback_noted,
+                )
                 .await?;
-            Ok::<_, lapin::Error>((conn, channel))
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(channel)
+            }
+            .await;
+            match prepared {
+                Ok(channel) => Ok((conn, channel)),
+                Err(e) => {
+                    // Not left to drop: the background retry would pile up connections.
+                    let _ = conn.close(200, "api not ready to publish").await;
+                    Err(e)
+                }
+            }
         };
         let (conn, channel) = tokio::time::timeout(BROKER_TIMEOUT, connect)
             .await
@@ -77,7 +99,48 @@ impl Publisher {
     /// Connects now, so that readiness reflects the broker before the first purchase.
     pub async fn warm_up(&self) {
         if let Err(e) = self.channel().await {
-            tracing::warn!(error = %e, "RabbitMQ not reachable yet; purchases answer 503 until it is");
+            tracing::warn!(
+                error = %e,
+                "cannot publish to RabbitMQ yet (unreachable, or no worker has declared the \
+                 topology); purchases answer 503 until it can"
+            );
+        }
+    }
+
+    /// Keeps the publishing channel open until `shutdown` fires: checks it every second and
+    /// re-opens it with backoff (100 ms doubling to 5 s) when it is gone, so that readiness
+    /// recovers by itself after a broker outage or once the worker has declared the topology,
+    /// without waiting for a purchase to come in. Meant to run after [`Publisher::warm_up`].
+    pub async fn keep_connected(self, shutdown: CancellationToken) {
+        const CHECK_EVERY: Duration = Duration::from_secs(1);
+        const FIRST_RETRY: Duration = Duration::from_millis(100);
+        let mut failing = !self.broker_up.load(Ordering::Relaxed);
+        let mut retry = FIRST_RETRY;
+        loop {
+            let wait = if failing {
+                let wait = retry;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                wait
+            } else {
+                retry = FIRST_RETRY;
+                CHECK_EVERY
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            match self.channel().await {
+                Ok(_) if failing => {
+                    tracing::info!("RabbitMQ ready: purchases are accepted again");
+                    failing = false;
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "cannot publish to RabbitMQ; retrying in the background");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "still cannot publish to RabbitMQ"),
+            }
         }
     }
 

@@ -1,15 +1,22 @@
 //! The RabbitMQ side of the contract (SPEC §3–4): exchange, queue and routing-key names, the
-//! topology every service declares idempotently at start-up, and connecting with retry.
+//! topology declared idempotently at start-up, and connecting with retry.
+//!
+//! Who declares: the worker owns the topology and always declares it. The api and the notifier
+//! declare it too when their broker user may (development, tests: one all-powerful user); with
+//! least-privilege users (`deploy/rabbitmq-users.sh`) they cannot, and only check passively
+//! that what they use exists ([`declare_topology_if_allowed`]).
 //!
 //! TLS is chosen by the URL: `amqps://` connects with rustls (ring), checking the server's
 //! certificate and host name against the built-in Mozilla roots (webpki-roots) plus the CA
 //! certificates of `amqp.tls_ca_file`, if set; `amqp://` is plain TCP.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -215,6 +222,64 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Whether the broker refused an operation for lack of permissions (AMQP 403
+/// `ACCESS_REFUSED`, which also closes the channel it happened on).
+pub fn is_access_refused(error: &lapin::Error) -> bool {
+    matches!(
+        error,
+        lapin::Error::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+    )
+}
+
+/// Declares the whole topology ([`declare_topology`]) if this connection's user is allowed to;
+/// if the broker refuses (403), checks passively on a fresh channel that each exchange in
+/// `needed` exists (passive declares need no permission), so a least-privilege user works
+/// once the worker has declared the topology. Returns an open channel for the caller's use.
+///
+/// The first fallback is logged at info, once per `fallback_noted` flag (one per service).
+///
+/// # Errors
+/// A broker error other than the refusal, or a needed exchange that does not exist (404
+/// `NOT_FOUND`: no worker has declared the topology yet; retry later).
+pub async fn declare_topology_if_allowed(
+    conn: &Connection,
+    needed: &[&str],
+    fallback_noted: &AtomicBool,
+) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    match declare_topology(&channel).await {
+        Ok(()) => return Ok(channel),
+        Err(e) if is_access_refused(&e) => {
+            if !fallback_noted.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    reason = %e,
+                    needed = ?needed,
+                    "this broker user may not declare the topology (the worker's user declares \
+                     it); checking passively that what this service needs exists"
+                );
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    // The refusal closed that channel.
+    let channel = conn.create_channel().await?;
+    for exchange in needed {
+        channel
+            .exchange_declare(
+                exchange,
+                ExchangeKind::Direct, // ignored by a passive declare
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(channel)
 }
 
 /// Publishes one purchase message body to `upline.purchases` (persistent JSON, routing key

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
@@ -23,7 +24,9 @@ struct Routing {
     seq: i64,
 }
 
-/// Runs until `cancel` fires, reconnecting with backoff whenever the broker goes away.
+/// Runs until `cancel` fires, reconnecting with backoff whenever the broker goes away, or
+/// until `upline.earnings` exists (a least-privilege notifier user cannot declare it: the
+/// worker does).
 pub async fn run(
     amqp: AmqpSettings,
     hub: Arc<Hub>,
@@ -31,31 +34,57 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut first = true;
+    let fallback_noted = AtomicBool::new(false);
+    // Sessions in a row that ended before consuming (e.g. no topology yet).
+    let mut failed_in_a_row = 0u32;
     while let Some(conn) = amqp::connect_with_retry(&amqp, "upline-notifier", &cancel).await {
         if !first {
             hub.resync();
         }
         first = false;
-        if let Err(e) = consume(&conn, &hub, &broker_up, &cancel).await {
-            tracing::warn!(error = %e, "earnings consumer stopped; reconnecting");
+        let result = consume(&conn, &hub, &broker_up, &fallback_noted, &cancel).await;
+        let was_consuming = broker_up.swap(false, Ordering::Relaxed);
+        failed_in_a_row = if was_consuming {
+            0
+        } else {
+            failed_in_a_row.saturating_add(1)
+        };
+        if let Err(e) = result {
+            if failed_in_a_row <= 1 {
+                tracing::warn!(error = %e, "earnings consumer stopped; reconnecting");
+            } else {
+                tracing::debug!(error = %e, "earnings consumer still cannot start; retrying");
+            }
         }
-        broker_up.store(false, Ordering::Relaxed);
         let _ = conn.close(200, "notifier consumer over").await;
         if cancel.is_cancelled() {
             break;
         }
         // Events published while disconnected are recovered from PostgreSQL by the resync.
+        // A broker that is up but not ready is retried with backoff, not in a busy loop.
+        if failed_in_a_row > 0 {
+            let wait = Duration::from_millis(100 << failed_in_a_row.min(6)).min(MAX_RETRY);
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 }
+
+/// Longest wait between attempts while the broker is up but the consumer cannot start.
+const MAX_RETRY: Duration = Duration::from_secs(5);
 
 async fn consume(
     conn: &lapin::Connection,
     hub: &Hub,
     broker_up: &AtomicBool,
+    fallback_noted: &AtomicBool,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    amqp::declare_topology(&channel).await?;
+    // Declares the topology if this user may, else checks that upline.earnings exists.
+    let channel =
+        amqp::declare_topology_if_allowed(conn, &[amqp::EARNINGS_EXCHANGE], fallback_noted).await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
     let queue = channel
         .queue_declare(

@@ -132,12 +132,12 @@ impl TestApp {
         settings.api.notifier_public_url = format!("ws://{notifier_addr}/ws");
         let mut tasks = vec![
             tokio::spawn(upline_api::run(
-                settings.clone(),
+                service_settings(&settings, "api"),
                 api_listener,
                 shutdown.clone(),
             )),
             tokio::spawn(upline_notifier::run(
-                settings.clone(),
+                service_settings(&settings, "notifier"),
                 notifier_listener,
                 shutdown.clone(),
             )),
@@ -145,7 +145,7 @@ impl TestApp {
         if services.worker {
             let worker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tasks.push(tokio::spawn(upline_worker::run(
-                settings.clone(),
+                service_settings(&settings, "worker"),
                 worker_listener,
                 shutdown.clone(),
             )));
@@ -215,7 +215,7 @@ impl TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         self.tasks.push(tokio::spawn(upline_notifier::run(
-            self.settings.clone(),
+            service_settings(&self.settings, "notifier"),
             listener,
             self.shutdown.clone(),
         )));
@@ -227,7 +227,7 @@ impl TestApp {
     pub async fn spawn_worker(&mut self) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.tasks.push(tokio::spawn(upline_worker::run(
-            self.settings.clone(),
+            service_settings(&self.settings, "worker"),
             listener,
             self.shutdown.clone(),
         )));
@@ -242,7 +242,11 @@ impl TestApp {
     ) -> (String, JoinHandle<anyhow::Result<()>>) {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(upline_notifier::run(self.settings.clone(), listener, stop));
+        let task = tokio::spawn(upline_notifier::run(
+            service_settings(&self.settings, "notifier"),
+            listener,
+            stop,
+        ));
         let base = format!("http://{addr}");
         self.wait_ready(&base, "/readyz").await;
         (base, task)
@@ -656,5 +660,30 @@ impl Sse {
                 .expect("stream readable")?;
             self.buffer.push_str(&String::from_utf8_lossy(&chunk));
         }
+    }
+}
+
+/// Stands, in `amqp.url`, for the name of the service connecting ("api", "worker",
+/// "notifier"), so that each service of a test app can connect as its own broker user.
+pub const SERVICE: &str = "{service}";
+
+/// The settings one service of a test app runs with: `amqp.url` with every [`SERVICE`]
+/// replaced by `service` (unchanged when there is none).
+pub fn service_settings(settings: &Settings, service: &str) -> Settings {
+    let mut s = settings.clone();
+    s.amqp.url = s.amqp.url.replace(SERVICE, service);
+    s
+}
+
+impl TestApp {
+    /// Waits (up to 20 s) until the api and the notifier answer `/readyz` with 200.
+    pub async fn wait_until_ready(&self) {
+        self.wait_ready(&self.api, "/readyz").await;
+        self.wait_ready(&self.notifier, "/readyz").await;
+    }
+
+    /// This app's RabbitMQ vhost.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
     }
 }

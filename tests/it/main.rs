@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod broker_permissions;
 mod crash;
 mod dashboard;
 mod live;
