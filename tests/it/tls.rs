@@ -654,8 +654,11 @@ async fn a_bad_amqp_tls_ca_file_is_a_start_up_error_naming_the_setting() {
         (&missing, "cannot read"),
         (&not_pem, "holds no PEM certificate"),
     ] {
-        let mut settings =
-            Settings::load_from(Path::new("/nonexistent/upline.toml")).expect("defaults load");
+        let mut settings = Settings::load_with_overrides(
+            Path::new("/nonexistent/upline.toml"),
+            &[("app.environment", "development")],
+        )
+        .expect("defaults load");
         settings.amqp.url = "amqps://guest:guest@localhost:5671/%2f".into();
         settings.amqp.tls_ca_file = path.display().to_string();
         let err = settings
