@@ -7,11 +7,26 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogSettings;
 
-/// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; JSON when
-/// `log.format = "json"`. Calling it again is harmless.
+/// Libraries that log whole messages at their most detailed levels, and the level they are
+/// held to whatever `RUST_LOG` asks: their messages carry user tokens (a WebSocket `subscribe`
+/// frame) and admin keys. Tokens, keys and emails never reach the logs at any level
+/// (README "Security"); `security::tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level`
+/// runs the whole pipeline at `RUST_LOG=trace` to check it.
+const PAYLOAD_LOGGING_TARGETS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+
+/// Installs the global subscriber: `RUST_LOG` if set, else `log.level`, with the libraries of
+/// [`PAYLOAD_LOGGING_TARGETS`] held below trace; JSON when `log.format = "json"`. Calling it
+/// again is harmless.
 pub fn init_tracing(settings: &LogSettings) {
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    for directive in PAYLOAD_LOGGING_TARGETS {
+        filter = filter.add_directive(
+            directive
+                .parse()
+                .expect("the payload-logging directives are valid"),
+        );
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _already_set = if settings.format == "json" {
         builder.json().try_init()

@@ -587,3 +587,209 @@ async fn raw_message_bodies_are_kept_only_for_the_retention_period() {
     assert_eq!(report["levels"][0]["amount"], "100.00");
     app.stop().await;
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a service to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test]
+async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
+    use crate::harness::{create_vhost, delete_vhost, unique, PG_SERVER};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncReadExt;
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let name = unique("upline_test");
+    create_vhost(&http, &name).await;
+    let (api_port, notifier_port, worker_port) = (free_port(), free_port(), free_port());
+    let secret = format!("token-secret-{}", unique("never-logged"));
+    let admin = format!("admin-key-{}", unique("never-logged"));
+    let producer = format!("producer-key-{}", unique("never-logged"));
+    let wrong = format!("wrong-key-{}", unique("never-logged"));
+    let email = format!("{}@example.com", unique("never-logged-email"));
+    // A production deployment with real secrets, logging everything, as JSON.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_upline"))
+        .arg("run")
+        .env("DATABASE_URL", format!("{PG_SERVER}/{name}"))
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:5672/{name}"),
+        )
+        .env("UPLINE__API__BIND", format!("127.0.0.1:{api_port}"))
+        .env(
+            "UPLINE__NOTIFIER__BIND",
+            format!("127.0.0.1:{notifier_port}"),
+        )
+        .env("UPLINE__WORKER__BIND", format!("127.0.0.1:{worker_port}"))
+        .env("UPLINE__APP__ENVIRONMENT", "production")
+        .env("UPLINE__AUTH__TOKEN_SECRET", &secret)
+        .env("UPLINE__AUTH__ADMIN_TOKEN", &admin)
+        .env("UPLINE__AUTH__PRODUCER_TOKEN", &producer)
+        .env("UPLINE__LOG__FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the upline binary starts");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let logs = tokio::spawn(async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        out.extend(err);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let api = format!("http://127.0.0.1:{api_port}");
+    let notifier = format!("http://127.0.0.1:{notifier_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for base in [&api, &notifier] {
+        while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200)
+        {
+            assert!(Instant::now() < deadline, "{base} did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Everything that carries a credential or an email, once each.
+    let (status, referrer) = call(
+        http.post(format!("{api}/api/users"))
+            .json(&json!({"name": "Referrer", "email": email})),
+    )
+    .await;
+    assert_eq!(status, 201, "{referrer}");
+    let referrer_token = referrer["token"].as_str().expect("token").to_owned();
+    let referrer_id = referrer["id"].as_i64().expect("id");
+    let (status, buyer) = call(
+        http.post(format!("{api}/api/users"))
+            .json(&json!({"name": "Buyer",
+            "email": format!("buyer-{email}"), "referral_code": referrer["referral_code"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{buyer}");
+    let buyer_token = buyer["token"].as_str().expect("token").to_owned();
+    let (status, _) = call(http.post(format!("{api}/api/users")).json(
+        &json!({"name": "Again", "email": email}), // email_taken
+    ))
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        call(http.get(format!("{api}/api/me")).bearer_auth(&wrong))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(http.get(format!("{api}/api/users")).bearer_auth(&admin))
+            .await
+            .0,
+        200
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{notifier_port}/ws"))
+            .await
+            .expect("websocket");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        json!({"type": "subscribe", "user_id": referrer_id, "token": referrer_token})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("subscribe");
+    let sse = http
+        .get(format!(
+            "{notifier}/events/{referrer_id}?token={referrer_token}"
+        ))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(sse.status(), 200);
+    let refused = http
+        .get(format!("{notifier}/events/{referrer_id}?token={admin}"))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(refused.status(), 403);
+    let (status, _) = call(
+        http.post(format!("{api}/api/purchases"))
+            .bearer_auth(&producer)
+            .json(&json!({"purchase_id": "logged", "buyer_id": buyer["id"], "amount": "2000.00"})),
+    )
+    .await;
+    assert_eq!(status, 202);
+    // The earning reaches the socket: the whole pipeline ran with logging on.
+    let earning = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("an earning within 20 s")
+            .expect("open")
+            .expect("frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["type"] == "earning" {
+                break v;
+            }
+        }
+    };
+    assert_eq!(earning["earning"]["amount"], "100.00");
+    let (status, _) = call(
+        http.delete(format!("{api}/api/users/{referrer_id}/tokens"))
+            .bearer_auth(&buyer_token),
+    )
+    .await;
+    assert_eq!(status, 403);
+    drop(ws);
+    drop(sse);
+
+    // Stop it gracefully and read everything it wrote.
+    let pid = child.id().expect("running").to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    assert!(
+        matches!(exited, Ok(Ok(s)) if s.success()),
+        "stopped gracefully: {exited:?}"
+    );
+    let logs = logs.await.expect("log reader");
+    for (what, value) in [
+        ("the token secret", secret.as_str()),
+        ("the admin key", admin.as_str()),
+        ("the producer key", producer.as_str()),
+        ("a wrong key", wrong.as_str()),
+        ("a user token", referrer_token.as_str()),
+        ("a user token", buyer_token.as_str()),
+        ("an email", email.as_str()),
+    ] {
+        if let Some(at) = logs.find(value) {
+            let line_start = logs[..at].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = logs[at..].find('\n').map_or(logs.len(), |i| at + i);
+            panic!(
+                "{what} appears in the logs:\n{}",
+                &logs[line_start..line_end]
+            );
+        }
+    }
+    // The check saw real, detailed logs.
+    assert!(logs.contains("api listening"), "no start-up lines");
+    assert!(
+        logs.lines().filter(|l| l.contains("\"TRACE\"")).count() > 100,
+        "too few TRACE lines: logging was not fully on"
+    );
+
+    let admin_db = sqlx::PgPool::connect(&format!("{PG_SERVER}/postgres"))
+        .await
+        .expect("connect");
+    sqlx::query(&format!(r#"drop database if exists "{name}" with (force)"#))
+        .execute(&admin_db)
+        .await
+        .expect("drop test database");
+    delete_vhost(&http, &name).await;
+}
