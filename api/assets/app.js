@@ -39,6 +39,7 @@
     gen: 0,             // bumped on every sign-in / user switch: stale callbacks check it
     backoff: BACKOFF_MIN,
     retryTimer: null,
+    renewTimer: null,   // user sessions: renews the token before it expires
     countdownTimer: null,
     refreshingReferrals: null,
     lookedUp: new Set(), // sources whose names were looked up once
@@ -152,6 +153,7 @@
         if (saved && app.role === 'admin') await openUser(saved);
       } else {
         $('whoami').textContent = `Signed in as ${me.user.name} (#${me.user.id})`;
+        scheduleRenewal(me.user.id);
         await openUser(me.user.id, me.user);
       }
     } catch (e) {
@@ -171,8 +173,50 @@
     }
   }
 
+  /** When a user token (a JWT) expires, in milliseconds since the epoch; null if unknown. */
+  function tokenExpiry(token) {
+    try {
+      const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const { exp } = JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, '=')));
+      return typeof exp === 'number' ? exp * 1000 : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** User tokens expire (auth.token_ttl): renew once 80 % of the lifetime has passed. */
+  function scheduleRenewal(userId) {
+    clearTimeout(app.renewTimer);
+    const expires = tokenExpiry(app.token);
+    if (!expires) return;
+    const delay = Math.max(1000, (expires - Date.now()) * 0.8);
+    app.renewTimer = setTimeout(() => renewToken(userId), Math.min(delay, 2 ** 31 - 1));
+  }
+
+  async function renewToken(userId) {
+    if (app.role !== 'user') return;
+    try {
+      const issued = await api(`/api/users/${userId}/token`, { method: 'POST' });
+      if (app.role !== 'user') return;
+      app.token = issued.token;
+      sessionStorage.setItem(KEY_TOKEN, issued.token);
+      scheduleRenewal(userId);
+    } catch (e) {
+      if (e.status === 401 || e.status === 403) sessionEnded(e.code);
+      else app.renewTimer = setTimeout(() => renewToken(userId), 10000); // unreachable: retry
+    }
+  }
+
+  /** The session's token expired or was revoked (signed out everywhere, deactivated, erased). */
+  function sessionEnded(code) {
+    signOut();
+    showSignIn(code === 'token_expired' ? 'Your session has expired; sign in again.'
+      : 'Your session was ended (signed out everywhere, deactivated or erased); sign in again.');
+  }
+
   function signOut() {
     app.gen += 1;
+    clearTimeout(app.renewTimer);
     closeSocket();
     setConn('idle', 'not connected');
     destroyCharts();
@@ -216,7 +260,7 @@
     const shown = matches.slice(0, 500);
     select.replaceChildren(new Option('— choose a user —', ''));
     for (const u of shown) {
-      const label = `${u.name} · #${u.id}${u.is_active ? '' : ' · inactive'} · ${u.email}`;
+      const label = `${u.name} · #${u.id}${u.is_active ? '' : ' · inactive'} · ${u.email ?? 'erased'}`;
       select.add(new Option(label, String(u.id), false, u.id === current));
     }
     $('picker-status').textContent = `${app.users.length} users`
@@ -680,8 +724,9 @@
     app.socket = ws;
     let refused = false;
     const userId = app.user.id;
+    const socketToken = app.token;
     ws.onopen = () => {
-      ws.send(JSON.stringify({ type: 'subscribe', user_id: userId, token: app.token, since: app.lastSeq }));
+      ws.send(JSON.stringify({ type: 'subscribe', user_id: userId, token: socketToken, since: app.lastSeq }));
     };
     ws.onmessage = (m) => {
       if (ws !== app.socket || gen !== app.gen) return;
@@ -693,6 +738,13 @@
       } else if (msg.type === 'earning') {
         onEarning(msg.earning);
       } else if (msg.type === 'error') {
+        // A user session whose token was revoked, or expired without having been renewed, is
+        // over; an expired token already renewed reconnects with the new one.
+        if (app.role === 'user' && (msg.code === 'token_revoked'
+            || (msg.code === 'token_expired' && socketToken === app.token))) {
+          sessionEnded(msg.code);
+          return;
+        }
         refused = msg.code === 'unauthorized' || msg.code === 'bad_request';
         setConn(refused ? 'error' : 'reconnecting', `${refused ? 'refused' : 'interrupted'}: ${msg.message}`);
       }
