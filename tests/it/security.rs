@@ -336,6 +336,25 @@ async fn sign_ups_and_failed_authentications_are_rate_limited_per_client_address
     let (status, _) = me(token.clone(), "198.51.100.9").await;
     assert_eq!(status, 429, "even a good token waits: guessing stays slow");
     assert_eq!(me(token, "198.51.100.10").await.0, 200, "another address");
+
+    // The notifier counts its own failures the same way.
+    let sse = |token: &'static str| {
+        app.http
+            .get(format!("{}/events/{}", app.notifier, user["id"]))
+            .header("x-forwarded-for", "198.51.100.20")
+            .bearer_auth(token)
+            .send()
+    };
+    for _ in 0..4 {
+        assert_eq!(sse("guessed-key").await.expect("request").status(), 403);
+    }
+    let r = sse("guessed-key").await.expect("request");
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "rate_limited"
+    );
     app.stop().await;
 }
 
