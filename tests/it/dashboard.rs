@@ -196,3 +196,56 @@ async fn the_dashboard_shows_earnings_live_in_a_real_browser() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_renews_a_users_token_and_signs_out_when_it_is_revoked() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the session test drives Chromium at {CHROMIUM}: `apt-get install -y chromium`"
+    );
+    let dir = browser_test_dir().await;
+    let app = TestApp::spawn_with(Default::default(), |s| {
+        s.auth.token_ttl = Duration::from_secs(5);
+    })
+    .await;
+    let (_, b, c) = app.chain_abc().await;
+    // A fresh short-lived token, issued just before the browser starts.
+    let issued: Value = app
+        .http
+        .post(app.url(&format!("/api/users/{}/token", b.id)))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("issue")
+        .json()
+        .await
+        .expect("json");
+    let token = issued["token"].as_str().expect("token");
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join("session.mjs"))
+        .args([
+            app.api.as_str(),
+            ADMIN,
+            PRODUCER,
+            token,
+            &b.id.to_string(),
+            &c.id.to_string(),
+        ])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the browser test finished within 120 s")
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "the session test failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    app.stop().await;
+}
