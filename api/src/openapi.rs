@@ -92,12 +92,18 @@ accepts — in its **Who may call** line, in `security`, and in the `x-upline-au
 
 * **anyone** — no credentials needed (`security: [{}]`).
 * **the user's own token** (`user_token`) — the signed token returned at registration (or by
-  `POST /api/users/{id}/token`); it opens only its own user's resources (`{id}` in the path).
+  `POST /api/users/{id}/token`); it opens only its own user's resources (`{id}` in the path). It
+  expires after `auth.token_ttl` (24 h by default; renew it before then with
+  `POST /api/users/{id}/token`) and stops working at once when the user is deactivated or
+  erased or its tokens are revoked (`DELETE /api/users/{id}/tokens`).
 * **admin key** (`admin_key`) — `auth.admin_token` from the configuration; allowed everywhere.
 * **producer key** (`producer_key`) — `auth.producer_token`; purchase intake and status.
 
 Without credentials the answer is `401 unauthorized` (with `WWW-Authenticate: Bearer`); with
-credentials that are invalid or do not allow the request, `403 forbidden`.
+credentials that are invalid or do not allow the request, `403 forbidden` (`token_expired` and
+`token_revoked` for user tokens past their expiry or revoked). Anonymous sign-ups and failed
+authentications are limited per client address: past the budget, `429 rate_limited` with
+`Retry-After`.
 
 ## Errors
 
@@ -367,8 +373,9 @@ impl ToSchema for UserIdInput {}
 // ---------------------------------------------------------------------------------------------
 // Request bodies
 
-/// `POST /api/users`. Give the referrer by `referrer_id` or `referral_code` (or both, naming the
-/// same user); `null` counts as absent and unknown fields are ignored.
+/// `POST /api/users`. Give the referrer by `referral_code`, or by `referrer_id` with the admin
+/// key only (or both, naming the same user); `null` counts as absent and unknown fields are
+/// ignored.
 #[derive(ToSchema)]
 #[schema(example = json!({"name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA"}))]
 #[allow(dead_code)]
@@ -379,14 +386,14 @@ pub struct RegisterRequest {
     /// Unique, compared case-insensitively.
     #[schema(format = Email, max_length = 254)]
     email: String,
-    /// The referrer's id.
+    /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
     referrer_id: Option<UserIdInput>,
     /// The referrer's referral code (case-insensitive).
     referral_code: Option<String>,
 }
 
-/// `PUT /api/users/{id}/referrer`: one of `referrer_id` or `referral_code` (or both, naming the
-/// same user); `null` counts as absent.
+/// `PUT /api/users/{id}/referrer`: one of `referrer_id` (admin key only) or `referral_code` (or
+/// both, naming the same user); `null` counts as absent.
 #[derive(ToSchema)]
 #[schema(example = json!({"referral_code": "K7QM2XPA"}))]
 #[allow(dead_code)]
