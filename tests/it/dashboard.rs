@@ -3,12 +3,11 @@
 //! earnings over the notifier, a simulated purchase, a dropped WebSocket, the admin's picker).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{browser_test_dir, TestApp, ADMIN, PRODUCER};
+use crate::harness::{browser_test_dir, run_node_script, TestApp, ADMIN, PRODUCER};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -162,33 +161,21 @@ async fn the_dashboard_shows_earnings_live_in_a_real_browser() {
         .expect("deactivate");
     assert_eq!(r.status(), 200);
     let screenshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
-    let run = tokio::process::Command::new("node")
-        .arg(dir.join("dashboard.mjs"))
-        .args([
+    run_node_script(
+        &dir,
+        "dashboard.mjs",
+        &[
             app.api.as_str(),
             ADMIN,
             PRODUCER,
             b.token.as_str(),
             &b.id.to_string(),
             &c.id.to_string(),
-        ])
-        .arg(&screenshot)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), run)
-        .await
-        .expect("the browser test finished within 180 s")
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "the browser test failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+            &screenshot.display().to_string(),
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
     assert!(
         screenshot.is_file(),
         "no screenshot at {}",
@@ -221,31 +208,19 @@ async fn the_dashboard_renews_a_users_token_and_signs_out_when_it_is_revoked() {
         .await
         .expect("json");
     let token = issued["token"].as_str().expect("token");
-    let run = tokio::process::Command::new("node")
-        .arg(dir.join("session.mjs"))
-        .args([
+    run_node_script(
+        &dir,
+        "session.mjs",
+        &[
             app.api.as_str(),
             ADMIN,
             PRODUCER,
             token,
             &b.id.to_string(),
             &c.id.to_string(),
-        ])
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the browser test finished within 120 s")
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "the session test failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
     app.stop().await;
 }

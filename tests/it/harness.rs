@@ -687,3 +687,36 @@ impl TestApp {
         &self.vhost
     }
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a service or server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Runs `node <dir>/<script> <args>` (a browser test in `tests/browser/`) and fails the test,
+/// with everything it printed, unless it exits 0 within `within`.
+pub async fn run_node_script(dir: &std::path::Path, script: &str, args: &[&str], within: Duration) {
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join(script))
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(within, run)
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
+        .expect("node runs (Node.js 18+ is needed for the browser tests)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}

@@ -607,18 +607,9 @@ async fn raw_message_bodies_are_kept_only_for_the_retention_period() {
     app.stop().await;
 }
 
-/// A free port on 127.0.0.1 (bound, then released for a service to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[tokio::test]
 async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
-    use crate::harness::{create_vhost, delete_vhost, unique, PG_SERVER};
+    use crate::harness::{create_vhost, delete_vhost, free_port, unique, PG_SERVER};
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::AsyncReadExt;
 

@@ -14,20 +14,11 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{browser_test_dir, TestApp};
+use crate::harness::{browser_test_dir, free_port, TestApp};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// How long any one step may take.
 const STEP: Duration = Duration::from_secs(15);
-
-/// A free port on 127.0.0.1 (bound, then released for the notifier to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// `tests/browser/sse.mjs` running in the background: its stdout lines, as they come.
 struct Browser {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::harness::free_port;
 use lapin::options::ConfirmSelectOptions;
 use lapin::publisher_confirm::Confirmation;
 use rand::Rng;
@@ -22,15 +23,6 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 /// How long any one step (a server start, a connection) may take.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A free port on 127.0.0.1 (bound, then released for a server to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
 
 /// A fresh directory under the system temp dir, readable by other users (the `postgres` user
 /// must reach the cluster below it), removed on drop.
