@@ -794,7 +794,11 @@
     $('purchase-submit').disabled = true;
     const gen = app.gen;
     try {
-      const r = await api('/api/purchases', { method: 'POST', token: key, body: { buyer_id: buyer, amount } });
+      // The purchase id is the idempotency key (a retry with it never pays twice).
+      // (getRandomValues, unlike randomUUID, works on plain-HTTP pages too.)
+      const random = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
+      const purchaseId = `dash-${random}`;
+      const r = await api('/api/purchases', { method: 'POST', token: key, body: { purchase_id: purchaseId, buyer_id: buyer, amount } });
       result(true, `Accepted as ${r.purchase_id}; waiting for the worker…`);
       trackPurchase(r.purchase_id, key, gen, result);
     } catch (e) {

@@ -72,9 +72,23 @@ pub enum ApiError {
     /// 422 `referral_cycle`.
     #[error("the referrer is in this user's downline; the referral graph must stay a forest")]
     ReferralCycle,
+    /// 422 `idempotency_key_required`: a purchase needs `purchase_id` or `Idempotency-Key`, so
+    /// that a retried request cannot pay twice.
+    #[error("send the purchase's id as purchase_id or in the Idempotency-Key header: it is the idempotency key, so a retry after a timeout or a 503 never pays twice")]
+    IdempotencyKeyRequired,
     /// 422 `unknown_buyer`.
     #[error("buyer_id: no user with id {0}")]
     UnknownBuyer(i64),
+    /// 503 `database_unavailable`: the database is unreachable, failing over or out of
+    /// connections (`database.acquire_timeout_secs`); retry later.
+    #[error("the database is unavailable; retry later")]
+    DatabaseUnavailable,
+    /// 503 `request_timeout`: the request took longer than `api.request_timeout_secs`.
+    #[error("the request took too long and was abandoned; retry later")]
+    RequestTimeout,
+    /// 413 `payload_too_large`: the body is over `api.max_body_bytes`.
+    #[error("the request body is larger than this api accepts (api.max_body_bytes)")]
+    PayloadTooLarge,
     /// 503 `broker_unavailable`: the purchase was not accepted; retry later.
     #[error("the message broker is unavailable; the purchase was not accepted, retry later")]
     BrokerUnavailable,
@@ -114,15 +128,33 @@ impl ApiError {
             ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, "self_referral"),
             ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, "referral_cycle"),
             ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_buyer"),
+            ApiError::IdempotencyKeyRequired => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_required")
+            }
             ApiError::BrokerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+            ApiError::DatabaseUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
+            ApiError::RequestTimeout => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// Infrastructure errors (an unreachable or failing-over database, an exhausted pool) are
+    /// `503 database_unavailable`, logged as warnings; anything else is a logged 500.
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(anyhow::Error::new(e).context("database"))
+        match upline_common::db::classify(&e) {
+            upline_common::db::ErrorClass::Infrastructure => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::DatabaseUnavailable
+            }
+            upline_common::db::ErrorClass::Content => {
+                ApiError::Internal(anyhow::Error::new(e).context("database"))
+            }
+        }
     }
 }
 
@@ -151,6 +183,9 @@ impl IntoResponse for ApiError {
         }
         if let ApiError::AdminOnly { field, .. } = &self {
             body["field"] = json!(field);
+        }
+        if let ApiError::IdempotencyKeyRequired = &self {
+            body["field"] = json!("purchase_id");
         }
         let mut response = (status, axum::Json(body)).into_response();
         response.headers_mut().insert(

@@ -36,6 +36,10 @@ pub struct AppState {
     pub max_direct: i32,
     /// Abuse limits per client address (`limits.*`).
     pub limits: Limits,
+    /// Largest request body (`api.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// Longest a request may take (`api.request_timeout_secs`).
+    pub request_timeout: std::time::Duration,
     /// Buyers already checked to exist (purchase intake).
     pub known_users: Arc<store::KnownUsers>,
     /// Where the dashboard page finds the notifier (`GET /dashboard/config.json`).
@@ -44,6 +48,7 @@ pub struct AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState, probes: Probes) -> Router {
+    let (max_body, timeout) = (state.max_body_bytes, state.request_timeout);
     Router::new()
         .route("/api/users", post(users::register).get(users::list))
         .route("/api/me", get(users::me))
@@ -72,7 +77,28 @@ pub fn router(state: AppState, probes: Probes) -> Router {
         .with_state(state)
         .merge(upline_common::http::ops_routes(probes))
         .merge(openapi::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            within(timeout, request, next)
+        }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Answers `503 request_timeout` (problem+json, `Retry-After`) for a request that takes longer
+/// than `timeout`; the handler is dropped, so a transaction it holds is rolled back.
+async fn within(
+    timeout: std::time::Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("upline_api_request_timeouts_total").increment(1);
+            error::ApiError::RequestTimeout.into_response()
+        }
+    }
 }
 
 /// Serves the api on `listener` until `shutdown` fires (in-flight requests are finished).
@@ -97,6 +123,8 @@ pub async fn run(
         publisher: publisher.clone(),
         max_direct: settings.referrals.max_direct,
         limits: Limits::new(&settings.limits),
+        max_body_bytes: settings.api.max_body_bytes,
+        request_timeout: std::time::Duration::from_secs(settings.api.request_timeout_secs.max(1)),
         known_users: Arc::default(),
         dashboard: Arc::new(dashboard::DashboardConfig::new(
             &settings.api.notifier_public_url,

@@ -207,7 +207,11 @@ pub enum ErrorCode {
     SelfReferral,
     ReferralCycle,
     UnknownBuyer,
+    IdempotencyKeyRequired,
+    PayloadTooLarge,
     BrokerUnavailable,
+    DatabaseUnavailable,
+    RequestTimeout,
     InternalError,
 }
 
@@ -241,6 +245,10 @@ fn samples() -> Vec<ApiError> {
         ApiError::SelfReferral,
         ApiError::ReferralCycle,
         ApiError::UnknownBuyer(42),
+        ApiError::IdempotencyKeyRequired,
+        ApiError::PayloadTooLarge,
+        ApiError::DatabaseUnavailable,
+        ApiError::RequestTimeout,
         ApiError::BrokerUnavailable,
         ApiError::Internal(anyhow::anyhow!("example")),
     ];
@@ -266,6 +274,10 @@ fn samples() -> Vec<ApiError> {
             | ApiError::SelfReferral
             | ApiError::ReferralCycle
             | ApiError::UnknownBuyer(_)
+            | ApiError::IdempotencyKeyRequired
+            | ApiError::PayloadTooLarge
+            | ApiError::DatabaseUnavailable
+            | ApiError::RequestTimeout
             | ApiError::BrokerUnavailable
             | ApiError::Internal(_) => {}
         }
@@ -291,6 +303,7 @@ fn problem_body(e: &ApiError) -> Value {
         ApiError::Validation { field, .. } => body["field"] = json!(field),
         ApiError::UnknownBuyer(_) => body["field"] = json!("buyer_id"),
         ApiError::AdminOnly { field, .. } => body["field"] = json!(field),
+        ApiError::IdempotencyKeyRequired => body["field"] = json!("purchase_id"),
         _ => {}
     }
     body

@@ -58,6 +58,8 @@ pub struct DatabaseSettings {
     pub url: String,
     /// Connections per service process.
     pub max_connections: u32,
+    /// Seconds to wait for a free connection before an infrastructure error (api: 503).
+    pub acquire_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +79,10 @@ pub struct ApiSettings {
     pub bind: SocketAddr,
     /// The notifier's WebSocket URL as a browser reaches it; empty means "same host, notifier port".
     pub notifier_public_url: String,
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Seconds a request may take before it is answered 503 `request_timeout`.
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

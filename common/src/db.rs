@@ -43,8 +43,10 @@ pub async fn connect_and_migrate(
     let create = || async {
         if !Postgres::database_exists(&settings.url).await? {
             match Postgres::create_database(&settings.url).await {
-                // Another service created it first.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                // Another service created it first: 42P04 duplicate_database, or, when the two
+                // `create database` run at the same moment, 23505 on pg_database's unique index.
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
                 other => other?,
             }
             tracing::info!(
@@ -65,7 +67,7 @@ pub async fn connect_and_migrate(
     }
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
         .connect_with(options)
         .await
         .context("connecting to PostgreSQL")?;
@@ -96,27 +98,37 @@ fn is_starting_up(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("57P03"))
 }
 
-/// Whether an error is worth retrying (connection lost, server restarting, serialization
-/// failure, deadlock) rather than a bug or bad data.
-pub fn is_transient(e: &sqlx::Error) -> bool {
+/// What a database error says about the work that met it: the one place where errors are
+/// classified (README "Reliability").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Nothing is wrong with the input: the database is unreachable, restarting, failing over
+    /// (read-only), overloaded, timing out, or its schema is not the one this binary expects
+    /// yet (a rolling deploy). Back off and retry; leave messages unacknowledged; report not
+    /// ready. Never reject or dead-letter because of it.
+    Infrastructure,
+    /// The input itself cannot be recorded (a value out of range, a constraint it violates):
+    /// reject or dead-letter it with the reason.
+    Content,
+}
+
+/// Classifies a database error. Only data exceptions (SQLSTATE class 22) and integrity
+/// violations (class 23) blame the input; everything else, known or not, is treated as
+/// infrastructure, so that an unknown failure stalls work visibly instead of discarding it.
+pub fn classify(e: &sqlx::Error) -> ErrorClass {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(d) => {
-            let code = d.code();
-            let code = code.as_deref().unwrap_or("");
-            // 40001 serialization_failure, 40P01 deadlock, 08xxx connection, 57Pxx shutdown, 53xxx resources
-            code == "40001"
-                || code == "40P01"
-                || code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-        }
-        _ => false,
+        sqlx::Error::Database(d) => match d.code().as_deref().map(|c| c.get(..2).unwrap_or(c)) {
+            Some("22" | "23") => ErrorClass::Content,
+            _ => ErrorClass::Infrastructure,
+        },
+        sqlx::Error::Encode(_) => ErrorClass::Content,
+        _ => ErrorClass::Infrastructure,
     }
+}
+
+/// Whether an error is worth retrying: [`classify`] says [`ErrorClass::Infrastructure`].
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    classify(e) == ErrorClass::Infrastructure
 }
 
 /// A row of `earnings`, convertible to the event of SPEC §4.

@@ -19,6 +19,10 @@ use sqlx::PgPool;
 pub struct Probes {
     pub db: PgPool,
     pub broker_up: Arc<AtomicBool>,
+    /// Cleared while the database answers `select 1` but fails the service's own work with
+    /// infrastructure errors (read-only after a failover, timeouts, a schema not migrated
+    /// yet): the worker's circuit is open.
+    pub database_writable: Arc<AtomicBool>,
 }
 
 impl Probes {
@@ -26,6 +30,7 @@ impl Probes {
         Probes {
             db,
             broker_up: Arc::new(AtomicBool::new(false)),
+            database_writable: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -51,8 +56,9 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         .await,
         Ok(Ok(_))
     );
+    let writable = p.database_writable.load(Ordering::Relaxed);
     let broker = p.broker_up.load(Ordering::Relaxed);
-    let status = if db && broker {
+    let status = if db && writable && broker {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -61,7 +67,11 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         status,
         Json(json!({
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "database": if db { "up" } else { "down" },
+            "database": match (db, writable) {
+                (true, true) => "up",
+                (true, false) => "failing",
+                (false, _) => "down",
+            },
             "broker": if broker { "up" } else { "down" },
         })),
     )

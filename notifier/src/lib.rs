@@ -182,7 +182,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let revocations = tokio::spawn(revocations::listen(
-        db.clone(),
+        settings.database.url.clone(),
         hub.clone(),
         shutdown.clone(),
     ));

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use upline_common::auth::REVOCATIONS_CHANNEL;
 
 use crate::hub::Hub;
 
-/// Listens until `cancel` fires, reconnecting with backoff.
-pub async fn listen(db: PgPool, hub: Arc<Hub>, cancel: CancellationToken) {
+/// Listens until `cancel` fires, reconnecting with backoff, on a connection of its own to
+/// `database_url` (not one of the pool's: it is held for as long as the notifier runs).
+pub async fn listen(database_url: String, hub: Arc<Hub>, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match listen_once(&db, &hub, &cancel).await {
+        match listen_once(&database_url, &hub, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "token revocation listener lost; reconnecting");
@@ -34,8 +34,12 @@ pub async fn listen(db: PgPool, hub: Arc<Hub>, cancel: CancellationToken) {
     }
 }
 
-async fn listen_once(db: &PgPool, hub: &Hub, cancel: &CancellationToken) -> sqlx::Result<()> {
-    let mut listener = PgListener::connect_with(db).await?;
+async fn listen_once(
+    database_url: &str,
+    hub: &Hub,
+    cancel: &CancellationToken,
+) -> sqlx::Result<()> {
+    let mut listener = PgListener::connect(database_url).await?;
     listener.listen(REVOCATIONS_CHANNEL).await?;
     loop {
         let notification = tokio::select! {

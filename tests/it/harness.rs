@@ -43,6 +43,8 @@ pub struct TestApp {
     pub api: String,
     pub notifier: String,
     pub ws_url: String,
+    /// The in-process worker's health and metrics base URL, when the app runs one.
+    pub worker: Option<String>,
     pub db: PgPool,
     pub settings: Settings,
     pub http: reqwest::Client,
@@ -142,8 +144,13 @@ impl TestApp {
                 shutdown.clone(),
             )),
         ];
+        let mut worker = None;
         if services.worker {
             let worker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            worker = Some(format!(
+                "http://{}",
+                worker_listener.local_addr().expect("addr")
+            ));
             tasks.push(tokio::spawn(upline_worker::run(
                 service_settings(&settings, "worker"),
                 worker_listener,
@@ -154,6 +161,7 @@ impl TestApp {
             api,
             notifier: format!("http://{notifier_addr}"),
             ws_url: format!("ws://{notifier_addr}/ws"),
+            worker,
             db,
             settings,
             http,

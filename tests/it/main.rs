@@ -12,6 +12,7 @@ mod openapi;
 mod purchases;
 mod queue;
 mod registration;
+mod reliability;
 mod reports;
 mod security;
 mod sse_browser;

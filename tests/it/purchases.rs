@@ -128,6 +128,10 @@ async fn bad_purchases_get_a_422_naming_the_field() {
         ),
         (json!({"buyer_id": 987_654, "amount": "5"}), "buyer_id"),
     ] {
+        let mut body = body.clone();
+        if body.get("purchase_id").is_none() {
+            body["purchase_id"] = json!(format!("bad-{field}"));
+        }
         let r = app.post_purchase(body.clone()).await;
         assert_eq!(r.status(), 422, "{body}");
         let problem: Value = r.json().await.expect("json");
@@ -143,6 +147,27 @@ async fn bad_purchases_get_a_422_naming_the_field() {
         .await
         .expect("request");
     assert_eq!(r.status(), 422);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_purchase_without_an_idempotency_key_is_refused_so_a_retry_cannot_pay_twice() {
+    let app = TestApp::spawn().await;
+    let (_, _, c) = app.chain_abc().await;
+    let r = app
+        .post_purchase(json!({"buyer_id": c.id, "amount": "3000"}))
+        .await;
+    assert_eq!(r.status(), 422);
+    let problem: Value = r.json().await.expect("json");
+    assert_eq!(
+        (problem["code"].as_str(), problem["field"].as_str()),
+        (Some("idempotency_key_required"), Some("purchase_id"))
+    );
+    let accepted: i64 = sqlx::query_scalar("select count(*) from purchases")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(accepted, 0);
     app.stop().await;
 }
 

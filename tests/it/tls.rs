@@ -230,6 +230,7 @@ impl PgCluster {
                 self.port
             ),
             max_connections: 2,
+            acquire_timeout_secs: 5,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The lapin side of the worker: consume `upline.purchases` with manual acknowledgements, take
 //! whatever deliveries are ready (up to `worker.batch_size`) as one batch, record the batch in
 //! one transaction, and acknowledge it with one `multiple` ack only after the commit.
-//! Unreadable messages are dead-lettered with `x-upline-error`; a batch that fails for any
-//! other reason than a database outage is retried message by message, so one poison message
-//! never holds up the rest, and never ends the loop.
+//! Unreadable messages are dead-lettered with `x-upline-error`. A database that is down,
+//! failing over or not migrated yet stops the consumers (a circuit, [`crate::circuit`]) and
+//! never dead-letters anything; a batch that fails because of its content is retried message
+//! by message, so one poison message never holds up the rest, and never ends the loop.
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
+use upline_common::db::{classify, ErrorClass};
 
 use crate::process::{process_batch, Ctx, Disposition};
 
@@ -98,10 +100,15 @@ enum Attempt {
     Failed(String),
 }
 
-/// Processes a batch, retrying while the database is unavailable.
+/// Processes a batch, retrying while the database is unavailable. Errors are classified once,
+/// by [`upline_common::db::classify`]: an infrastructure error (outage, failover, timeout,
+/// schema not migrated yet) opens the circuit and is retried with backoff, the messages left
+/// unacknowledged; only a content error or a panic fails the batch.
 async fn attempt(ctx: &Ctx, deliveries: &[Delivery], cancel: &CancellationToken) -> Attempt {
     let mut retries = 0u32;
     loop {
+        // While the circuit is open, one consumer at a time tries the database.
+        let _probe = ctx.circuit.pass().await;
         // A panic is caught here (the task fails alone), not in the consumer loop.
         let task = {
             let ctx = ctx.clone();
@@ -112,11 +119,15 @@ async fn attempt(ctx: &Ctx, deliveries: &[Delivery], cancel: &CancellationToken)
             })
         };
         match task.await {
-            Ok(Ok(dispositions)) => return Attempt::Done(dispositions),
-            Ok(Err(e)) if upline_common::db::is_transient(&e) => {
+            Ok(Ok(dispositions)) => {
+                ctx.circuit.close();
+                return Attempt::Done(dispositions);
+            }
+            Ok(Err(e)) if classify(&e) == ErrorClass::Infrastructure => {
+                ctx.circuit.open();
                 retries += 1;
                 let wait = Duration::from_millis(100 * 2u64.pow(retries.min(6)));
-                tracing::warn!(error = %e, retries, retry_in = ?wait, "database unavailable; retrying batch");
+                tracing::warn!(error = %e, retries, retry_in = ?wait, "database unavailable; the batch stays unacknowledged and is retried");
                 tokio::select! {
                     () = cancel.cancelled() => return Attempt::Cancelled,
                     () = tokio::time::sleep(wait) => {}

@@ -3,6 +3,7 @@
 //! commission to `upline.earnings` through a transactional outbox (SPEC §1, §3, §4).
 //! Any number of workers may run side by side on the same queue.
 
+pub mod circuit;
 pub mod consumer;
 pub mod ledger;
 pub mod outbox;
@@ -40,6 +41,7 @@ pub async fn run(
         db,
         rules,
         outbox_ready: Arc::new(Notify::new()),
+        circuit: Arc::new(circuit::Circuit::new(probes.database_writable.clone())),
     };
 
     let app = upline_common::http::ops_routes::<()>(probes.clone());

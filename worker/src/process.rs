@@ -18,6 +18,8 @@ pub struct Ctx {
     pub rules: Arc<Rules>,
     /// Woken after a commit that queued earnings in the outbox.
     pub outbox_ready: Arc<Notify>,
+    /// Open while the database fails: consumers wait, one probes (see [`crate::circuit`]).
+    pub circuit: Arc<crate::circuit::Circuit>,
 }
 
 /// What to do with a message once processing is over.

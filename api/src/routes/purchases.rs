@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use rand::Rng;
 use serde_json::{json, Value};
 use upline_common::money::Money;
 use upline_common::purchase::{self, PurchaseId};
@@ -19,7 +18,7 @@ use crate::{store, AppState};
     path = "/api/purchases",
     operation_id = "create_purchase",
     summary = "Submit a purchase",
-    description = "Validates the purchase and publishes it to `upline.purchases` (SPEC §3) with publisher confirms, answering 202 once RabbitMQ confirmed it; a worker then credits the commissions. The purchase id comes from the body's `purchase_id`, else the `Idempotency-Key` header, else is generated (`api-…`) and returned. Sending the same purchase again is harmless: it is processed once.",
+    description = "Validates the purchase and publishes it to `upline.purchases` (SPEC §3) with publisher confirms, answering 202 once RabbitMQ confirmed it; a worker then credits the commissions. The purchase id comes from the body's `purchase_id` or the `Idempotency-Key` header, and one of them is required (`422 idempotency_key_required`): it is the idempotency key, so a client that retries after a timeout or a 503 with the same id never pays twice, which a server-generated id could not promise. Sending the same purchase again is harmless: it is processed once.",
     tag = "purchases",
     params(
         ("Idempotency-Key" = Option<String>, Header, max_length = 64, pattern = "^[A-Za-z0-9._:-]{1,64}$",
@@ -32,7 +31,7 @@ use crate::{store, AppState};
         (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: neither the producer key nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed`: `field` names the bad one (`purchase_id`, `Idempotency-Key`, `buyer_id`, `amount`, `currency`, `profit`, `occurred_at`); `unknown_buyer`: no user with this `buyer_id`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` names the bad one (`purchase_id`, `Idempotency-Key`, `buyer_id`, `amount`, `currency`, `profit`, `occurred_at`); `unknown_buyer`: no user with this `buyer_id`; `idempotency_key_required`: neither `purchase_id` nor `Idempotency-Key` was sent", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`broker_unavailable`: not accepted, retry later", body = crate::openapi::Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait: `5`"))),
@@ -40,8 +39,10 @@ use crate::{store, AppState};
     security(("producer_key" = []), ("admin_key" = [])),
 )]
 /// `POST /api/purchases` (producer, admin). The purchase id comes from the body's
-/// `purchase_id`, else the `Idempotency-Key` header, else is generated. 202 once the broker
-/// confirmed the message; 422 for bad fields or an unknown buyer; 503 when the broker is down.
+/// `purchase_id` or the `Idempotency-Key` header, and one of them is required (SPEC §6): a
+/// server-generated id would make a client's retry after a timeout pay twice. 202 once the
+/// broker confirmed the message; 422 for bad fields, an unknown buyer or no idempotency key;
+/// 503 when the broker is down.
 pub async fn create(
     State(state): State<AppState>,
     caller: Authenticated,
@@ -67,7 +68,7 @@ pub async fn create(
             ));
         }
         (Some(id), _) | (None, Some(id)) => id,
-        (None, None) => generated_id(),
+        (None, None) => return Err(ApiError::IdempotencyKeyRequired),
     };
     let purchase_id =
         PurchaseId::parse(&raw_id).map_err(|m| ApiError::validation("purchase_id", m))?;
@@ -94,11 +95,6 @@ pub async fn create(
         )],
         Json(json!({ "purchase_id": purchase.purchase_id, "status": "accepted" })),
     ))
-}
-
-fn generated_id() -> String {
-    let n: u128 = rand::thread_rng().gen();
-    format!("api-{n:032x}")
 }
 
 fn money(d: Option<rust_decimal::Decimal>) -> Value {

@@ -1,0 +1,338 @@
+//! Survive faults and stay bounded (README "Reliability"): services that start together against
+//! an empty server, database failures that stop the workers instead of dead-lettering good
+//! purchases, and the api's bounds (body size, request time, connection pool) — each against
+//! the real servers.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use upline_common::amqp;
+
+use crate::harness::{
+    create_vhost, delete_vhost, free_port, unique, Services, TestApp, ADMIN, PG_SERVER,
+};
+
+/// How many messages wait in `upline.purchases.dead`.
+async fn dead_letters(app: &TestApp) -> u32 {
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = channel
+        .queue_declare(
+            amqp::PURCHASES_DEAD_QUEUE,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the dead-letter queue exists");
+    let _ = conn.close(200, "done").await;
+    queue.message_count()
+}
+
+/// The worker's `/readyz`: its status and body.
+async fn worker_ready(app: &TestApp) -> (u16, Value) {
+    let base = app.worker.as_deref().expect("the app runs a worker");
+    let r = app
+        .http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits (up to 20 s) until the worker's readiness says `database: want`.
+async fn wait_worker_database(app: &TestApp, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = worker_ready(app).await;
+        if body["database"] == want {
+            assert_eq!(status == 200, want == "up", "{body}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's readiness never said database {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ends every other session on the app's database, so that the services reconnect (and pick
+/// up per-database settings), as after a failover.
+async fn reconnect_everyone(db: &PgPool) {
+    sqlx::query(
+        "select pg_terminate_backend(pid) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    )
+    .execute(db)
+    .await
+    .expect("terminate backends");
+}
+
+/// A connection of the test's own to the app's database, outside the app's pools.
+async fn admin_db(app: &TestApp) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.settings.database.url)
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn a_failover_or_a_rolling_deploy_stops_the_workers_and_dead_letters_nothing() {
+    let app = TestApp::spawn().await;
+    let (a, b, c) = app.chain_abc().await;
+    let admin = admin_db(&app).await;
+    let database = app
+        .settings
+        .database
+        .url
+        .rsplit('/')
+        .next()
+        .expect("name")
+        .to_owned();
+
+    // 1. Failover: the database answers, but read-only (SQLSTATE 25006).
+    sqlx::query(&format!(
+        r#"alter database "{database}" set default_transaction_read_only = on"#
+    ))
+    .execute(&admin)
+    .await
+    .expect("read-only");
+    reconnect_everyone(&admin).await;
+    for i in 0..5 {
+        app.purchase(&format!("during-failover-{i}"), c.id, "2000.00")
+            .await;
+    }
+    wait_worker_database(&app, "failing").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded: i64 = sqlx::query_scalar("select count(*) from purchases")
+        .fetch_one(&admin)
+        .await
+        .expect("count");
+    assert_eq!(recorded, 0);
+    assert_eq!(dead_letters(&app).await, 0, "nothing good is dead-lettered");
+    sqlx::query(&format!(
+        r#"alter database "{database}" reset default_transaction_read_only"#
+    ))
+    .execute(&admin)
+    .await
+    .expect("writable again");
+    reconnect_everyone(&admin).await;
+    for i in 0..5 {
+        app.wait_processed(&format!("during-failover-{i}")).await;
+    }
+    wait_worker_database(&app, "up").await;
+
+    // 2. A rolling deploy: the schema is not what this binary expects yet (42P01).
+    sqlx::query("alter table earnings rename to earnings_during_deploy")
+        .execute(&admin)
+        .await
+        .expect("rename");
+    app.purchase("during-deploy", c.id, "2000.00").await;
+    wait_worker_database(&app, "failing").await;
+    assert_eq!(dead_letters(&app).await, 0, "nothing good is dead-lettered");
+    sqlx::query("alter table earnings_during_deploy rename to earnings")
+        .execute(&admin)
+        .await
+        .expect("rename back");
+    app.wait_processed("during-deploy").await;
+    wait_worker_database(&app, "up").await;
+
+    // Every purchase paid exactly once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.earnings(b.id).await["total"], "600.00");
+    assert_eq!(app.earnings(a.id).await["total"], "120.00");
+    assert_eq!(dead_letters(&app).await, 0);
+    admin.close().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_answered_413_naming_the_limit() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.api.max_body_bytes = 64 * 1024;
+    })
+    .await;
+    let huge = format!(
+        r#"{{"name": "Huge", "email": "huge@example.com", "padding": "{}"}}"#,
+        "x".repeat(10 * 1024 * 1024)
+    );
+    for (path, key) in [("/api/users", None), ("/api/purchases", Some(ADMIN))] {
+        let mut request = app
+            .http
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(huge.clone());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let r = request.send().await.expect("request");
+        assert_eq!(r.status(), 413, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let problem: Value = r.json().await.expect("json");
+        assert_eq!(problem["code"], "payload_too_large", "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_and_a_slow_request_answer_503_with_retry_after() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.database.max_connections = 1;
+        s.database.acquire_timeout_secs = 1;
+        s.api.request_timeout_secs = 3;
+    })
+    .await;
+    let (a, _, _) = app.chain_abc().await;
+    // Hold A's row: deactivating A takes the api's only connection and waits on the lock.
+    let admin = admin_db(&app).await;
+    let mut holder = admin.begin().await.expect("begin");
+    sqlx::query("select 1 from users where id = $1 for update")
+        .bind(a.id)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let slow = {
+        let (http, url) = (
+            app.http.clone(),
+            app.url(&format!("/api/users/{}/deactivate", a.id)),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = http
+                .post(url)
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("request");
+            (
+                r.status().as_u16(),
+                r.headers().contains_key("retry-after"),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+                started.elapsed(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile the pool is exhausted.
+    let r = app
+        .http
+        .get(app.url("/api/leaderboard"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "database_unavailable"
+    );
+    // The slow request is abandoned after api.request_timeout_secs.
+    let (status, retry_after, problem, took) = slow.await.expect("task");
+    assert_eq!((status, retry_after), (503, true), "{problem}");
+    assert_eq!(problem["code"], "request_timeout");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    holder.rollback().await.expect("release");
+    // Nothing was half-applied, and the api serves again.
+    let (status, user) = app.admin_get(&format!("/api/users/{}", a.id)).await;
+    assert_eq!((status, user["is_active"].clone()), (200, json!(true)));
+    admin.close().await;
+    app.stop().await;
+}
+
+/// `upline <service>` as a child process on `port`, against `database_url` and `vhost`.
+fn spawn_service(service: &str, port: u16, database_url: &str, vhost: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_upline"))
+        .arg(service)
+        .env("DATABASE_URL", database_url)
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+        )
+        .env(
+            format!("UPLINE__{}__BIND", service.to_uppercase()),
+            format!("127.0.0.1:{port}"),
+        )
+        .env("UPLINE__APP__ENVIRONMENT", "development")
+        .env("UPLINE__LIMITS__ENABLED", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the upline binary starts")
+}
+
+#[tokio::test]
+async fn every_service_started_at_once_against_an_empty_server_comes_up() {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let admin = PgPool::connect(&format!("{PG_SERVER}/postgres"))
+        .await
+        .expect("connect");
+    // Three cold starts, each with a database and a vhost that do not exist yet: the api, two
+    // workers and the notifier at the same moment, as a fresh deployment starts them.
+    for round in 0..3 {
+        let name = unique("upline_test");
+        create_vhost(&http, &name).await;
+        let database_url = format!("{PG_SERVER}/{name}");
+        let services = [
+            ("api", free_port()),
+            ("worker", free_port()),
+            ("worker", free_port()),
+            ("notifier", free_port()),
+        ];
+        let mut children: Vec<Child> = services
+            .iter()
+            .map(|(service, port)| spawn_service(service, *port, &database_url, &name))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (i, (service, port)) in services.iter().enumerate() {
+            loop {
+                if let Ok(Some(status)) = children[i].try_wait() {
+                    let mut stderr = String::new();
+                    if let Some(mut err) = children[i].stderr.take() {
+                        use tokio::io::AsyncReadExt;
+                        let _ = err.read_to_string(&mut stderr).await;
+                    }
+                    panic!("round {round}: {service} exited ({status}):\n{stderr}");
+                }
+                let ready = http
+                    .get(format!("http://127.0.0.1:{port}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: {service} on {port} never became ready"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        println!("cold start round {round}: api, 2 workers and notifier all ready");
+        for child in &mut children {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        sqlx::query(&format!(r#"drop database if exists "{name}" with (force)"#))
+            .execute(&admin)
+            .await
+            .expect("drop test database");
+        delete_vhost(&http, &name).await;
+    }
+}
