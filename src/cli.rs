@@ -25,6 +25,9 @@ pub enum Command {
     /// Drive a realistic referral forest and purchase stream through the running pipeline and
     /// check what was paid against an independent recomputation.
     Demo(crate::demo::DemoArgs),
+    /// Inspect and replay dead-lettered purchase messages (`upline.purchases.dead`).
+    #[command(subcommand)]
+    Dlq(crate::dlq::DlqCommand),
     /// Measure throughput and latency (build with --release); see README "Performance".
     #[command(subcommand)]
     Bench(crate::bench::Scenario),
@@ -42,14 +45,17 @@ pub enum Command {
 /// Configuration, start-up or service errors, with context.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let mut settings = Settings::load()?;
-    if matches!(cli.command, Command::Bench(_) | Command::Demo(_)) {
+    if matches!(
+        cli.command,
+        Command::Bench(_) | Command::Demo(_) | Command::Dlq(_)
+    ) {
         // The operator's commands print their own report; only warnings from the libraries.
         settings.log.level = "warn,sqlx=error".into();
     }
     upline_common::telemetry::init_tracing(&settings.log);
     if !matches!(
         cli.command,
-        Command::Migrate | Command::Demo(_) | Command::Bench(_)
+        Command::Migrate | Command::Demo(_) | Command::Bench(_) | Command::Dlq(_)
     ) {
         upline_common::telemetry::warn_on_development_secrets(&settings);
     }
@@ -67,6 +73,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => crate::demo::run(&settings, args, shutdown).await,
         Command::Bench(scenario) => crate::bench::run(&settings, scenario).await,
+        Command::Dlq(command) => crate::dlq::run(&settings, command).await,
         Command::Api => {
             let listener = bind(settings.api.bind, "api.bind").await?;
             upline_api::run(settings, listener, shutdown).await

@@ -6,4 +6,5 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod demo;
+pub mod dlq;
 pub mod rabbit_admin;

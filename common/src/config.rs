@@ -97,6 +97,11 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// How often the outbox relay looks for earnings left unpublished by a crashed worker (ms).
     pub outbox_poll_ms: u64,
+    /// Largest purchase message, in bytes; bigger ones are dead-lettered with their reason.
+    pub max_message_bytes: usize,
+    /// Depth of `upline.purchases.dead` above which the worker warns (gauge
+    /// `upline_dead_letters` on `/metrics`).
+    pub dead_letter_alert: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -336,3 +336,107 @@ async fn every_service_started_at_once_against_an_empty_server_comes_up() {
         delete_vhost(&http, &name).await;
     }
 }
+
+/// Runs `upline dlq <args>` against the app's broker; returns what it printed (it must succeed).
+async fn upline_dlq(app: &TestApp, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_upline"))
+        .arg("dlq")
+        .args(args)
+        .env("AMQP_URL", &app.settings.amqp.url)
+        .env("DATABASE_URL", &app.settings.database.url)
+        .env("UPLINE__APP__ENVIRONMENT", "development")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("upline runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "upline dlq {args:?} failed:\n{text}");
+    text
+}
+
+/// Waits (up to 20 s) until the dead-letter queue holds `n` messages.
+async fn wait_dead_letters(app: &TestApp, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let depth = dead_letters(app).await;
+        if depth == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead-letter queue holds {depth}, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_shown_and_replayed_with_upline_dlq() {
+    let app = TestApp::spawn().await;
+    let (_, b, c) = app.chain_abc().await;
+    // Unreadable, and too large: the worker dead-letters both with their reasons.
+    app.publish_raw(b"not json at all").await;
+    let big = json!({"purchase_id": "too-big", "buyer_id": c.id, "amount": "2000.00",
+        "note": "x".repeat(70_000)});
+    app.publish_raw(big.to_string().as_bytes()).await;
+    wait_dead_letters(&app, 2).await;
+    // A good purchase set aside by some past failure, with its reason.
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let good = json!({"purchase_id": "good-from-dlq", "buyer_id": c.id, "amount": "2000.00"});
+    let confirm = channel
+        .basic_publish(
+            amqp::PURCHASES_DLX,
+            "",
+            Default::default(),
+            good.to_string().as_bytes(),
+            amqp::with_error_header(&amqp::persistent_json(), "set aside by an older version"),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "done").await;
+    wait_dead_letters(&app, 3).await;
+
+    let list = upline_dlq(&app, &["list"]).await;
+    println!("{list}");
+    assert!(list.contains("3 message(s)"), "{list}");
+    assert!(list.contains("message too large: "), "{list}");
+    assert!(
+        list.contains("good-from-dlq") && list.contains("set aside by an older version"),
+        "{list}"
+    );
+    assert_eq!(dead_letters(&app).await, 3, "listing leaves them in place");
+    let shown = upline_dlq(&app, &["show", "3"]).await;
+    assert!(
+        shown.contains("\"purchase_id\": \"good-from-dlq\"") && shown.contains("reason: set aside"),
+        "{shown}"
+    );
+
+    // Replay the good one: it is paid once.
+    let replayed = upline_dlq(&app, &["replay", "--position", "3"]).await;
+    assert!(replayed.contains("replayed 1 of 3"), "{replayed}");
+    app.wait_processed("good-from-dlq").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.earnings(b.id).await["total"], "100.00");
+    // Replaying everything is safe: what still cannot be read comes back, with its reason.
+    let replayed = upline_dlq(&app, &["replay", "--all"]).await;
+    assert!(replayed.contains("replayed 2 of 2"), "{replayed}");
+    wait_dead_letters(&app, 2).await;
+    let list = upline_dlq(&app, &["list"]).await;
+    assert!(list.contains("message too large: "), "{list}");
+    let (status, _) = app.admin_get("/api/purchases/too-big").await;
+    assert_eq!(status, 404, "the oversize message was never recorded");
+    assert_eq!(app.earnings(b.id).await["total"], "100.00");
+    app.stop().await;
+}

@@ -42,6 +42,7 @@ pub async fn run(
         rules,
         outbox_ready: Arc::new(Notify::new()),
         circuit: Arc::new(circuit::Circuit::new(probes.database_writable.clone())),
+        max_message_bytes: settings.worker.max_message_bytes,
     };
 
     let app = upline_common::http::ops_routes::<()>(probes.clone());
@@ -123,6 +124,14 @@ async fn session(
         let poll = Duration::from_millis(settings.worker.outbox_poll_ms);
         tasks.spawn(async move { outbox::relay(db, &conn, ready, poll, cancel).await });
     }
+    {
+        let (conn, cancel, alert) = (
+            conn.clone(),
+            session.clone(),
+            settings.worker.dead_letter_alert,
+        );
+        tasks.spawn(async move { watch_dead_letters(&conn, alert, cancel).await });
+    }
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
         let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
@@ -134,5 +143,45 @@ async fn session(
     match first_error {
         Some(e) if !shutdown.is_cancelled() => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Publishes the depth of `upline.purchases.dead` as the gauge `upline_dead_letters` every
+/// 10 s, and warns while it is above `alert` (`worker.dead_letter_alert`): dead letters wait
+/// for an operator (`upline dlq`), so a growing queue must be seen.
+///
+/// # Errors
+/// Broker errors (the session reconnects).
+async fn watch_dead_letters(
+    conn: &lapin::Connection,
+    alert: u32,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let queue = channel
+            .queue_declare(
+                amqp::PURCHASES_DEAD_QUEUE,
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let depth = queue.message_count();
+        metrics::gauge!("upline_dead_letters").set(f64::from(depth));
+        if depth > alert {
+            tracing::warn!(
+                depth,
+                alert,
+                "dead-lettered purchases are piling up in upline.purchases.dead; inspect and replay them with `upline dlq`"
+            );
+        }
     }
 }

@@ -20,6 +20,8 @@ pub struct Ctx {
     pub outbox_ready: Arc<Notify>,
     /// Open while the database fails: consumers wait, one probes (see [`crate::circuit`]).
     pub circuit: Arc<crate::circuit::Circuit>,
+    /// Largest message body read (`worker.max_message_bytes`); bigger ones are dead-lettered.
+    pub max_message_bytes: usize,
 }
 
 /// What to do with a message once processing is over.
@@ -41,6 +43,14 @@ pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disp
     let mut items = Vec::with_capacity(bodies.len());
     let mut positions = Vec::with_capacity(bodies.len());
     for (i, body) in bodies.iter().enumerate() {
+        if body.len() > ctx.max_message_bytes {
+            dispositions[i] = Some(Disposition::DeadLetter(format!(
+                "message too large: {} bytes, more than worker.max_message_bytes = {}",
+                body.len(),
+                ctx.max_message_bytes
+            )));
+            continue;
+        }
         match purchase::read(body) {
             Err(unreadable) => {
                 dispositions[i] = Some(Disposition::DeadLetter(unreadable.to_string()))
