@@ -62,7 +62,17 @@ impl Publisher {
             }
         }
         self.broker_up.store(false, Ordering::Relaxed);
-        *link = None;
+        if let Some((old, _)) = link.take() {
+            // Closed, not just dropped: a connection whose channel failed may still be open on
+            // the broker's side and would linger there.
+            if old.status().connected() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    old.close(200, "api replacing its publishing connection"),
+                )
+                .await;
+            }
+        }
         let connect = async {
             let conn = amqp::connect(&self.amqp, "upline-api").await?;
             let prepared = async {
