@@ -117,6 +117,25 @@ pub struct NotifierSettings {
     pub send_timeout_secs: u64,
     /// Kernel send buffer per client socket, in bytes (fixed, so it cannot grow unbounded).
     pub socket_send_buffer: usize,
+    /// Earnings read from PostgreSQL per query while a subscription replays or catches up; a
+    /// subscription holds at most this many frames in memory. At least 1.
+    pub replay_page_size: usize,
+    /// Seconds a new WebSocket may take to send its `subscribe` message before it is closed
+    /// (code 4006, `subscribe_timeout`). At least 1.
+    pub subscribe_timeout_secs: u64,
+    /// Open WebSocket and SSE connections this notifier accepts in all; past it new ones are
+    /// refused with `notifier_full` (WebSocket close code 1013, SSE `503`). Always enforced.
+    /// At least 1.
+    pub max_connections: usize,
+    /// Open subscriptions per user (WebSocket and SSE together); past it `429` /
+    /// close code 4004 `too_many_connections_for_user`. An abuse limit: off with
+    /// `limits.enabled = false`. At least 1.
+    pub max_connections_per_user: usize,
+    /// Open connections per client address (WebSocket and SSE together, subscribed or not,
+    /// the address as `limits.trust_forwarded_for` says); past it `429` / close code 4005
+    /// `too_many_connections_from_address`. An abuse limit: off with `limits.enabled =
+    /// false`. At least 1.
+    pub max_connections_per_address: usize,
 }
 
 /// Commission rules, SPEC §2.
@@ -276,6 +295,15 @@ impl Settings {
         crate::amqp::tls_config(&self.amqp)?;
         if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
             bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
+        }
+        let n = &self.notifier;
+        if n.replay_page_size == 0
+            || n.subscribe_timeout_secs == 0
+            || n.max_connections == 0
+            || n.max_connections_per_user == 0
+            || n.max_connections_per_address == 0
+        {
+            bail!("notifier.replay_page_size, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
         }
         if self.auth.token_ttl < Duration::from_secs(1)
             || self.auth.token_ttl > Duration::from_secs(30 * 24 * 3600)

@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod feed;
 pub mod hub;
 pub mod revocations;
+pub mod slots;
 pub mod sse;
 pub mod ws;
 
@@ -29,6 +30,7 @@ use upline_common::Settings;
 
 use crate::feed::Target;
 use crate::hub::Hub;
+use crate::slots::{Caps, Slots};
 
 /// What connection handlers share.
 #[derive(Clone)]
@@ -42,6 +44,12 @@ pub struct NotifierState {
     pub send_timeout: Duration,
     /// Abuse limits per client address (`limits.*`): failed authentications.
     pub limits: Limits,
+    /// Connection caps (`notifier.max_connections*`).
+    pub slots: Slots,
+    /// How long a new WebSocket may take to subscribe (`notifier.subscribe_timeout_secs`).
+    pub subscribe_timeout: Duration,
+    /// Earnings per replay query, the most a subscription holds (`notifier.replay_page_size`).
+    pub replay_page_size: usize,
     pub shutdown: CancellationToken,
 }
 
@@ -172,9 +180,34 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let hub = Arc::new(Hub::new(settings.notifier.buffer));
+    serve(settings, listener, shutdown, hub).await
+}
+
+/// The connection caps `settings` ask for: per address and per user only with
+/// `limits.enabled`.
+pub fn caps(settings: &Settings) -> Caps {
+    let n = &settings.notifier;
+    let abuse = settings.limits.enabled;
+    Caps {
+        total: n.max_connections,
+        per_address: abuse.then_some(n.max_connections_per_address),
+        per_user: abuse.then_some(n.max_connections_per_user),
+    }
+}
+
+/// [`run`] with a hub of the caller's (tests watch its entries).
+///
+/// # Errors
+/// As [`run`].
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hub: Arc<Hub>,
+) -> anyhow::Result<()> {
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());
-    let hub = Arc::new(Hub::new(settings.notifier.buffer));
     let consumer = tokio::spawn(consumer::run(
         settings.amqp.clone(),
         hub.clone(),
@@ -191,6 +224,9 @@ pub async fn run(
         hub,
         auth: Auth::new(&settings.auth),
         limits: Limits::new(&settings.limits),
+        slots: Slots::new(caps(&settings)),
+        subscribe_timeout: Duration::from_secs(settings.notifier.subscribe_timeout_secs),
+        replay_page_size: settings.notifier.replay_page_size,
         ping_interval: Duration::from_secs(settings.notifier.ping_interval_secs),
         idle_timeout: Duration::from_secs(settings.notifier.idle_timeout_secs),
         send_timeout: Duration::from_secs(settings.notifier.send_timeout_secs),

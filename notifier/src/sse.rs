@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::feed::{Feed, FeedEnd, Target};
+use crate::slots::{CapExceeded, RETRY_AFTER};
 use crate::{Authorized, NotifierState, Refused};
 
 /// The reconnection delay suggested to clients (`retry:`).
@@ -35,6 +36,11 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Response {
     let ip = state.limits.client_ip(Some(peer), &headers);
+    // Before the token is looked at: a refusal here costs nothing.
+    let slot = match state.slots.connect(ip) {
+        Ok(slot) => slot,
+        Err(refused) => return over_cap(refused),
+    };
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -101,9 +107,25 @@ pub async fn events(
         }
     };
     let since = last_event_id.or(query.since);
+    let user_slot = match target {
+        Target::User(id) => match state.slots.subscribe(id) {
+            Ok(slot) => Some(slot),
+            Err(refused) => return over_cap(refused),
+        },
+        Target::All => None,
+    };
     // Ask browsers to reconnect one second after a drop (the EventSource default is ~3 s).
     let hello = stream::once(async { Ok(Event::default().retry(RECONNECT).comment("subscribed")) });
-    let feed = match Feed::open(&state.hub, state.db.clone(), target, since, token).await {
+    let feed = match Feed::open(
+        &state.hub,
+        state.db.clone(),
+        target,
+        since,
+        token,
+        state.replay_page_size,
+    )
+    .await
+    {
         Ok(feed) => feed,
         Err(e) => {
             // Not a 503: an EventSource gives up for good on any answer but 200. A stream that
@@ -118,9 +140,17 @@ pub async fn events(
         }
     };
     metrics::counter!("upline_notifier_sse_streams_total").increment(1);
+    metrics::gauge!("upline_notifier_connections", "protocol" => "sse").increment(1.0);
+    // The stream owns the slots: however it ends (client gone, feed ended, shutdown), the
+    // response body is dropped and they are released.
+    let guards = (slot, user_slot, SseGauge);
     let stream = hello
         .chain(feed_events(feed, target))
-        .take_until(state.shutdown.clone().cancelled_owned());
+        .take_until(state.shutdown.clone().cancelled_owned())
+        .map(move |event| {
+            let _held = &guards;
+            event
+        });
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
@@ -161,6 +191,31 @@ fn feed_events(feed: Feed, target: Target) -> impl Stream<Item = Result<Event, I
             }
         }
     })
+}
+
+/// `upline_notifier_connections{protocol="sse"}`, decremented when the stream is dropped.
+struct SseGauge;
+
+impl Drop for SseGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("upline_notifier_connections", "protocol" => "sse").decrement(1.0);
+    }
+}
+
+/// A refusal by a connection cap: `429` for the per-user and per-address caps, `503` when the
+/// notifier is full, each with `Retry-After`. (An `EventSource` does not retry after either:
+/// a page stuck in a loop of refusals would only add load.)
+fn over_cap(refused: CapExceeded) -> Response {
+    let status = match refused {
+        CapExceeded::User(_) | CapExceeded::Address(_) => StatusCode::TOO_MANY_REQUESTS,
+        CapExceeded::Full => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut response = problem(status, refused.code(), &refused.to_string());
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(RETRY_AFTER.as_secs()),
+    );
+    response
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response {

@@ -12,10 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::feed::{Feed, FeedEnd, Target};
+use crate::slots::{CapExceeded, ConnectionSlot, RETRY_AFTER};
 use crate::{Authorized, NotifierState, Refused};
-
-/// How long a new connection may take to send its `subscribe` message.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Close codes (4000–4999 are the application's own).
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -24,7 +22,24 @@ const CLOSE_LAGGED: u16 = 4001;
 const CLOSE_IDLE: u16 = 4002;
 /// The token was revoked or expired: sign in again (or renew the token) before reconnecting.
 const CLOSE_UNAUTHORIZED: u16 = 4003;
+/// The user has `notifier.max_connections_per_user` streams open already.
+const CLOSE_TOO_MANY_FOR_USER: u16 = 4004;
+/// The client address has `notifier.max_connections_per_address` connections open already.
+const CLOSE_TOO_MANY_FROM_ADDRESS: u16 = 4005;
+/// No `subscribe` message within `notifier.subscribe_timeout_secs`.
+const CLOSE_SUBSCRIBE_TIMEOUT: u16 = 4006;
+/// The notifier is at `notifier.max_connections` (RFC 6455's "Try Again Later").
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_ERROR: u16 = 1011;
+
+/// The close code of a refusal by a connection cap.
+fn cap_close_code(refused: CapExceeded) -> u16 {
+    match refused {
+        CapExceeded::User(_) => CLOSE_TOO_MANY_FOR_USER,
+        CapExceeded::Address(_) => CLOSE_TOO_MANY_FROM_ADDRESS,
+        CapExceeded::Full => CLOSE_TRY_AGAIN_LATER,
+    }
+}
 
 /// `{"type":"subscribe","user_id":7 | "*","token":"…","since":12}`
 #[derive(Debug, Deserialize)]
@@ -43,6 +58,9 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let ip = state.limits.client_ip(Some(peer), &headers);
+    // Counted from the request on, so that sockets which never subscribe count too. A refusal
+    // is still upgraded: browsers show a WebSocket client no HTTP status, only close codes.
+    let slot = state.slots.connect(ip);
     // Small buffers: tungstenite's defaults (128 KiB each way) would cost ~140 KiB per idle
     // connection; frames here are a few hundred bytes, and back-pressure is the hub's bounded
     // buffer, not the socket's.
@@ -50,31 +68,50 @@ pub async fn upgrade(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(64 * 1024)
-        .on_upgrade(move |socket| connection(state, socket, ip))
+        .on_upgrade(move |socket| connection(state, socket, ip, slot))
 }
 
-async fn connection(state: NotifierState, socket: WebSocket, ip: Option<IpAddr>) {
-    metrics::gauge!("upline_notifier_connections", "protocol" => "ws").increment(1.0);
+/// One WebSocket, from upgrade to close; `slot` (its place in the connection caps) is held
+/// until it returns, however the connection ends.
+async fn connection(
+    state: NotifierState,
+    socket: WebSocket,
+    ip: Option<IpAddr>,
+    slot: Result<ConnectionSlot, CapExceeded>,
+) {
     let mut client = Client {
         socket,
         send_timeout: state.send_timeout,
     };
+    let _slot = match slot {
+        Ok(slot) => slot,
+        Err(refused) => {
+            client.refuse(refused).await;
+            return;
+        }
+    };
+    metrics::gauge!("upline_notifier_connections", "protocol" => "ws").increment(1.0);
     serve(&state, &mut client, ip).await;
     metrics::gauge!("upline_notifier_connections", "protocol" => "ws").decrement(1.0);
 }
 
 async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
-    let request =
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, first_text(&mut socket.socket)).await {
-            Ok(Some(text)) => text,
-            Ok(None) => return,
-            Err(_) => {
-                socket
-                    .reject("bad_request", "send a subscribe message first")
-                    .await;
-                return;
-            }
-        };
+    let timeout = state.subscribe_timeout;
+    let request = match tokio::time::timeout(timeout, first_text(&mut socket.socket)).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return,
+        Err(_) => {
+            let message = format!(
+                "no subscribe message within {} s; send it as soon as the socket opens",
+                timeout.as_secs()
+            );
+            metrics::counter!("upline_notifier_subscribe_timeouts_total").increment(1);
+            socket
+                .reject_with("subscribe_timeout", &message, CLOSE_SUBSCRIBE_TIMEOUT)
+                .await;
+            return;
+        }
+    };
     let sub: Subscribe = match serde_json::from_str(&request) {
         Ok(s) => s,
         Err(e) => {
@@ -106,7 +143,28 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
             return;
         }
     };
-    let mut feed = match Feed::open(&state.hub, state.db.clone(), target, sub.since, token).await {
+    // One of the user's stream slots, held as long as the feed (the admin feed of everyone is
+    // not a user's).
+    let _user_slot = match target {
+        Target::User(id) => match state.slots.subscribe(id) {
+            Ok(slot) => Some(slot),
+            Err(refused) => {
+                socket.refuse(refused).await;
+                return;
+            }
+        },
+        Target::All => None,
+    };
+    let mut feed = match Feed::open(
+        &state.hub,
+        state.db.clone(),
+        target,
+        sub.since,
+        token,
+        state.replay_page_size,
+    )
+    .await
+    {
         Ok(feed) => feed,
         Err(e) => {
             tracing::error!(error = %e, "opening a feed");
@@ -209,10 +267,33 @@ impl Client {
     }
 
     async fn reject(&mut self, code: &str, message: &str) {
+        self.reject_with(code, message, CLOSE_POLICY).await;
+    }
+
+    /// An error frame, then a close with `close_code`.
+    async fn reject_with(&mut self, code: &str, message: &str, close_code: u16) {
         let _ = self
             .send(json!({"type": "error", "code": code, "message": message}).to_string())
             .await;
-        self.close(CLOSE_POLICY, message).await;
+        self.close(close_code, message).await;
+    }
+
+    /// Refuses a connection over a cap: an error frame with `retry_after` (seconds), then a
+    /// close with the cap's own code.
+    async fn refuse(&mut self, refused: CapExceeded) {
+        let message = refused.to_string();
+        let _ = self
+            .send(
+                json!({
+                    "type": "error",
+                    "code": refused.code(),
+                    "message": message,
+                    "retry_after": RETRY_AFTER.as_secs(),
+                })
+                .to_string(),
+            )
+            .await;
+        self.close(cap_close_code(refused), &message).await;
     }
 
     async fn close(&mut self, code: u16, reason: &str) {

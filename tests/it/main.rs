@@ -8,6 +8,7 @@ mod crash;
 mod dashboard;
 mod live;
 mod notifier;
+mod notifier_limits;
 mod openapi;
 mod purchases;
 mod queue;
