@@ -91,6 +91,9 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// How often the outbox relay looks for earnings left unpublished by a crashed worker (ms).
     pub outbox_poll_ms: u64,
+    /// How long the outbox relay waits for a batch's publisher confirms before it backs off
+    /// and tries again (ms); its lease on the batch is twice this plus a second.
+    pub outbox_confirm_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +268,9 @@ impl Settings {
         crate::amqp::tls_config(&self.amqp)?;
         if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
             bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
+        }
+        if self.worker.outbox_confirm_timeout_ms < 100 {
+            bail!("worker.outbox_confirm_timeout_ms must be at least 100");
         }
         if self.auth.token_ttl < Duration::from_secs(1)
             || self.auth.token_ttl > Duration::from_secs(30 * 24 * 3600)

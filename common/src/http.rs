@@ -13,19 +13,27 @@ use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
 
-/// What readiness checks: a pool to ping and a flag the service keeps up to date while it
-/// holds a live broker connection.
+/// What readiness checks: a pool to ping and flags the service keeps up to date while it
+/// holds a broker connection.
 #[derive(Clone)]
 pub struct Probes {
+    /// Pinged by `/readyz` (2 s at most).
     pub db: PgPool,
+    /// Set while the service holds a live broker connection.
     pub broker_up: Arc<AtomicBool>,
+    /// Set while RabbitMQ holds the connection blocked (`connection.blocked`: a memory or disk
+    /// alarm), so that nothing can be published; `/readyz` then answers 503 with
+    /// `"broker": "blocked"`. Services that do not watch for it leave it unset.
+    pub broker_blocked: Arc<AtomicBool>,
 }
 
 impl Probes {
+    /// Probes of `db`, with the broker down and not blocked until the service says otherwise.
     pub fn new(db: PgPool) -> Self {
         Probes {
             db,
             broker_up: Arc::new(AtomicBool::new(false)),
+            broker_blocked: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -51,8 +59,13 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         .await,
         Ok(Ok(_))
     );
-    let broker = p.broker_up.load(Ordering::Relaxed);
-    let status = if db && broker {
+    let up = p.broker_up.load(Ordering::Relaxed);
+    let broker = match (up, p.broker_blocked.load(Ordering::Relaxed)) {
+        (false, _) => "down",
+        (true, true) => "blocked",
+        (true, false) => "up",
+    };
+    let status = if db && broker == "up" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -62,7 +75,7 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         Json(json!({
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
             "database": if db { "up" } else { "down" },
-            "broker": if broker { "up" } else { "down" },
+            "broker": broker,
         })),
     )
 }

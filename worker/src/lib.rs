@@ -67,8 +67,9 @@ pub async fn run(
         };
         probes.broker_up.store(true, Ordering::Relaxed);
         let conn = Arc::new(conn);
-        let result = session(&ctx, &settings, &conn, &shutdown).await;
+        let result = session(&ctx, &settings, &conn, &probes, &shutdown).await;
         probes.broker_up.store(false, Ordering::Relaxed);
+        probes.broker_blocked.store(false, Ordering::Relaxed);
         let _ = conn.close(200, "worker session over").await;
         match result {
             Ok(()) => break,
@@ -86,12 +87,14 @@ pub async fn run(
     Ok(())
 }
 
-/// One broker connection's worth of work: topology, consumers, relay. Ends when `shutdown`
-/// fires (`Ok`) or any part fails (`Err`, after stopping the others).
+/// One broker connection's worth of work: topology, consumers, relay, and a watch on
+/// `connection.blocked` for `/readyz`. Ends when `shutdown` fires (`Ok`) or any part fails
+/// (`Err`, after stopping the others).
 async fn session(
     ctx: &Ctx,
     settings: &Settings,
     conn: &Arc<lapin::Connection>,
+    probes: &Probes,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
@@ -118,9 +121,35 @@ async fn session(
             ctx.outbox_ready.clone(),
             session.clone(),
         );
-        let poll = Duration::from_millis(settings.worker.outbox_poll_ms);
-        tasks.spawn(async move { outbox::relay(db, &conn, ready, poll, cancel).await });
+        let options = outbox::RelayOptions {
+            poll: Duration::from_millis(settings.worker.outbox_poll_ms),
+            confirm_timeout: Duration::from_millis(settings.worker.outbox_confirm_timeout_ms),
+        };
+        tasks.spawn(async move { outbox::relay(db, &conn, ready, options, cancel).await });
     }
+    // lapin records `connection.blocked`/`unblocked` in the connection's status (and holds
+    // every outgoing frame meanwhile) but offers no callback: look at it a few times a second.
+    let watch = {
+        let (conn, blocked, cancel) =
+            (conn.clone(), probes.broker_blocked.clone(), session.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = conn.status().blocked();
+                if blocked.swap(now, Ordering::Relaxed) != now {
+                    if now {
+                        tracing::warn!("RabbitMQ blocked this connection (resource alarm); nothing can be published until it clears");
+                    } else {
+                        tracing::info!("RabbitMQ unblocked this connection");
+                    }
+                    metrics::gauge!("upline_broker_blocked").set(if now { 1.0 } else { 0.0 });
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        })
+    };
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
         let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
@@ -129,6 +158,9 @@ async fn session(
             first_error.get_or_insert(e);
         }
     }
+    session.cancel();
+    let _ = watch.await;
+    metrics::gauge!("upline_broker_blocked").set(0.0);
     match first_error {
         Some(e) if !shutdown.is_cancelled() => Err(e),
         _ => Ok(()),
