@@ -39,7 +39,11 @@ impl Probes {
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, for merging into a service's router.
+///
+/// Installs the Prometheus recorder at once (every service builds these routes at start-up):
+/// installed lazily on the first scrape, it dropped every metric recorded before it.
 pub fn ops_routes<S: Clone + Send + Sync + 'static>(probes: Probes) -> Router<S> {
+    let _ = crate::telemetry::metrics();
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
