@@ -14,5 +14,6 @@ mod queue;
 mod registration;
 mod reports;
 mod security;
+mod servers;
 mod sse_browser;
 mod tls;
