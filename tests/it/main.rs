@@ -6,6 +6,7 @@ mod harness;
 mod broker_permissions;
 mod crash;
 mod dashboard;
+mod faults;
 mod live;
 mod notifier;
 mod openapi;
