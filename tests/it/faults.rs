@@ -744,7 +744,7 @@ async fn rabbitmq_restarted_while_purchases_stream_in_over_rest() {
         "no request was refused: the restart did not land mid-stream"
     );
     println!(
-        "FAULT rabbitmq_restart: {} purchases over REST by 4 clients, broker stop_app/start_app \
+        "FAULT rabbitmq-restart: {} purchases over REST by 4 clients, broker stop_app/start_app \
          after {at_stop} accepted (down {:.1}s), {}, {}; exactly once: {earnings} earnings to \
          {earners} earners equal to the recomputation; live: {live}; {:.1}s",
         purchases.len(),
@@ -757,11 +757,22 @@ async fn rabbitmq_restarted_while_purchases_stream_in_over_rest() {
 
 #[tokio::test]
 async fn postgres_restarted_mid_stream() {
+    postgres_fault("postgres-restart", None).await;
+}
+
+#[tokio::test]
+async fn postgres_down_for_five_seconds_mid_stream() {
+    postgres_fault("postgres-down", Some(Duration::from_secs(5))).await;
+}
+
+/// Streams purchases and, mid-stream, restarts PostgreSQL (`pg_ctl restart -m fast`), or
+/// with `down`, stops it (`-m fast`) and starts it again after that long.
+async fn postgres_fault(label: &'static str, down: Option<Duration>) {
     let started = Instant::now();
-    let stack = Stack::start("postgres-restart", &[]).await;
+    let stack = Stack::start(label, &[]).await;
     let forest = stack.forest().await;
     let subscribers = watch(&stack, &forest);
-    let purchases = plan(&forest, "pr", 0, 400);
+    let purchases = plan(&forest, "pg", 0, 400);
     let accepted = Arc::new(AtomicUsize::new(0));
     let streaming = stream(
         stack.api.base(),
@@ -771,15 +782,27 @@ async fn postgres_restarted_mid_stream() {
         accepted.clone(),
     );
 
-    wait_count(&accepted, 100, "accepted before the restart").await;
-    let at_restart = accepted.load(Ordering::Relaxed);
+    wait_count(&accepted, 100, "accepted before the fault").await;
+    let at_fault = accepted.load(Ordering::Relaxed);
     let recorded_before: i64 = sqlx::query_scalar("select count(*) from purchases")
         .fetch_one(&stack.db)
         .await
         .expect("count");
-    let restart = Instant::now();
-    stack.pg.restart_fast().await;
-    let took = restart.elapsed();
+    let fault = Instant::now();
+    let what = match down {
+        None => {
+            stack.pg.restart_fast().await;
+            "pg_ctl restart -m fast"
+        }
+        Some(down) => {
+            stack.pg.stop_fast().await;
+            tokio::time::sleep(down).await;
+            stack.pg.start_again().await;
+            "pg_ctl stop -m fast, start"
+        }
+    };
+    let took = fault.elapsed();
+    let accepted_meanwhile = accepted.load(Ordering::Relaxed) - at_fault;
 
     let stats = tokio::time::timeout(PHASE, streaming)
         .await
@@ -789,10 +812,10 @@ async fn postgres_restarted_mid_stream() {
     let (earnings, earners) = stack.check_ledger(&purchases).await;
     let live = finish_all(&stack, subscribers).await;
     println!(
-        "FAULT postgres_restart: {} purchases over REST by 4 clients, pg_ctl restart -m fast \
-         after {at_restart} accepted / {recorded_before} recorded (restart took {:.1}s), {}, {}; \
-         exactly once: {earnings} earnings to {earners} earners equal to the recomputation; \
-         live: {live}; {:.1}s",
+        "FAULT {label}: {} purchases over REST by 4 clients, {what} after {at_fault} accepted / \
+         {recorded_before} recorded (database unavailable {:.1}s, {accepted_meanwhile} accepted \
+         meanwhile), {}, {}; exactly once: {earnings} earnings to {earners} earners equal to the \
+         recomputation; live: {live}; {:.1}s",
         purchases.len(),
         took.as_secs_f64(),
         stats.describe(),
@@ -1087,7 +1110,7 @@ async fn broker_memory_alarm_blocks_the_relay_without_holding_a_transaction() {
         *stats.retried.entry(s).or_default() += n;
     }
     println!(
-        "FAULT memory_alarm: {} purchases over REST ({}), 200 of them recorded by a worker \
+        "FAULT memory-alarm: {} purchases over REST ({}), 200 of them recorded by a worker \
          started during a vm_memory_high_watermark 0.000001 alarm of {:.1}s: a probe publish \
          got no confirm until it cleared; worker /readyz 503 {blocked_body} after {:.1}s; \
          {recorded_in_alarm} purchases recorded, up to {max_outbox} events in the outbox \

@@ -208,6 +208,18 @@ impl PgCluster {
             .await;
     }
 
+    /// `pg_ctl stop -m fast`: every session is terminated and the server stays down until
+    /// [`PgCluster::start_again`].
+    pub async fn stop_fast(&self) {
+        self.pg_ctl(&["-m", "fast", "stop"], "pg_ctl stop -m fast")
+            .await;
+    }
+
+    /// `pg_ctl start` after [`PgCluster::stop_fast`].
+    pub async fn start_again(&self) {
+        self.pg_ctl(&["start"], "pg_ctl start").await;
+    }
+
     /// A URL for `database` on this cluster (as user `postgres`), with `query` (may be empty).
     pub fn url(&self, database: &str, query: &str) -> String {
         let query = if query.is_empty() {
