@@ -871,6 +871,10 @@ async fn sigterm_to_every_service_under_load_then_restart_and_drain() {
         .fetch_one(&stack.db)
         .await
         .expect("outbox");
+    assert_eq!(
+        outbox_at_stop, 0,
+        "the stopped worker left committed earnings unpublished"
+    );
     let accepted_at_stop = accepted.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
 

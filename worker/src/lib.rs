@@ -114,19 +114,22 @@ async fn session(
         let tag = format!("upline-worker-{}-{i}", std::process::id());
         tasks.spawn(async move { consumer::consume(ctx, &conn, options, tag, cancel).await });
     }
-    {
+    // The relay stops only after the consumers: its last sweep then publishes what their last
+    // batches committed, instead of leaving it to the next worker.
+    let relay_stop = CancellationToken::new();
+    let mut relay = {
         let (db, conn, ready, cancel) = (
             ctx.db.clone(),
             conn.clone(),
             ctx.outbox_ready.clone(),
-            session.clone(),
+            relay_stop.clone(),
         );
         let options = outbox::RelayOptions {
             poll: Duration::from_millis(settings.worker.outbox_poll_ms),
             confirm_timeout: Duration::from_millis(settings.worker.outbox_confirm_timeout_ms),
         };
-        tasks.spawn(async move { outbox::relay(db, &conn, ready, options, cancel).await });
-    }
+        tokio::spawn(async move { outbox::relay(db, &conn, ready, options, cancel).await })
+    };
     // lapin records `connection.blocked`/`unblocked` in the connection's status (and holds
     // every outgoing frame meanwhile) but offers no callback: look at it a few times a second.
     let watch = {
@@ -151,10 +154,26 @@ async fn session(
         })
     };
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
-        if let Err(e) = result {
+    let mut relay_ended = false;
+    loop {
+        let result = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => joined,
+                None => break,
+            },
+            joined = &mut relay, if !relay_ended => {
+                relay_ended = true;
+                joined
+            }
+        };
+        if let Err(e) = result.map_err(anyhow::Error::from).and_then(|r| r) {
             session.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    relay_stop.cancel();
+    if !relay_ended {
+        if let Err(e) = relay.await.map_err(anyhow::Error::from).and_then(|r| r) {
             first_error.get_or_insert(e);
         }
     }

@@ -160,10 +160,18 @@ pub async fn relay(
             () = tokio::time::sleep(wait) => {}
         }
     };
-    if result.is_ok() && !conn.status().blocked() {
-        // Publish what the last in-flight purchases committed before stopping.
-        if let Err(e) = relay_batch(&db, &channel, &relay_id, options).await {
-            tracing::warn!(error = %e, "outbox relay: last sweep failed; the rows stay queued");
+    if result.is_ok() {
+        // Publish what the last in-flight purchases committed before stopping (the worker
+        // stops its relay after its consumers).
+        while !conn.status().blocked() {
+            match relay_batch(&db, &channel, &relay_id, options).await {
+                Ok(n) if n == BATCH as usize => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay: last sweep failed; the rows stay queued");
+                    break;
+                }
+            }
         }
     }
     // Hand back whatever this relay still holds, so the next relay need not wait for the lease.
