@@ -1079,6 +1079,30 @@ async fn broker_memory_alarm_blocks_the_relay_without_holding_a_transaction() {
         "upline_outbox_backlog on /metrics during the alarm: {backlog:?}\n{metrics}"
     );
 
+    // SIGTERM during the alarm: the worker stops (abandoning acknowledgements it cannot send)
+    // and a new one starts, still under the alarm.
+    let term = Instant::now();
+    let status = stack.worker.sigterm().await;
+    let stopped_in = term.elapsed();
+    assert!(
+        status.success(),
+        "the blocked worker did not stop cleanly: {status}"
+    );
+    let abandoned = stack.log_count("worker", "abandoning their unacknowledged deliveries");
+    stack.worker.spawn();
+    let deadline = Instant::now() + PHASE;
+    loop {
+        let (status, body) = stack.worker_readyz().await;
+        if status == 503 && body["broker"] == "blocked" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second worker's /readyz never reported the blocked broker ({status} {body})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The alarm clears: the probe's publish is confirmed, the worker recovers by itself.
     stack
         .rabbit
@@ -1120,13 +1144,17 @@ async fn broker_memory_alarm_blocks_the_relay_without_holding_a_transaction() {
          {recorded_in_alarm} purchases recorded, up to {max_outbox} events in the outbox \
          (gauge {backlog:?}), {timeouts} relay confirm timeouts, {samples} pg_stat_activity \
          samples: no worker session idle in transaction, oldest worker transaction \
-         {oldest_xact:.3}s; ready again {:.1}s after the alarm cleared; exactly once: \
+         {oldest_xact:.3}s; SIGTERM during the alarm: exit 0 in {:.1}s (consumers \
+         abandoned after the grace period: {}), a new worker started still blocked; ready again {:.1}s after the \
+         alarm cleared; exactly once: \
          {earnings} earnings to {earners} earners equal to the recomputation; live: {live}; \
          {:.1}s",
         all.len(),
         stats.describe(),
         alarm_lasted.as_secs_f64(),
         blocked_after.as_secs_f64(),
+        stopped_in.as_secs_f64(),
+        abandoned > 0,
         ready_after.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );

@@ -23,6 +23,10 @@ use upline_common::{amqp, Settings};
 
 use crate::process::Ctx;
 
+/// How long the consumers may take to stop once the session ends (shutdown or a failed part)
+/// before they are abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs a worker until `shutdown` fires: the health/metrics server on `listener`, the
 /// consumers and the outbox relay, reconnecting to RabbitMQ whenever the connection is lost.
 ///
@@ -70,7 +74,12 @@ pub async fn run(
         let result = session(&ctx, &settings, &conn, &probes, &shutdown).await;
         probes.broker_up.store(false, Ordering::Relaxed);
         probes.broker_blocked.store(false, Ordering::Relaxed);
-        let _ = conn.close(200, "worker session over").await;
+        // Closing waits for the broker too, which a blocked connection never reaches.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "worker session over"),
+        )
+        .await;
         match result {
             Ok(()) => break,
             Err(e) => tracing::warn!(
@@ -155,6 +164,16 @@ async fn session(
     };
     let mut first_error = None;
     let mut relay_ended = false;
+    // A consumer finishes its batch in hand when the session ends, but acknowledging it waits
+    // for the broker, and a blocked connection (resource alarm) sends nothing: past the grace
+    // period the consumers are abandoned. Their batches are committed; the unacknowledged
+    // deliveries go back to the queue with the connection and are recorded as duplicates.
+    let overdue = async {
+        session.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::pin!(overdue);
+    let mut abandoned = false;
     loop {
         let result = tokio::select! {
             joined = tasks.join_next() => match joined {
@@ -165,7 +184,21 @@ async fn session(
                 relay_ended = true;
                 joined
             }
+            () = &mut overdue, if !abandoned => {
+                abandoned = true;
+                tracing::warn!(
+                    grace = ?STOP_GRACE,
+                    blocked = conn.status().blocked(),
+                    "consumers did not stop in time; abandoning their unacknowledged deliveries \
+                     (the broker redelivers them)"
+                );
+                tasks.abort_all();
+                continue;
+            }
         };
+        if abandoned && matches!(&result, Err(e) if e.is_cancelled()) {
+            continue;
+        }
         if let Err(e) = result.map_err(anyhow::Error::from).and_then(|r| r) {
             session.cancel();
             first_error.get_or_insert(e);
