@@ -74,12 +74,15 @@ pub async fn run(
         let result = session(&ctx, &settings, &conn, &probes, &shutdown).await;
         probes.broker_up.store(false, Ordering::Relaxed);
         probes.broker_blocked.store(false, Ordering::Relaxed);
-        // Closing waits for the broker too, which a blocked connection never reaches.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "worker session over"),
-        )
-        .await;
+        // Closing waits for the broker too, which a blocked connection never reaches: then the
+        // connection is just dropped.
+        if !conn.status().blocked() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                conn.close(200, "worker session over"),
+            )
+            .await;
+        }
         match result {
             Ok(()) => break,
             Err(e) => tracing::warn!(
