@@ -102,6 +102,9 @@ pub struct WorkerSettings {
     /// Depth of `upline.purchases.dead` above which the worker warns (gauge
     /// `upline_dead_letters` on `/metrics`).
     pub dead_letter_alert: u32,
+    /// How long the outbox relay waits for a batch's publisher confirms before it backs off
+    /// and tries again (ms); its lease on the batch is twice this plus a second.
+    pub outbox_confirm_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +307,9 @@ impl Settings {
             || n.max_connections_per_address == 0
         {
             bail!("notifier.replay_page_size, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
+        }
+        if self.worker.outbox_confirm_timeout_ms < 100 {
+            bail!("worker.outbox_confirm_timeout_ms must be at least 100");
         }
         if self.auth.token_ttl < Duration::from_secs(1)
             || self.auth.token_ttl > Duration::from_secs(30 * 24 * 3600)

@@ -13,30 +13,42 @@ use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
 
-/// What readiness checks: a pool to ping and a flag the service keeps up to date while it
-/// holds a live broker connection.
+/// What readiness checks: a pool to ping and flags the service keeps up to date while it
+/// holds a broker connection.
 #[derive(Clone)]
 pub struct Probes {
+    /// Pinged by `/readyz` (2 s at most).
     pub db: PgPool,
+    /// Set while the service holds a live broker connection.
     pub broker_up: Arc<AtomicBool>,
     /// Cleared while the database answers `select 1` but fails the service's own work with
     /// infrastructure errors (read-only after a failover, timeouts, a schema not migrated
     /// yet): the worker's circuit is open.
     pub database_writable: Arc<AtomicBool>,
+    /// Set while RabbitMQ holds the connection blocked (`connection.blocked`: a memory or disk
+    /// alarm), so that nothing can be published; `/readyz` then answers 503 with
+    /// `"broker": "blocked"`. Services that do not watch for it leave it unset.
+    pub broker_blocked: Arc<AtomicBool>,
 }
 
 impl Probes {
+    /// Probes of `db`, with the broker down and not blocked until the service says otherwise.
     pub fn new(db: PgPool) -> Self {
         Probes {
             db,
             broker_up: Arc::new(AtomicBool::new(false)),
             database_writable: Arc::new(AtomicBool::new(true)),
+            broker_blocked: Arc::new(AtomicBool::new(false)),
         }
     }
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, for merging into a service's router.
+///
+/// Installs the Prometheus recorder at once (every service builds these routes at start-up):
+/// installed lazily on the first scrape, it dropped every metric recorded before it.
 pub fn ops_routes<S: Clone + Send + Sync + 'static>(probes: Probes) -> Router<S> {
+    let _ = crate::telemetry::metrics();
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -57,8 +69,13 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         Ok(Ok(_))
     );
     let writable = p.database_writable.load(Ordering::Relaxed);
-    let broker = p.broker_up.load(Ordering::Relaxed);
-    let status = if db && writable && broker {
+    let up = p.broker_up.load(Ordering::Relaxed);
+    let broker = match (up, p.broker_blocked.load(Ordering::Relaxed)) {
+        (false, _) => "down",
+        (true, true) => "blocked",
+        (true, false) => "up",
+    };
+    let status = if db && writable && broker == "up" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -72,7 +89,7 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
                 (true, false) => "failing",
                 (false, _) => "down",
             },
-            "broker": if broker { "up" } else { "down" },
+            "broker": broker,
         })),
     )
 }

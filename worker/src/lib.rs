@@ -24,6 +24,10 @@ use upline_common::{amqp, Settings};
 
 use crate::process::Ctx;
 
+/// How long the consumers may take to stop once the session ends (shutdown or a failed part)
+/// before they are abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs a worker until `shutdown` fires: the health/metrics server on `listener`, the
 /// consumers and the outbox relay, reconnecting to RabbitMQ whenever the connection is lost.
 ///
@@ -70,9 +74,18 @@ pub async fn run(
         };
         probes.broker_up.store(true, Ordering::Relaxed);
         let conn = Arc::new(conn);
-        let result = session(&ctx, &settings, &conn, &shutdown).await;
+        let result = session(&ctx, &settings, &conn, &probes, &shutdown).await;
         probes.broker_up.store(false, Ordering::Relaxed);
-        let _ = conn.close(200, "worker session over").await;
+        probes.broker_blocked.store(false, Ordering::Relaxed);
+        // Closing waits for the broker too, which a blocked connection never reaches: then the
+        // connection is just dropped.
+        if !conn.status().blocked() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                conn.close(200, "worker session over"),
+            )
+            .await;
+        }
         match result {
             Ok(()) => break,
             Err(e) => tracing::warn!(
@@ -89,12 +102,14 @@ pub async fn run(
     Ok(())
 }
 
-/// One broker connection's worth of work: topology, consumers, relay. Ends when `shutdown`
-/// fires (`Ok`) or any part fails (`Err`, after stopping the others).
+/// One broker connection's worth of work: topology, consumers, relay, and a watch on
+/// `connection.blocked` for `/readyz`. Ends when `shutdown` fires (`Ok`) or any part fails
+/// (`Err`, after stopping the others).
 async fn session(
     ctx: &Ctx,
     settings: &Settings,
     conn: &Arc<lapin::Connection>,
+    probes: &Probes,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
@@ -114,32 +129,111 @@ async fn session(
         let tag = format!("upline-worker-{}-{i}", std::process::id());
         tasks.spawn(async move { consumer::consume(ctx, &conn, options, tag, cancel).await });
     }
-    {
+    // The relay stops only after the consumers: its last sweep then publishes what their last
+    // batches committed, instead of leaving it to the next worker.
+    let relay_stop = CancellationToken::new();
+    let mut relay = {
         let (db, conn, ready, cancel) = (
             ctx.db.clone(),
             conn.clone(),
             ctx.outbox_ready.clone(),
-            session.clone(),
+            relay_stop.clone(),
         );
-        let poll = Duration::from_millis(settings.worker.outbox_poll_ms);
-        tasks.spawn(async move { outbox::relay(db, &conn, ready, poll, cancel).await });
-    }
-    {
+        let options = outbox::RelayOptions {
+            poll: Duration::from_millis(settings.worker.outbox_poll_ms),
+            confirm_timeout: Duration::from_millis(settings.worker.outbox_confirm_timeout_ms),
+        };
+        tokio::spawn(async move { outbox::relay(db, &conn, ready, options, cancel).await })
+    };
+    // lapin records `connection.blocked`/`unblocked` in the connection's status (and holds
+    // every outgoing frame meanwhile) but offers no callback: look at it a few times a second.
+    let watch = {
+        let (conn, blocked, cancel) =
+            (conn.clone(), probes.broker_blocked.clone(), session.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = conn.status().blocked();
+                if blocked.swap(now, Ordering::Relaxed) != now {
+                    if now {
+                        tracing::warn!("RabbitMQ blocked this connection (resource alarm); nothing can be published until it clears");
+                    } else {
+                        tracing::info!("RabbitMQ unblocked this connection");
+                    }
+                    metrics::gauge!("upline_broker_blocked").set(if now { 1.0 } else { 0.0 });
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        })
+    };
+    // The depth of the dead-letter queue, for /metrics and a warning; not a part of the
+    // session's work, so it is simply stopped with it.
+    let dead_letters = {
         let (conn, cancel, alert) = (
             conn.clone(),
             session.clone(),
             settings.worker.dead_letter_alert,
         );
-        tasks.spawn(async move { watch_dead_letters(&conn, alert, cancel).await });
-    }
+        tokio::spawn(async move {
+            if let Err(e) = watch_dead_letters(&conn, alert, cancel).await {
+                tracing::debug!(error = %e, "dead-letter watch stopped");
+            }
+        })
+    };
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
-        if let Err(e) = result {
+    let mut relay_ended = false;
+    // A consumer finishes its batch in hand when the session ends, but acknowledging it waits
+    // for the broker, and a blocked connection (resource alarm) sends nothing: past the grace
+    // period the consumers are abandoned. Their batches are committed; the unacknowledged
+    // deliveries go back to the queue with the connection and are recorded as duplicates.
+    let overdue = async {
+        session.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::pin!(overdue);
+    let mut abandoned = false;
+    loop {
+        let result = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => joined,
+                None => break,
+            },
+            joined = &mut relay, if !relay_ended => {
+                relay_ended = true;
+                joined
+            }
+            () = &mut overdue, if !abandoned => {
+                abandoned = true;
+                tracing::warn!(
+                    grace = ?STOP_GRACE,
+                    blocked = conn.status().blocked(),
+                    "consumers did not stop in time; abandoning their unacknowledged deliveries \
+                     (the broker redelivers them)"
+                );
+                tasks.abort_all();
+                continue;
+            }
+        };
+        if abandoned && matches!(&result, Err(e) if e.is_cancelled()) {
+            continue;
+        }
+        if let Err(e) = result.map_err(anyhow::Error::from).and_then(|r| r) {
             session.cancel();
             first_error.get_or_insert(e);
         }
     }
+    relay_stop.cancel();
+    if !relay_ended {
+        if let Err(e) = relay.await.map_err(anyhow::Error::from).and_then(|r| r) {
+            first_error.get_or_insert(e);
+        }
+    }
+    session.cancel();
+    let _ = watch.await;
+    dead_letters.abort();
+    metrics::gauge!("upline_broker_blocked").set(0.0);
     match first_error {
         Some(e) if !shutdown.is_cancelled() => Err(e),
         _ => Ok(()),
