@@ -7,32 +7,46 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogSettings;
 
-/// Libraries that log whole messages at their most detailed levels, and the level they are
-/// held to whatever `RUST_LOG` asks: their messages carry user tokens (a WebSocket `subscribe`
-/// frame) and admin keys. Tokens, keys and emails never reach the logs at any level
-/// (README "Security"); `security::tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level`
-/// runs the whole pipeline at `RUST_LOG=trace` to check it.
-const PAYLOAD_LOGGING_TARGETS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+/// Libraries that log whole messages at trace level, which is never let through whatever
+/// `RUST_LOG` asks: their messages carry user tokens (a WebSocket `subscribe` frame) and admin
+/// keys. Tokens, keys and emails never reach the logs at any level (README "Security");
+/// `security::tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level` runs the
+/// whole pipeline at `RUST_LOG=trace` to check it.
+const PAYLOAD_LOGGING_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
-/// Installs the global subscriber: `RUST_LOG` if set, else `log.level`, with the libraries of
-/// [`PAYLOAD_LOGGING_TARGETS`] held below trace; JSON when `log.format = "json"`. Calling it
-/// again is harmless.
+/// Whether an event or span may be logged at all: not at trace level from a library of
+/// [`PAYLOAD_LOGGING_TARGETS`]. A cap, not a level: it lowers what `RUST_LOG` allows there and
+/// never raises it.
+fn may_log(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() < tracing::Level::TRACE
+        || !PAYLOAD_LOGGING_TARGETS.iter().any(|target| {
+            meta.target()
+                .strip_prefix(target)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
+
+/// Installs the global subscriber: `RUST_LOG` if set, else `log.level`, never trace from the
+/// libraries of [`PAYLOAD_LOGGING_TARGETS`]; JSON when `log.format = "json"`. Calling it again
+/// is harmless.
 pub fn init_tracing(settings: &LogSettings) {
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
-    for directive in PAYLOAD_LOGGING_TARGETS {
-        filter = filter.add_directive(
-            directive
-                .parse()
-                .expect("the payload-logging directives are valid"),
-        );
-    }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _already_set = if settings.format == "json" {
-        builder.json().try_init()
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&settings.level))
+        .and(filter_fn(may_log));
+    let layer = if settings.format == "json" {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.try_init()
+        tracing_subscriber::fmt::layer().with_filter(filter).boxed()
     };
+    let _already_set = tracing_subscriber::registry().with(layer).try_init();
 }
 
 /// The process's Prometheus recorder, installed on first use.

@@ -54,13 +54,10 @@ impl BenchEnv {
             .await
             .context("creating the benchmark's vhost (is RabbitMQ running?)")?;
         let mut settings = base.clone();
-        let server = settings
-            .database
-            .url
-            .rsplit_once('/')
-            .map_or(settings.database.url.as_str(), |(s, _)| s)
-            .to_owned();
-        settings.database.url = format!("{server}/{name}");
+        // The same server and parameters (`?sslmode=…`), another database.
+        let mut url = url::Url::parse(&settings.database.url).context("database.url")?;
+        url.set_path(&name);
+        settings.database.url = url.to_string();
         settings.database.max_connections = 32;
         settings.amqp.url = rabbit_admin::vhost_url(&base.amqp.url, &name);
         let db =

@@ -216,7 +216,7 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
             ),
             ("recent", "select * from earnings where earner_id = 1 order by seq desc limit 20"),
             ("replay since seq", "select * from earnings where earner_id = 1 and seq > 999000 order by seq limit 500"),
-            ("leaderboard", "select id, name, total_earnings from users where total_earnings > 0 order by total_earnings desc, id limit 10"),
+            ("leaderboard", "select id, name, total_earnings from users where total_earnings > 0 and show_on_leaderboard order by total_earnings desc, id limit 10"),
         ] {
             let plan: Vec<String> = sqlx::query_scalar(&format!("explain (analyze, buffers) {sql}")).fetch_all(&db).await?;
             println!("\n-- {label}\n{sql};\n{}", plan.join("\n"));
