@@ -4,7 +4,6 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// A failure, with the status and stable `code` it is reported with.
 #[derive(Debug, thiserror::Error)]
@@ -158,39 +157,39 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The request field at fault, for the problem's `field`.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::Validation { field, .. } => Some(field),
+            ApiError::AdminOnly { field, .. } => Some(field),
+            ApiError::UnknownBuyer(_) => Some("buyer_id"),
+            ApiError::IdempotencyKeyRequired => Some("purchase_id"),
+            _ => None,
+        }
+    }
+
+    /// What the client is told: the message, except for internal errors, whose text never
+    /// leaves the server.
+    pub fn public_detail(&self) -> String {
+        match self {
+            ApiError::Internal(_) => "an internal error occurred; it has been logged".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let detail = match &self {
-            ApiError::Internal(e) => {
-                tracing::error!(error = format!("{e:#}"), "internal error");
-                "an internal error occurred; it has been logged".to_owned()
-            }
-            other => other.to_string(),
-        };
-        let mut body = json!({
-            "type": format!("/problems/{code}"),
-            "title": status.canonical_reason().unwrap_or("error"),
-            "status": status.as_u16(),
-            "detail": detail,
-            "code": code,
-        });
-        if let ApiError::Validation { field, .. } = &self {
-            body["field"] = json!(field);
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "internal error");
         }
-        if let ApiError::UnknownBuyer(_) = &self {
-            body["field"] = json!("buyer_id");
-        }
-        if let ApiError::AdminOnly { field, .. } = &self {
-            body["field"] = json!(field);
-        }
-        if let ApiError::IdempotencyKeyRequired = &self {
-            body["field"] = json!("purchase_id");
-        }
-        let mut response = (status, axum::Json(body)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
+        let mut response = upline_common::http::problem_response(
+            status,
+            code,
+            &self.public_detail(),
+            self.field(),
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response

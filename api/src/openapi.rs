@@ -288,25 +288,7 @@ fn samples() -> Vec<ApiError> {
 /// The body `ApiError::into_response` sends for `e` (without logging anything).
 fn problem_body(e: &ApiError) -> Value {
     let (status, code) = e.status_and_code();
-    let detail = match e {
-        ApiError::Internal(_) => "an internal error occurred; it has been logged".to_owned(),
-        other => other.to_string(),
-    };
-    let mut body = json!({
-        "type": format!("/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "code": code,
-    });
-    match e {
-        ApiError::Validation { field, .. } => body["field"] = json!(field),
-        ApiError::UnknownBuyer(_) => body["field"] = json!("buyer_id"),
-        ApiError::AdminOnly { field, .. } => body["field"] = json!(field),
-        ApiError::IdempotencyKeyRequired => body["field"] = json!("purchase_id"),
-        _ => {}
-    }
-    body
+    upline_common::http::problem_body(status, code, &e.public_detail(), e.field())
 }
 
 /// The error codes named (in backticks) in a response description.

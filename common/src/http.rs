@@ -43,6 +43,43 @@ impl Probes {
     }
 }
 
+/// The body of an error, RFC 9457 problem details as every service sends them (SPEC §6):
+/// `type` (`/problems/<code>`), `title` (the status's reason phrase), `status`, `detail` (for
+/// people), the stable machine `code`, and `field` naming the bad input when there is one.
+pub fn problem_body(
+    status: StatusCode,
+    code: &str,
+    detail: &str,
+    field: Option<&str>,
+) -> serde_json::Value {
+    let mut body = json!({
+        "type": format!("/problems/{code}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code,
+    });
+    if let Some(field) = field {
+        body["field"] = json!(field);
+    }
+    body
+}
+
+/// [`problem_body`] as an `application/problem+json` response.
+pub fn problem_response(
+    status: StatusCode,
+    code: &str,
+    detail: &str,
+    field: Option<&str>,
+) -> axum::response::Response {
+    let mut response = (status, Json(problem_body(status, code, detail, field))).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
 /// `/healthz`, `/readyz` and `/metrics`, for merging into a service's router.
 ///
 /// Installs the Prometheus recorder at once (every service builds these routes at start-up):

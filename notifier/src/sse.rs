@@ -219,17 +219,5 @@ fn over_cap(refused: CapExceeded) -> Response {
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
-    let body = json!({
-        "type": format!("/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "code": code,
-    });
-    let mut response = (status, axum::Json(body)).into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    upline_common::http::problem_response(status, code, detail, None)
 }
