@@ -192,7 +192,7 @@ async fn the_dashboard_renews_a_users_token_and_signs_out_when_it_is_revoked() {
     );
     let dir = browser_test_dir().await;
     let app = TestApp::spawn_with(Default::default(), |s| {
-        s.auth.token_ttl = Duration::from_secs(5);
+        s.auth.token_ttl = Duration::from_secs(8);
     })
     .await;
     let (_, b, c) = app.chain_abc().await;

@@ -97,24 +97,39 @@ async fn a_deployment_with_nothing_configured_refuses_to_start_and_names_the_set
 #[tokio::test]
 async fn user_tokens_expire_and_are_renewed_before_they_do() {
     let app = TestApp::spawn_with(Services::default(), |s| {
-        s.auth.token_ttl = Duration::from_secs(3);
+        s.auth.token_ttl = Duration::from_secs(6);
     })
     .await;
     let (a, _, _) = app.chain_abc().await;
+    let issue = |token: String| {
+        call(
+            app.http
+                .post(app.url(&format!("/api/users/{}/token", a.id)))
+                .bearer_auth(token),
+        )
+    };
+    // A fresh token, so that the steps below run well within its lifetime.
+    let (status, first) = issue(ADMIN.to_owned()).await;
+    assert_eq!(status, 200, "{first}");
+    let token = first["token"].as_str().expect("token").to_owned();
     let me = |token: String| call(app.http.get(app.url("/api/me")).bearer_auth(token));
-    assert_eq!(me(a.token.clone()).await.0, 200);
-    let mut ws = app.subscribe(json!(a.id), &a.token, Some(0)).await;
+    assert_eq!(me(token.clone()).await.0, 200);
+    let mut ws = app.subscribe(json!(a.id), &token, Some(0)).await;
 
-    // Renewed by the user itself, while the token is valid.
-    let (status, renewed) = call(
-        app.http
-            .post(app.url(&format!("/api/users/{}/token", a.id)))
-            .bearer_auth(&a.token),
-    )
-    .await;
+    // Renewed by the user itself, while the token is valid: a new token that lives longer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, renewed) = issue(token.clone()).await;
     assert_eq!(status, 200, "{renewed}");
-    assert!(renewed["expires_at"].is_string());
+    let expiry = |v: &Value| {
+        time::OffsetDateTime::parse(
+            v["expires_at"].as_str().expect("expires_at"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("RFC 3339")
+    };
+    assert!(expiry(&renewed) > expiry(&first), "{renewed} vs {first}");
     let renewed = renewed["token"].as_str().expect("token").to_owned();
+    assert_eq!(me(renewed).await.0, 200);
 
     // The socket opened with the first token closes when it expires.
     let (frames, close) = ws.until_close().await;
@@ -127,25 +142,14 @@ async fn user_tokens_expire_and_are_renewed_before_they_do() {
         frames.last().map(|f| f["code"].clone()),
         Some(json!("token_expired"))
     );
-    let (status, body) = me(a.token.clone()).await;
+    let (status, body) = me(token.clone()).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (403, Some("token_expired"))
     );
     // An expired token cannot renew itself; the admin can issue a new one.
-    let (status, _) = call(
-        app.http
-            .post(app.url(&format!("/api/users/{}/token", a.id)))
-            .bearer_auth(&a.token),
-    )
-    .await;
-    assert_eq!(status, 403);
-    let (status, issued) = call(
-        app.http
-            .post(app.url(&format!("/api/users/{}/token", a.id)))
-            .bearer_auth(ADMIN),
-    )
-    .await;
+    assert_eq!(issue(token).await.0, 403);
+    let (status, issued) = issue(ADMIN.to_owned()).await;
     assert_eq!(status, 200);
     assert_eq!(
         me(issued["token"].as_str().expect("token").to_owned())
@@ -153,7 +157,6 @@ async fn user_tokens_expire_and_are_renewed_before_they_do() {
             .0,
         200
     );
-    let _ = renewed;
     app.stop().await;
 }
 
