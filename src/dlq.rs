@@ -14,7 +14,6 @@ use anyhow::{bail, Context};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -162,18 +161,10 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
 
 /// How many messages the dead-letter queue holds now.
 async fn depth(channel: &Channel) -> anyhow::Result<usize> {
-    let queue = channel
-        .queue_declare(
-            amqp::PURCHASES_DEAD_QUEUE,
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let depth = amqp::queue_depth(channel, amqp::PURCHASES_DEAD_QUEUE)
         .await
         .with_context(|| format!("{} does not exist", amqp::PURCHASES_DEAD_QUEUE))?;
-    Ok(queue.message_count() as usize)
+    Ok(depth as usize)
 }
 
 /// Reads up to `n` messages from the head of the queue without acknowledging them.

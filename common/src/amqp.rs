@@ -302,6 +302,24 @@ pub async fn publish_purchase(
         .await
 }
 
+/// How many messages wait in `queue`, by a passive declaration (which needs no permission).
+///
+/// # Errors
+/// The queue does not exist (the channel is then closed), or the channel failed.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let declared = channel
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// Properties of every message upline publishes: persistent JSON.
 pub fn persistent_json() -> BasicProperties {
     BasicProperties::default()

@@ -6,8 +6,6 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -21,19 +19,11 @@ use crate::harness::{
 async fn dead_letters(app: &TestApp) -> u32 {
     let conn = app.amqp().await;
     let channel = conn.create_channel().await.expect("channel");
-    let queue = channel
-        .queue_declare(
-            amqp::PURCHASES_DEAD_QUEUE,
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let depth = amqp::queue_depth(&channel, amqp::PURCHASES_DEAD_QUEUE)
         .await
         .expect("the dead-letter queue exists");
     let _ = conn.close(200, "done").await;
-    queue.message_count()
+    depth
 }
 
 /// The worker's `/readyz`: its status and body.

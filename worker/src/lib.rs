@@ -258,17 +258,7 @@ async fn watch_dead_letters(
             () = cancel.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let queue = channel
-            .queue_declare(
-                amqp::PURCHASES_DEAD_QUEUE,
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
-        let depth = queue.message_count();
+        let depth = amqp::queue_depth(&channel, amqp::PURCHASES_DEAD_QUEUE).await?;
         metrics::gauge!("upline_dead_letters").set(f64::from(depth));
         if depth > alert {
             tracing::warn!(
