@@ -715,13 +715,15 @@ async fn rabbitmq_restarted_while_purchases_stream_in_over_rest() {
     let stack = Stack::start("rabbitmq-restart", &[]).await;
     let forest = stack.forest().await;
     let subscribers = watch(&stack, &forest);
-    let purchases = plan(&forest, "rr", 0, 400);
+    // 600 purchases at 50 ms per client take ~7.5 s: long enough that `rabbitmqctl stop_app`,
+    // slow to start on a loaded machine, still lands mid-stream.
+    let purchases = plan(&forest, "rr", 0, 600);
     let accepted = Arc::new(AtomicUsize::new(0));
     let streaming = stream(
         stack.api.base(),
         purchases.clone(),
         4,
-        Duration::from_millis(20),
+        Duration::from_millis(50),
         accepted.clone(),
     );
 
