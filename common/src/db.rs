@@ -126,11 +126,6 @@ pub fn classify(e: &sqlx::Error) -> ErrorClass {
     }
 }
 
-/// Whether an error is worth retrying: [`classify`] says [`ErrorClass::Infrastructure`].
-pub fn is_transient(e: &sqlx::Error) -> bool {
-    classify(e) == ErrorClass::Infrastructure
-}
-
 /// A row of `earnings`, convertible to the event of SPEC §4.
 #[derive(Debug, sqlx::FromRow)]
 pub struct EarningRow {
