@@ -10,8 +10,9 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use utoipa::ToSchema;
 
 /// What readiness checks: a pool to ping and flags the service keeps up to date while it
 /// holds a broker connection.
@@ -43,41 +44,121 @@ impl Probes {
     }
 }
 
-/// The body of an error, RFC 9457 problem details as every service sends them (SPEC §6):
-/// `type` (`/problems/<code>`), `title` (the status's reason phrase), `status`, `detail` (for
-/// people), the stable machine `code`, and `field` naming the bad input when there is one.
-pub fn problem_body(
-    status: StatusCode,
-    code: &str,
-    detail: &str,
-    field: Option<&str>,
-) -> serde_json::Value {
-    let mut body = json!({
-        "type": format!("/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "code": code,
-    });
-    if let Some(field) = field {
-        body["field"] = json!(field);
-    }
-    body
+/// The body of every error, RFC 9457 problem details as every service sends them (SPEC §6),
+/// served as `application/problem+json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"type": "/problems/validation_failed", "title": "Unprocessable Entity",
+    "status": 422, "detail": "email: must be an email address such as asha@example.com",
+    "code": "validation_failed", "field": "email"}))]
+pub struct Problem {
+    /// `/problems/<code>`.
+    #[serde(rename = "type")]
+    #[schema(format = "uri-reference", example = "/problems/validation_failed")]
+    pub problem_type: String,
+    /// The status's reason phrase.
+    #[schema(example = "Unprocessable Entity")]
+    pub title: String,
+    /// The HTTP status, repeated.
+    #[schema(example = 422, minimum = 100, maximum = 599)]
+    pub status: u16,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// The stable machine code (`validation_failed`, `not_found`, …); each response of the
+    /// OpenAPI description lists the ones it can carry.
+    #[schema(example = "validation_failed")]
+    pub code: String,
+    /// The request field at fault (`validation_failed`, `admin_only`, `unknown_buyer`); query
+    /// string errors name `query` or the parameter, header errors the header.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(nullable = false)]
+    pub field: Option<String>,
 }
 
-/// [`problem_body`] as an `application/problem+json` response.
+impl Problem {
+    /// The problem for `status` with machine `code`, human `detail` and the bad `field`.
+    pub fn new(status: StatusCode, code: &str, detail: &str, field: Option<&str>) -> Self {
+        Problem {
+            problem_type: format!("/problems/{code}"),
+            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.to_owned(),
+            code: code.to_owned(),
+            field: field.map(str::to_owned),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    /// The problem with its status, as `application/problem+json`.
+    fn into_response(self) -> axum::response::Response {
+        let status =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self)).into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+/// The [`Problem`] body for `status` and `code` (SPEC §6).
+pub fn problem_body(status: StatusCode, code: &str, detail: &str, field: Option<&str>) -> Problem {
+    Problem::new(status, code, detail, field)
+}
+
+/// [`Problem`] as an `application/problem+json` response.
 pub fn problem_response(
     status: StatusCode,
     code: &str,
     detail: &str,
     field: Option<&str>,
 ) -> axum::response::Response {
-    let mut response = (status, Json(problem_body(status, code, detail, field))).into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    Problem::new(status, code, detail, field).into_response()
+}
+
+/// `GET /healthz`: the process is alive.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// `GET /readyz`: whether the service can do its work, and which dependency stops it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"status": "ready", "database": "up", "broker": "up"}))]
+pub struct Readiness {
+    pub status: ReadyState,
+    pub database: DatabaseState,
+    pub broker: BrokerState,
+}
+
+/// `ready` (200) or `not_ready` (503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyState {
+    Ready,
+    NotReady,
+}
+
+/// `up`; `failing` (answers `select 1` but fails the service's own work, e.g. read-only after
+/// a failover); `down` (no answer within 2 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabaseState {
+    Up,
+    Failing,
+    Down,
+}
+
+/// `up`; `blocked` (RabbitMQ holds the connection blocked: a memory or disk alarm); `down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerState {
+    Up,
+    Blocked,
+    Down,
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, for merging into a service's router.
@@ -87,16 +168,57 @@ pub fn problem_response(
 pub fn ops_routes<S: Clone + Send + Sync + 'static>(probes: Probes) -> Router<S> {
     let _ = crate::telemetry::metrics();
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async { crate::telemetry::metrics().render() }),
-        )
+        .route("/metrics", get(metrics))
         .with_state(probes)
 }
 
-async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    summary = "Liveness",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Health)),
+    security(()),
+)]
+/// `GET /healthz`: `{"status": "ok"}` while the process runs.
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus metrics (text exposition format)", body = String,
+        content_type = "text/plain")),
+    security(()),
+)]
+/// `GET /metrics`: every metric of the process, Prometheus text format.
+pub async fn metrics() -> String {
+    crate::telemetry::metrics().render()
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    summary = "Readiness",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: PostgreSQL answers and RabbitMQ is connected", body = Readiness),
+        (status = 503, description = "Not ready: see which dependency is not `up`", body = Readiness),
+    ),
+    security(()),
+)]
+/// `GET /readyz`: 200 when the database and the broker are usable, else 503 naming which is not.
+pub async fn readyz(State(p): State<Probes>) -> (StatusCode, Json<Readiness>) {
     let db = matches!(
         tokio::time::timeout(
             Duration::from_secs(2),
@@ -108,25 +230,27 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
     let writable = p.database_writable.load(Ordering::Relaxed);
     let up = p.broker_up.load(Ordering::Relaxed);
     let broker = match (up, p.broker_blocked.load(Ordering::Relaxed)) {
-        (false, _) => "down",
-        (true, true) => "blocked",
-        (true, false) => "up",
+        (false, _) => BrokerState::Down,
+        (true, true) => BrokerState::Blocked,
+        (true, false) => BrokerState::Up,
     };
-    let status = if db && writable && broker == "up" {
-        StatusCode::OK
+    let database = match (db, writable) {
+        (true, true) => DatabaseState::Up,
+        (true, false) => DatabaseState::Failing,
+        (false, _) => DatabaseState::Down,
+    };
+    let ready = database == DatabaseState::Up && broker == BrokerState::Up;
+    let (status, state) = if ready {
+        (StatusCode::OK, ReadyState::Ready)
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, ReadyState::NotReady)
     };
     (
         status,
-        Json(json!({
-            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "database": match (db, writable) {
-                (true, true) => "up",
-                (true, false) => "failing",
-                (false, _) => "down",
-            },
-            "broker": broker,
-        })),
+        Json(Readiness {
+            status: state,
+            database,
+            broker,
+        }),
     )
 }

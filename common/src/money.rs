@@ -174,6 +174,20 @@ impl FromStr for Money {
     }
 }
 
+impl utoipa::PartialSchema for Money {
+    /// Rupees as a decimal string with two places, `"1530.00"`.
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(r"^[0-9]+\.[0-9]{2}$"))
+            .description(Some("Rupees as a decimal string with two places"))
+            .examples(["1530.00"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 impl Serialize for Money {
     /// As a decimal string with two places.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

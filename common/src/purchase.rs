@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::ToSchema;
 
 use crate::config::Rules;
 use crate::money::{Money, MoneyError};
@@ -44,6 +47,19 @@ impl PurchaseId {
         &self.0
     }
 }
+
+impl utoipa::PartialSchema for PurchaseId {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(r"^[A-Za-z0-9._:-]{1,64}$"))
+            .description(Some("The idempotency key of a purchase: 1–64 characters of `A-Za-z0-9._:-`"))
+            .examples(["ord-2026-000123"])
+            .into()
+    }
+}
+
+impl ToSchema for PurchaseId {}
 
 impl TryFrom<String> for PurchaseId {
     type Error = String;
@@ -150,11 +166,12 @@ pub fn raw_fingerprint(body: &Value) -> String {
     format!("raw|{body}")
 }
 
-/// Reads a message body far enough to find its idempotency key.
+/// Reads a message body: a JSON object with a usable `purchase_id`, as a [`PurchaseMessage`]
+/// and as the object received (kept for the conflict check and the record).
 ///
 /// # Errors
 /// [`Unreadable`] when the body is not a JSON object with a usable `purchase_id`.
-pub fn read(body: &[u8]) -> Result<(PurchaseId, Map<String, Value>), Unreadable> {
+pub fn read(body: &[u8]) -> Result<(PurchaseMessage, Map<String, Value>), Unreadable> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| Unreadable::NotJson(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -163,83 +180,304 @@ pub fn read(body: &[u8]) -> Result<(PurchaseId, Map<String, Value>), Unreadable>
     if map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)) {
         return Err(Unreadable::ContainsNul);
     }
-    let id = match map.get("purchase_id") {
+    match map.get("purchase_id") {
         None | Some(Value::Null) => return Err(Unreadable::MissingPurchaseId),
-        Some(Value::String(s)) => PurchaseId::parse(s).map_err(Unreadable::BadPurchaseId)?,
+        Some(Value::String(s)) => {
+            PurchaseId::parse(s).map_err(Unreadable::BadPurchaseId)?;
+        }
         Some(_) => return Err(Unreadable::PurchaseIdNotAString),
-    };
-    Ok((id, map))
+    }
+    // Every other field is read leniently (`Field`), so this cannot fail any more.
+    let message = PurchaseMessage::deserialize(&Value::Object(map.clone()))
+        .map_err(|e| Unreadable::BadPurchaseId(e.to_string()))?;
+    Ok((message, map))
 }
 
-/// Validates the content of a purchase message against the rules (SPEC §2–3). Unknown fields
-/// are ignored. Whether the buyer exists is for the caller to check.
-///
-/// # Errors
-/// The first [`Invalid`] field, in the order `buyer_id`, `amount`, `currency`, `profit`,
-/// `occurred_at`.
-pub fn validate(
-    purchase_id: PurchaseId,
-    map: &Map<String, Value>,
-    rules: &Rules,
-) -> Result<Purchase, Invalid> {
-    let buyer_id = match map.get("buyer_id") {
-        None | Some(Value::Null) => return Err(Invalid::new("buyer_id", "is required")),
-        Some(v) => parse_user_id(v)
-            .ok_or_else(|| Invalid::new("buyer_id", "must be a positive integer"))?,
-    };
-    let amount = match map.get("amount") {
-        None | Some(Value::Null) => return Err(Invalid::new("amount", "is required")),
-        Some(v) => Money::from_json(v).map_err(|e| Invalid::new("amount", e.to_string()))?,
-    };
-    let currency = match map.get("currency") {
-        None | Some(Value::Null) => rules.currency.clone(),
-        Some(Value::String(c)) if c.eq_ignore_ascii_case(&rules.currency) => rules.currency.clone(),
-        Some(Value::String(c)) => {
-            return Err(Invalid::new(
-                "currency",
-                format!("must be {}, found {c:?}", rules.currency),
-            ))
+/// A value read from one JSON field by the lenient rules of SPEC §3 (ids as digit strings,
+/// money as exact numbers or strings), with the message that names what is wrong otherwise.
+pub trait FromJson: Sized {
+    /// # Errors
+    /// The message for the problem's `detail` / the rejection reason (`"<field>: <message>"`).
+    fn from_json(v: &Value) -> Result<Self, String>;
+}
+
+/// One field of a purchase, read but not yet judged: the value, or why it is not one. The
+/// judgement is deferred so that the first bad field is reported in the order of SPEC §3
+/// (`buyer_id`, `amount`, `currency`, `profit`, `occurred_at`) whatever the order of the JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field<T> {
+    Valid(T),
+    Invalid(String),
+}
+
+impl<T> Field<T> {
+    fn get(self, field: &'static str) -> Result<T, Invalid> {
+        match self {
+            Field::Valid(v) => Ok(v),
+            Field::Invalid(message) => Err(Invalid::new(field, message)),
         }
-        Some(_) => return Err(Invalid::new("currency", "must be a string")),
-    };
-    let profit = match map.get("profit") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let p = match v {
-                Value::Number(n) => Money::parse_non_negative(&n.to_string()),
-                Value::String(s) => Money::parse_non_negative(s),
-                _ => Err(MoneyError::WrongType),
-            }
-            .map_err(|e| Invalid::new("profit", e.to_string()))?;
-            if p > amount {
-                return Err(Invalid::new("profit", "must not exceed amount"));
-            }
-            Some(p)
+    }
+}
+
+impl<'de, T: FromJson> Deserialize<'de> for Field<T> {
+    /// Never fails on a JSON value: a bad one becomes [`Field::Invalid`].
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Ok(match T::from_json(&v) {
+            Ok(t) => Field::Valid(t),
+            Err(message) => Field::Invalid(message),
+        })
+    }
+}
+
+impl FromJson for String {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err("must be a string".to_owned()),
         }
-    };
-    let occurred_at = match map.get("occurred_at") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
-            Invalid::new(
-                "occurred_at",
-                "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z",
+    }
+}
+
+/// A user id in a request or message: a positive integer (`7`, `7.0`) or a string of digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIdInput(pub UserId);
+
+impl FromJson for UserIdInput {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        parse_user_id(v)
+            .map(UserIdInput)
+            .ok_or_else(|| "must be a positive integer".to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for UserIdInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        UserIdInput::from_json(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for UserIdInput {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1)),
             )
-        })?),
-        Some(_) => {
-            return Err(Invalid::new(
-                "occurred_at",
-                "must be an RFC 3339 timestamp string",
-            ))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^\s*0*[1-9][0-9]{0,17}\s*$")),
+            )
+            .description(Some("A positive integer, or a string of digits"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for UserIdInput {}
+
+/// An amount in a request or message: a decimal string or an exact JSON number (read digit for
+/// digit, never through `f64`), at most two decimal places, at most 10^12, not negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoneyInput(pub Money);
+
+impl FromJson for MoneyInput {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        match v {
+            // With serde_json's `arbitrary_precision`, a number keeps its original digits.
+            Value::Number(n) => Money::parse_non_negative(&n.to_string()),
+            Value::String(s) => Money::parse_non_negative(s),
+            _ => Err(MoneyError::WrongType),
         }
-    };
-    Ok(Purchase {
-        purchase_id,
-        buyer_id,
-        amount,
-        currency,
-        profit,
-        occurred_at,
-    })
+        .map(MoneyInput)
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl utoipa::PartialSchema for MoneyInput {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^\s*\+?[0-9]{1,13}(\.[0-9]{1,2})?\s*$"))
+                    .examples(["2000.00"]),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .minimum(Some(0))
+                    .maximum(Some(1_000_000_000_000_i64))
+                    .multiple_of(Some(0.01)),
+            )
+            .description(Some(
+                "A decimal string or an exact JSON number, at most two decimal places, at most 10^12",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for MoneyInput {}
+
+/// A timestamp in a request or message: an RFC 3339 string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub OffsetDateTime);
+
+impl FromJson for Timestamp {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => OffsetDateTime::parse(s, &Rfc3339).map(Timestamp).map_err(|_| {
+                "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z".to_owned()
+            }),
+            _ => Err("must be an RFC 3339 timestamp string".to_owned()),
+        }
+    }
+}
+
+impl utoipa::PartialSchema for Timestamp {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+            .examples(["2026-11-20T10:00:00Z"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Timestamp {}
+
+/// The purchase message of SPEC §3, as published to exchange `upline.purchases` (routing key
+/// `purchase`, persistent, `content_type: application/json`) by the api or by external
+/// systems. `null` counts as absent; unknown fields are ignored. [`PurchaseMessage::validate`]
+/// turns it into a [`Purchase`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
+    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
+pub struct PurchaseMessage {
+    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`.
+    pub purchase_id: PurchaseId,
+    /// The buyer: an existing user.
+    #[serde(default)]
+    #[schema(value_type = UserIdInput, required = true)]
+    pub buyer_id: Option<Field<UserIdInput>>,
+    /// The purchase amount, positive.
+    #[serde(default)]
+    #[schema(value_type = MoneyInput, required = true)]
+    pub amount: Option<Field<MoneyInput>>,
+    /// The configured currency (default `INR`), case-insensitive; defaults to it.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "INR")]
+    pub currency: Option<Field<String>>,
+    /// When given, commissions are computed on it rather than on `amount`; 0 ≤ profit ≤ amount.
+    #[serde(default)]
+    #[schema(value_type = Option<MoneyInput>)]
+    pub profit: Option<Field<MoneyInput>>,
+    /// RFC 3339; defaults to the time of receipt.
+    #[serde(default)]
+    #[schema(value_type = Option<Timestamp>)]
+    pub occurred_at: Option<Field<Timestamp>>,
+}
+
+/// `POST /api/purchases`: the [`PurchaseMessage`] with `purchase_id` optional (then the
+/// `Idempotency-Key` header names the purchase; one of them is required). `null` counts as
+/// absent; unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
+    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
+pub struct PurchaseRequest {
+    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`; else the `Idempotency-Key`
+    /// header (they must agree when both are sent).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
+    pub purchase_id: Option<Field<String>>,
+    /// The buyer: an existing user.
+    #[serde(default)]
+    #[schema(value_type = UserIdInput, required = true)]
+    pub buyer_id: Option<Field<UserIdInput>>,
+    /// The purchase amount, positive.
+    #[serde(default)]
+    #[schema(value_type = MoneyInput, required = true)]
+    pub amount: Option<Field<MoneyInput>>,
+    /// The configured currency (default `INR`), case-insensitive; defaults to it.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "INR")]
+    pub currency: Option<Field<String>>,
+    /// When given, commissions are computed on it rather than on `amount`; 0 ≤ profit ≤ amount.
+    #[serde(default)]
+    #[schema(value_type = Option<MoneyInput>)]
+    pub profit: Option<Field<MoneyInput>>,
+    /// RFC 3339; defaults to the time of receipt.
+    #[serde(default)]
+    #[schema(value_type = Option<Timestamp>)]
+    pub occurred_at: Option<Field<Timestamp>>,
+}
+
+impl PurchaseRequest {
+    /// The message to validate and publish, under the id the request settled on.
+    pub fn into_message(self, purchase_id: PurchaseId) -> PurchaseMessage {
+        PurchaseMessage {
+            purchase_id,
+            buyer_id: self.buyer_id,
+            amount: self.amount,
+            currency: self.currency,
+            profit: self.profit,
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
+impl PurchaseMessage {
+    /// Validates the content against the rules (SPEC §2–3). Whether the buyer exists is for
+    /// the caller to check.
+    ///
+    /// # Errors
+    /// The first [`Invalid`] field, in the order `buyer_id`, `amount`, `currency`, `profit`,
+    /// `occurred_at`.
+    pub fn validate(self, rules: &Rules) -> Result<Purchase, Invalid> {
+        let UserIdInput(buyer_id) = self
+            .buyer_id
+            .ok_or_else(|| Invalid::new("buyer_id", "is required"))?
+            .get("buyer_id")?;
+        let MoneyInput(amount) = self
+            .amount
+            .ok_or_else(|| Invalid::new("amount", "is required"))?
+            .get("amount")?;
+        if amount.is_zero() {
+            return Err(Invalid::new("amount", MoneyError::NotPositive.to_string()));
+        }
+        let currency = match self.currency.map(|c| c.get("currency")).transpose()? {
+            None => rules.currency.clone(),
+            Some(c) if c.eq_ignore_ascii_case(&rules.currency) => rules.currency.clone(),
+            Some(c) => {
+                return Err(Invalid::new(
+                    "currency",
+                    format!("must be {}, found {c:?}", rules.currency),
+                ))
+            }
+        };
+        let profit = match self.profit.map(|p| p.get("profit")).transpose()? {
+            None => None,
+            Some(MoneyInput(p)) if p > amount => {
+                return Err(Invalid::new("profit", "must not exceed amount"))
+            }
+            Some(MoneyInput(p)) => Some(p),
+        };
+        let occurred_at = self
+            .occurred_at
+            .map(|t| t.get("occurred_at"))
+            .transpose()?
+            .map(|Timestamp(t)| t);
+        Ok(Purchase {
+            purchase_id: self.purchase_id,
+            buyer_id,
+            amount,
+            currency,
+            profit,
+            occurred_at,
+        })
+    }
 }
 
 /// Whether any string or key in `v` contains NUL (PostgreSQL text and jsonb cannot hold it).
@@ -284,8 +522,8 @@ mod tests {
     }
 
     fn check(body: &str) -> Result<Purchase, Invalid> {
-        let (id, map) = read(body.as_bytes()).expect("readable");
-        validate(id, &map, &rules())
+        let (message, _) = read(body.as_bytes()).expect("readable");
+        message.validate(&rules())
     }
 
     #[test]
@@ -351,6 +589,46 @@ mod tests {
             field(r#"{"purchase_id":"p1","buyer_id":3,"amount":"5","occurred_at":"yesterday"}"#),
             "occurred_at"
         );
+        assert_eq!(
+            field(r#"{"purchase_id":"p1","buyer_id":3,"amount":0}"#),
+            "amount"
+        );
+    }
+
+    #[test]
+    fn the_first_bad_field_is_named_in_spec_order_with_its_message() {
+        let invalid = check(
+            r#"{"occurred_at":5,"profit":true,"currency":"USD","amount":"x","buyer_id":"-1","purchase_id":"p"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(invalid.to_string(), "buyer_id: must be a positive integer");
+        let invalid =
+            check(r#"{"occurred_at":5,"currency":7,"amount":"1.001","buyer_id":1,"purchase_id":"p"}"#)
+                .unwrap_err();
+        assert_eq!(invalid.to_string(), "amount: must have at most 2 decimal places");
+        let invalid =
+            check(r#"{"occurred_at":5,"currency":7,"amount":"1","buyer_id":1,"purchase_id":"p"}"#)
+                .unwrap_err();
+        assert_eq!(invalid.to_string(), "currency: must be a string");
+        let invalid = check(r#"{"occurred_at":5,"amount":"1","buyer_id":"7","purchase_id":"p"}"#)
+            .unwrap_err();
+        assert_eq!(
+            invalid.to_string(),
+            "occurred_at: must be an RFC 3339 timestamp string"
+        );
+    }
+
+    #[test]
+    fn lenient_inputs_are_read_exactly() {
+        let p = check(
+            r#"{"purchase_id":"p","buyer_id":" 7 ","amount":999999999999.99,"profit":0,"currency":null}"#,
+        )
+        .expect("valid");
+        assert_eq!(p.buyer_id, 7);
+        assert_eq!(p.amount.to_string(), "999999999999.99");
+        assert_eq!(p.profit.map(|m| m.to_string()).as_deref(), Some("0.00"));
+        assert_eq!(p.currency, "INR");
+        assert_eq!(check(r#"{"purchase_id":"p","buyer_id":7.0,"amount":1}"#).expect("valid").buyer_id, 7);
     }
 
     #[test]

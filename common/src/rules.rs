@@ -10,7 +10,7 @@ use crate::money::Money;
 use crate::UserId;
 
 /// What one level of the upline got from a purchase (SPEC §6, `GET /api/purchases/{id}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The full commission was credited.

@@ -55,8 +55,9 @@ pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disp
             Err(unreadable) => {
                 dispositions[i] = Some(Disposition::DeadLetter(unreadable.to_string()))
             }
-            Ok((purchase_id, map)) => {
-                let incoming = match purchase::validate(purchase_id.clone(), &map, &ctx.rules) {
+            Ok((message, map)) => {
+                let purchase_id = message.purchase_id.clone();
+                let incoming = match message.validate(&ctx.rules) {
                     Ok(p) => Incoming::Valid(p),
                     Err(invalid) => Incoming::Invalid {
                         purchase_id,
