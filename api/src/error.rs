@@ -4,6 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use upline_common::http::Problem;
 
 /// A failure, with the status and stable `code` it is reported with.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 422 `validation_failed` naming `field`.
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::Validation {
             field: field.into(),
@@ -105,38 +107,186 @@ impl ApiError {
     }
 
     /// The HTTP status and stable machine code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+        use ErrorCode as C;
         match self {
-            ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-            ApiError::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::TokenExpired => (StatusCode::FORBIDDEN, "token_expired"),
-            ApiError::TokenRevoked => (StatusCode::FORBIDDEN, "token_revoked"),
-            ApiError::AdminOnly { .. } => (StatusCode::FORBIDDEN, "admin_only"),
-            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::ReferrerNotFound => (StatusCode::NOT_FOUND, "referrer_not_found"),
-            ApiError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
-            ApiError::ReferralLimitReached(_) => (StatusCode::CONFLICT, "referral_limit_reached"),
-            ApiError::ReferrerInactive => (StatusCode::CONFLICT, "referrer_inactive"),
-            ApiError::AlreadyReferred => (StatusCode::CONFLICT, "already_referred"),
-            ApiError::UserInactive => (StatusCode::CONFLICT, "user_inactive"),
-            ApiError::UserErased => (StatusCode::CONFLICT, "user_erased"),
-            ApiError::ReferralNotReleasable => (StatusCode::CONFLICT, "referral_not_releasable"),
-            ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, "self_referral"),
-            ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, "referral_cycle"),
-            ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_buyer"),
+            ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, C::InvalidJson),
+            ApiError::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, C::ValidationFailed),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, C::Unauthorized),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, C::Forbidden),
+            ApiError::TokenExpired => (StatusCode::FORBIDDEN, C::TokenExpired),
+            ApiError::TokenRevoked => (StatusCode::FORBIDDEN, C::TokenRevoked),
+            ApiError::AdminOnly { .. } => (StatusCode::FORBIDDEN, C::AdminOnly),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, C::RateLimited),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, C::NotFound),
+            ApiError::ReferrerNotFound => (StatusCode::NOT_FOUND, C::ReferrerNotFound),
+            ApiError::EmailTaken => (StatusCode::CONFLICT, C::EmailTaken),
+            ApiError::ReferralLimitReached(_) => (StatusCode::CONFLICT, C::ReferralLimitReached),
+            ApiError::ReferrerInactive => (StatusCode::CONFLICT, C::ReferrerInactive),
+            ApiError::AlreadyReferred => (StatusCode::CONFLICT, C::AlreadyReferred),
+            ApiError::UserInactive => (StatusCode::CONFLICT, C::UserInactive),
+            ApiError::UserErased => (StatusCode::CONFLICT, C::UserErased),
+            ApiError::ReferralNotReleasable => (StatusCode::CONFLICT, C::ReferralNotReleasable),
+            ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, C::SelfReferral),
+            ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, C::ReferralCycle),
+            ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, C::UnknownBuyer),
             ApiError::IdempotencyKeyRequired => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_required")
+                (StatusCode::UNPROCESSABLE_ENTITY, C::IdempotencyKeyRequired)
             }
-            ApiError::BrokerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+            ApiError::BrokerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, C::BrokerUnavailable),
             ApiError::DatabaseUnavailable => {
-                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+                (StatusCode::SERVICE_UNAVAILABLE, C::DatabaseUnavailable)
             }
-            ApiError::RequestTimeout => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            ApiError::RequestTimeout => (StatusCode::SERVICE_UNAVAILABLE, C::RequestTimeout),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, C::InternalError),
+        }
+    }
+
+    /// The problem+json body this error is answered with (nothing is logged).
+    pub fn problem(&self) -> Problem {
+        let (status, code) = self.status_and_code();
+        Problem::new(status, code.as_str(), &self.public_detail(), self.field())
+    }
+
+    /// One instance of every variant, for the examples of the OpenAPI description. The `match`
+    /// makes a new variant a compile error here until it has a sample.
+    pub fn samples() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::InvalidJson("expected value at line 1 column 1".into()),
+            ApiError::validation("email", "must be an email address such as asha@example.com"),
+            ApiError::Unauthorized,
+            ApiError::Forbidden,
+            ApiError::TokenExpired,
+            ApiError::TokenRevoked,
+            ApiError::AdminOnly {
+                field: "referrer_id",
+                message: REFERRER_ID_ADMIN_ONLY,
+            },
+            ApiError::RateLimited(upline_common::limits::RateLimited {
+                retry_after: std::time::Duration::from_secs(12),
+            }),
+            ApiError::NotFound("no user with id 7".into()),
+            ApiError::ReferrerNotFound,
+            ApiError::EmailTaken,
+            ApiError::ReferralLimitReached(8),
+            ApiError::ReferrerInactive,
+            ApiError::AlreadyReferred,
+            ApiError::UserInactive,
+            ApiError::UserErased,
+            ApiError::ReferralNotReleasable,
+            ApiError::SelfReferral,
+            ApiError::ReferralCycle,
+            ApiError::UnknownBuyer(42),
+            ApiError::IdempotencyKeyRequired,
+            ApiError::PayloadTooLarge,
+            ApiError::DatabaseUnavailable,
+            ApiError::RequestTimeout,
+            ApiError::BrokerUnavailable,
+            ApiError::Internal(anyhow::anyhow!("example")),
+        ];
+        for e in &all {
+            match e {
+                ApiError::InvalidJson(_)
+                | ApiError::Validation { .. }
+                | ApiError::Unauthorized
+                | ApiError::Forbidden
+                | ApiError::TokenExpired
+                | ApiError::TokenRevoked
+                | ApiError::AdminOnly { .. }
+                | ApiError::RateLimited(_)
+                | ApiError::NotFound(_)
+                | ApiError::ReferrerNotFound
+                | ApiError::EmailTaken
+                | ApiError::ReferralLimitReached(_)
+                | ApiError::ReferrerInactive
+                | ApiError::AlreadyReferred
+                | ApiError::UserInactive
+                | ApiError::UserErased
+                | ApiError::ReferralNotReleasable
+                | ApiError::SelfReferral
+                | ApiError::ReferralCycle
+                | ApiError::UnknownBuyer(_)
+                | ApiError::IdempotencyKeyRequired
+                | ApiError::PayloadTooLarge
+                | ApiError::DatabaseUnavailable
+                | ApiError::RequestTimeout
+                | ApiError::BrokerUnavailable
+                | ApiError::Internal(_) => {}
+            }
+        }
+        all
+    }
+}
+
+/// Why `referrer_id` is refused without the admin key (README "Security").
+pub const REFERRER_ID_ADMIN_ONLY: &str =
+    "naming a referrer by id needs the admin key; send the referrer's referral_code";
+
+/// The stable machine `code` of a problem (SPEC §6), one per [`ApiError`] variant; each
+/// response of the OpenAPI description lists the ones it can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    ValidationFailed,
+    Unauthorized,
+    Forbidden,
+    TokenExpired,
+    TokenRevoked,
+    AdminOnly,
+    RateLimited,
+    NotFound,
+    ReferrerNotFound,
+    EmailTaken,
+    ReferralLimitReached,
+    ReferrerInactive,
+    AlreadyReferred,
+    UserInactive,
+    UserErased,
+    ReferralNotReleasable,
+    SelfReferral,
+    ReferralCycle,
+    UnknownBuyer,
+    IdempotencyKeyRequired,
+    PayloadTooLarge,
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    RequestTimeout,
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The code as sent in the problem's `code` (and `type`: `/problems/<code>`).
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode as C;
+        match self {
+            C::InvalidJson => "invalid_json",
+            C::ValidationFailed => "validation_failed",
+            C::Unauthorized => "unauthorized",
+            C::Forbidden => "forbidden",
+            C::TokenExpired => "token_expired",
+            C::TokenRevoked => "token_revoked",
+            C::AdminOnly => "admin_only",
+            C::RateLimited => "rate_limited",
+            C::NotFound => "not_found",
+            C::ReferrerNotFound => "referrer_not_found",
+            C::EmailTaken => "email_taken",
+            C::ReferralLimitReached => "referral_limit_reached",
+            C::ReferrerInactive => "referrer_inactive",
+            C::AlreadyReferred => "already_referred",
+            C::UserInactive => "user_inactive",
+            C::UserErased => "user_erased",
+            C::ReferralNotReleasable => "referral_not_releasable",
+            C::SelfReferral => "self_referral",
+            C::ReferralCycle => "referral_cycle",
+            C::UnknownBuyer => "unknown_buyer",
+            C::IdempotencyKeyRequired => "idempotency_key_required",
+            C::PayloadTooLarge => "payload_too_large",
+            C::BrokerUnavailable => "broker_unavailable",
+            C::DatabaseUnavailable => "database_unavailable",
+            C::RequestTimeout => "request_timeout",
+            C::InternalError => "internal_error",
         }
     }
 }
@@ -181,16 +331,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
+        let (status, _) = self.status_and_code();
         if let ApiError::Internal(e) = &self {
             tracing::error!(error = format!("{e:#}"), "internal error");
         }
-        let mut response = upline_common::http::problem_response(
-            status,
-            code,
-            &self.public_detail(),
-            self.field(),
-        );
+        let mut response = self.problem().into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -224,5 +369,33 @@ impl<T, E: Into<ApiError>> ResultExt<T> for Result<T, E> {
             },
             other => other,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_error_sends_its_problem_and_internal_errors_say_nothing_more() {
+        for e in ApiError::samples() {
+            if matches!(e, ApiError::Internal(_)) {
+                continue; // would log; its body is checked below
+            }
+            let expected = serde_json::to_value(e.problem()).expect("serialises");
+            let (status, code) = e.status_and_code();
+            let response = e.into_response();
+            assert_eq!(response.status(), status);
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            let actual: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            assert_eq!(actual, expected);
+            assert_eq!(actual["code"], code.as_str());
+            assert_eq!(serde_json::to_value(code).expect("code"), code.as_str());
+        }
+        let internal = ApiError::Internal(anyhow::anyhow!("secret")).problem();
+        assert_eq!(internal.code, "internal_error");
+        assert!(!internal.detail.contains("secret"));
     }
 }

@@ -1,5 +1,5 @@
-//! Extractors whose rejections are problem+json: the JSON body (as an object, so that each
-//! field is validated and named on its own), path ids and query strings.
+//! Extractors whose rejections are problem+json: the typed JSON body ([`ValidatedJson`]), path
+//! ids and query strings.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -8,10 +8,15 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-/// A JSON object body. Missing or non-JSON bodies are 400 `invalid_json`.
-pub struct JsonObject(pub Map<String, Value>);
+/// A JSON object body deserialized into the request type `T` (which derives `Deserialize` and
+/// `ToSchema`: the same type is the OpenAPI schema). An empty body counts as `{}`. Rejections
+/// are problem+json: 413 `payload_too_large` over `api.max_body_bytes`; 400 `invalid_json` for
+/// a body that is not a JSON object; 422 `validation_failed` naming the field (its path, via
+/// `serde_path_to_error`) that does not deserialize or holds a NUL character (PostgreSQL text
+/// and jsonb cannot store it).
+pub struct ValidatedJson<T>(pub T);
 
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ValidatedJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -24,25 +29,33 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                     ApiError::InvalidJson(e.body_text())
                 }
             })?;
-        if bytes.is_empty() {
-            return Ok(JsonObject(Map::new()));
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => {
-                if let Some((field, _)) = map
-                    .iter()
-                    .find(|(k, v)| k.contains('\0') || upline_common::purchase::contains_nul(v))
-                {
-                    return Err(ApiError::validation(
-                        field.replace('\0', ""),
-                        "must not contain NUL characters",
-                    ));
-                }
-                Ok(JsonObject(map))
+        let map = if bytes.is_empty() {
+            Map::new()
+        } else {
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(Value::Object(map)) => map,
+                Ok(_) => return Err(ApiError::InvalidJson("expected a JSON object".into())),
+                Err(e) => return Err(ApiError::InvalidJson(e.to_string())),
             }
-            Ok(_) => Err(ApiError::InvalidJson("expected a JSON object".into())),
-            Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+        };
+        if let Some((field, _)) = map
+            .iter()
+            .find(|(k, v)| k.contains('\0') || upline_common::purchase::contains_nul(v))
+        {
+            return Err(ApiError::validation(
+                field.replace('\0', ""),
+                "must not contain NUL characters",
+            ));
         }
+        serde_path_to_error::deserialize(Value::Object(map))
+            .map(ValidatedJson)
+            .map_err(|e| {
+                let field = match e.path().to_string() {
+                    path if path == "." => "body".to_owned(),
+                    path => path,
+                };
+                ApiError::validation(field, e.into_inner().to_string())
+            })
     }
 }
 
@@ -88,25 +101,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
             .await
             .map(|q| Query(q.0))
             .map_err(|e| ApiError::validation("query", e.body_text()))
-    }
-}
-
-/// Reads an optional string field; `null` counts as absent.
-pub fn opt_str<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::validation(field, "must be a string")),
-    }
-}
-
-/// Reads an optional user id field (positive integer or string of digits).
-pub fn opt_user_id(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => upline_common::purchase::parse_user_id(v)
-            .map(Some)
-            .ok_or_else(|| ApiError::validation(field, "must be a positive integer")),
     }
 }
 

@@ -5,8 +5,10 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod model;
 pub mod openapi;
 pub mod publisher;
+pub mod responses;
 pub mod routes;
 pub mod store;
 

@@ -1,37 +1,129 @@
 //! The OpenAPI description of the api (SPEC §6), served at `GET /openapi.json`, with Swagger UI
 //! at `GET /docs` (its assets are compiled into the binary: nothing is fetched from elsewhere).
 //!
-//! Handlers read their bodies as raw JSON objects (so that each field is validated and named
-//! on its own), so the request and most response bodies are described here by
-//! documentation-only types. Each handler's `#[utoipa::path]` lists its error statuses with
-//! their `code`s in backticks; [`Documented`] turns those into a problem schema narrowed to
-//! the listed codes, with one example per code rendered from the real [`ApiError`], and adds
-//! the security schemes and a "who may call" line to every operation.
+//! An assembly of what the handlers and types declare: the `#[utoipa::path]` of each handler,
+//! the request and reply types of [`crate::model`], the shared error sets of
+//! [`crate::responses`]. [`Documented`] adds the security schemes and a "who may call" line to
+//! every operation, narrows each problem response to the `code`s its description names (with
+//! an example of each, rendered from the real [`ApiError`]), and states that `referrer_id` and
+//! `referral_code` exclude each other.
 
-use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
 
-use axum::Router;
-use serde::Serialize;
+use axum::extract::Path;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::{json, Value};
+use upline_common::events::{EarningEvent, Totals};
+use upline_common::http::Problem;
+use upline_common::purchase::PurchaseMessage;
 use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
-use utoipa::openapi::schema::{
-    AllOfBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type,
-};
+use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{OpenApi as OpenApiDoc, Ref, RefOr, Schema};
-use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
-use utoipa_swagger_ui::SwaggerUi;
+use utoipa::openapi::{OpenApi as OpenApiDoc, Ref, RefOr};
+use utoipa::{Modify, OpenApi};
 
-use crate::error::ApiError;
-use crate::routes::{purchases, reports, users};
-use crate::store;
+use crate::error::{ApiError, ErrorCode};
+use crate::routes::{dashboard, purchases, reports, users};
+
+/// The real [`upline_common::Money`], under the path `store.rs` names in its
+/// `#[schema(value_type = …)]` attributes.
+pub use upline_common::Money;
 
 /// `GET /openapi.json` and the Swagger UI under `/docs`, for merging into the api's router.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    SwaggerUi::new("/docs")
-        .url("/openapi.json", ApiDoc::openapi())
-        .into()
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs_redirect))
+        .route("/docs/", get(docs_page))
+        .route("/docs/{*file}", get(docs_asset))
+}
+
+/// The description, assembled once.
+static DOC: LazyLock<OpenApiDoc> = LazyLock::new(ApiDoc::openapi);
+
+/// Swagger UI's configuration: this api's description.
+static SWAGGER: LazyLock<Arc<utoipa_swagger_ui::Config<'static>>> =
+    LazyLock::new(|| Arc::new(utoipa_swagger_ui::Config::from("/openapi.json")));
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    summary = "This OpenAPI description",
+    tag = "documentation",
+    responses((status = 200, description = "This OpenAPI description", body = Object)),
+    security(()),
+)]
+/// `GET /openapi.json`: this description.
+pub async fn openapi_json() -> Json<OpenApiDoc> {
+    Json(DOC.clone())
+}
+
+#[utoipa::path(
+    get,
+    path = "/docs",
+    operation_id = "docs_redirect",
+    summary = "Interactive docs (redirect)",
+    tag = "documentation",
+    responses((status = 303, description = "Redirects to `/docs/`",
+        headers(("Location" = String, description = "`/docs/`")))),
+    security(()),
+)]
+/// `GET /docs`: 303 to `/docs/`.
+pub async fn docs_redirect() -> Redirect {
+    Redirect::to("/docs/")
+}
+
+#[utoipa::path(
+    get,
+    path = "/docs/",
+    operation_id = "docs",
+    summary = "Interactive docs (Swagger UI)",
+    tag = "documentation",
+    responses((status = 200, description = "Swagger UI for this description", body = String,
+        content_type = "text/html")),
+    security(()),
+)]
+/// `GET /docs/`: the Swagger UI page.
+pub async fn docs_page() -> Response {
+    swagger_file("index.html")
+}
+
+#[utoipa::path(
+    get,
+    path = "/docs/{file}",
+    operation_id = "docs_asset",
+    summary = "Swagger UI files",
+    tag = "documentation",
+    params(("file" = String, Path, description = "A Swagger UI file, e.g. `swagger-ui.css`, `swagger-ui-bundle.js`")),
+    responses(
+        (status = 200, description = "The file (JavaScript, CSS, HTML or an image), compiled into the binary",
+            content((String = "application/javascript"), (String = "text/css"), (String = "text/html"), (String = "image/png"), (String = "application/json"))),
+        (status = 404, description = "No such file (empty body)"),
+    ),
+    security(()),
+)]
+/// `GET /docs/{file}`: a file of Swagger UI; `swagger-initializer.js` points it at
+/// `/openapi.json`.
+pub async fn docs_asset(Path(file): Path<String>) -> Response {
+    swagger_file(&file)
+}
+
+/// A Swagger UI file with its content type; 404 with an empty body when there is none.
+fn swagger_file(path: &str) -> Response {
+    match utoipa_swagger_ui::serve(path, SWAGGER.clone()) {
+        Ok(Some(file)) => (
+            [(header::CONTENT_TYPE, file.content_type)],
+            file.bytes.into_owned(),
+        )
+            .into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(e) => ApiError::Internal(anyhow::anyhow!("swagger ui: {e}")).into_response(),
+    }
 }
 
 /// The whole description.
@@ -56,16 +148,16 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         reports::leaderboard,
         purchases::create,
         purchases::get,
-        healthz,
-        readyz,
-        metrics,
+        upline_common::http::healthz,
+        upline_common::http::readyz,
+        upline_common::http::metrics,
         openapi_json,
         docs_redirect,
         docs_page,
         docs_asset,
-        dashboard_page,
-        dashboard_asset,
-        dashboard_config,
+        dashboard::index,
+        dashboard::asset,
+        dashboard::config,
     ),
     components(schemas(Problem, ErrorCode, PurchaseMessage, EarningEvent, Totals, Money)),
     modifiers(&Documented),
@@ -154,744 +246,6 @@ same `EarningEvent`s:
   resuming after the `Last-Event-ID` header (or `?since=`).
 "#;
 
-// ---------------------------------------------------------------------------------------------
-// Problems
-
-/// An error (RFC 9457 problem details), served as `application/problem+json`.
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"type": "/problems/validation_failed", "title": "Unprocessable Entity",
-    "status": 422, "detail": "email: must be an email address such as asha@example.com",
-    "code": "validation_failed", "field": "email"}))]
-pub struct Problem {
-    /// `/problems/<code>`.
-    #[serde(rename = "type")]
-    #[schema(format = "uri-reference", example = "/problems/validation_failed")]
-    pub problem_type: String,
-    /// The status's reason phrase.
-    #[schema(example = "Unprocessable Entity")]
-    pub title: String,
-    /// The HTTP status, repeated.
-    #[schema(example = 422)]
-    pub status: u16,
-    /// What went wrong, for people.
-    pub detail: String,
-    pub code: ErrorCode,
-    /// The request field at fault (`validation_failed`, `unknown_buyer`); query string errors
-    /// name `query` or the parameter, header errors the header.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub field: Option<String>,
-}
-
-/// The stable machine code of a problem; each response lists the ones it can carry.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidJson,
-    ValidationFailed,
-    Unauthorized,
-    Forbidden,
-    TokenExpired,
-    TokenRevoked,
-    AdminOnly,
-    RateLimited,
-    NotFound,
-    ReferrerNotFound,
-    EmailTaken,
-    ReferralLimitReached,
-    ReferrerInactive,
-    AlreadyReferred,
-    UserInactive,
-    UserErased,
-    ReferralNotReleasable,
-    SelfReferral,
-    ReferralCycle,
-    UnknownBuyer,
-    IdempotencyKeyRequired,
-    PayloadTooLarge,
-    BrokerUnavailable,
-    DatabaseUnavailable,
-    RequestTimeout,
-    InternalError,
-}
-
-/// One instance of every [`ApiError`], to render examples from. The `match` makes a new
-/// variant a compile error here until it has a sample.
-fn samples() -> Vec<ApiError> {
-    let all = vec![
-        ApiError::InvalidJson("expected value at line 1 column 1".into()),
-        ApiError::validation("email", "must be an email address such as asha@example.com"),
-        ApiError::Unauthorized,
-        ApiError::Forbidden,
-        ApiError::TokenExpired,
-        ApiError::TokenRevoked,
-        ApiError::AdminOnly {
-            field: "referrer_id",
-            message:
-                "naming a referrer by id needs the admin key; send the referrer's referral_code",
-        },
-        ApiError::RateLimited(upline_common::limits::RateLimited {
-            retry_after: std::time::Duration::from_secs(12),
-        }),
-        ApiError::NotFound("no user with id 7".into()),
-        ApiError::ReferrerNotFound,
-        ApiError::EmailTaken,
-        ApiError::ReferralLimitReached(8),
-        ApiError::ReferrerInactive,
-        ApiError::AlreadyReferred,
-        ApiError::UserInactive,
-        ApiError::UserErased,
-        ApiError::ReferralNotReleasable,
-        ApiError::SelfReferral,
-        ApiError::ReferralCycle,
-        ApiError::UnknownBuyer(42),
-        ApiError::IdempotencyKeyRequired,
-        ApiError::PayloadTooLarge,
-        ApiError::DatabaseUnavailable,
-        ApiError::RequestTimeout,
-        ApiError::BrokerUnavailable,
-        ApiError::Internal(anyhow::anyhow!("example")),
-    ];
-    for e in &all {
-        match e {
-            ApiError::InvalidJson(_)
-            | ApiError::Validation { .. }
-            | ApiError::Unauthorized
-            | ApiError::Forbidden
-            | ApiError::TokenExpired
-            | ApiError::TokenRevoked
-            | ApiError::AdminOnly { .. }
-            | ApiError::RateLimited(_)
-            | ApiError::NotFound(_)
-            | ApiError::ReferrerNotFound
-            | ApiError::EmailTaken
-            | ApiError::ReferralLimitReached(_)
-            | ApiError::ReferrerInactive
-            | ApiError::AlreadyReferred
-            | ApiError::UserInactive
-            | ApiError::UserErased
-            | ApiError::ReferralNotReleasable
-            | ApiError::SelfReferral
-            | ApiError::ReferralCycle
-            | ApiError::UnknownBuyer(_)
-            | ApiError::IdempotencyKeyRequired
-            | ApiError::PayloadTooLarge
-            | ApiError::DatabaseUnavailable
-            | ApiError::RequestTimeout
-            | ApiError::BrokerUnavailable
-            | ApiError::Internal(_) => {}
-        }
-    }
-    all
-}
-
-/// The body `ApiError::into_response` sends for `e` (without logging anything).
-fn problem_body(e: &ApiError) -> Value {
-    let (status, code) = e.status_and_code();
-    upline_common::http::problem_body(status, code, &e.public_detail(), e.field())
-}
-
-/// The error codes named (in backticks) in a response description.
-fn codes_in(description: &str) -> Vec<&str> {
-    let known: Vec<&'static str> = samples().iter().map(|e| e.status_and_code().1).collect();
-    let mut codes = Vec::new();
-    for word in description.split('`').skip(1).step_by(2) {
-        if known.contains(&word) && !codes.contains(&word) {
-            codes.push(word);
-        }
-    }
-    codes
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared value types
-
-/// Rupees as a decimal string with two places.
-#[derive(ToSchema)]
-#[schema(example = "1530.00", pattern = r"^[0-9]+\.[0-9]{2}$")]
-#[allow(dead_code)]
-pub struct Money(String);
-
-/// An amount in a request: a decimal string or an exact JSON number, at most two decimal
-/// places, at most 10^12 (`"2000.00"`, `"2000"`, `2000.5`).
-pub struct MoneyInput;
-
-impl PartialSchema for MoneyInput {
-    fn schema() -> RefOr<Schema> {
-        OneOfBuilder::new()
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .pattern(Some(r"^\s*\+?[0-9]+(\.[0-9]{1,2})?\s*$"))
-                    .examples(["2000.00"]),
-            )
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::Number)
-                    .minimum(Some(0))
-                    .maximum(Some(1_000_000_000_000_i64))
-                    .multiple_of(Some(0.01)),
-            )
-            .description(Some(
-                "A decimal string or an exact JSON number, at most two decimal places, at most 10^12",
-            ))
-            .into()
-    }
-}
-
-impl ToSchema for MoneyInput {}
-
-/// A user id in a request: a positive integer, or a string of digits.
-pub struct UserIdInput;
-
-impl PartialSchema for UserIdInput {
-    fn schema() -> RefOr<Schema> {
-        OneOfBuilder::new()
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-                    .minimum(Some(1)),
-            )
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .pattern(Some(r"^\s*0*[1-9][0-9]{0,17}\s*$")),
-            )
-            .description(Some("A positive integer, or a string of digits"))
-            .into()
-    }
-}
-
-impl ToSchema for UserIdInput {}
-
-// ---------------------------------------------------------------------------------------------
-// Request bodies
-
-/// `POST /api/users`. Give the referrer by `referral_code`, or by `referrer_id` with the admin
-/// key only (or both, naming the same user); `null` counts as absent and unknown fields are
-/// ignored.
-#[derive(ToSchema)]
-#[schema(example = json!({"name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA"}))]
-#[allow(dead_code)]
-pub struct RegisterRequest {
-    /// 1–100 characters (trimmed).
-    #[schema(min_length = 1, max_length = 100)]
-    name: String,
-    /// Unique, compared case-insensitively.
-    #[schema(format = Email, max_length = 254)]
-    email: String,
-    /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
-    referrer_id: Option<UserIdInput>,
-    /// The referrer's referral code (case-insensitive).
-    referral_code: Option<String>,
-}
-
-/// `PUT /api/users/{id}/referrer`: one of `referrer_id` (admin key only) or `referral_code` (or
-/// both, naming the same user); `null` counts as absent.
-#[derive(ToSchema)]
-#[schema(example = json!({"referral_code": "K7QM2XPA"}))]
-#[allow(dead_code)]
-pub struct SetReferrerRequest {
-    referrer_id: Option<UserIdInput>,
-    referral_code: Option<String>,
-}
-
-/// `POST /api/purchases`: the purchase message of SPEC §3, with `purchase_id` optional (else
-/// the `Idempotency-Key` header, else generated: `api-…`). `null` counts as absent; unknown
-/// fields are ignored.
-#[derive(ToSchema)]
-#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
-    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
-#[allow(dead_code)]
-pub struct PurchaseRequest {
-    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`.
-    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
-    purchase_id: Option<String>,
-    /// The buyer: an existing user.
-    buyer_id: UserIdInput,
-    /// The purchase amount, positive.
-    amount: MoneyInput,
-    /// The configured currency (default `INR`), case-insensitive; defaults to it.
-    #[schema(example = "INR")]
-    currency: Option<String>,
-    /// When given, commissions are computed on it rather than on `amount`; 0 ≤ profit ≤ amount.
-    profit: Option<MoneyInput>,
-    /// RFC 3339; defaults to the time of receipt.
-    #[schema(format = DateTime)]
-    occurred_at: Option<String>,
-}
-
-/// The purchase message of SPEC §3, as published to exchange `upline.purchases` (routing key
-/// `purchase`, persistent, `content_type: application/json`) by the api or by external
-/// systems. Unknown fields are ignored.
-#[derive(ToSchema)]
-#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
-    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
-#[allow(dead_code)]
-pub struct PurchaseMessage {
-    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`.
-    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
-    purchase_id: String,
-    buyer_id: UserIdInput,
-    amount: MoneyInput,
-    /// Default: the configured currency.
-    #[schema(example = "INR")]
-    currency: Option<String>,
-    /// Default: none (commissions on `amount`).
-    profit: Option<MoneyInput>,
-    /// Default: the time of receipt.
-    #[schema(format = DateTime)]
-    occurred_at: Option<String>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Response bodies
-
-/// `201` of `POST /api/users`: the user and its bearer token.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct RegisteredUser {
-    #[serde(flatten)]
-    user: store::User,
-    /// The user's bearer token (`user_token`), valid until `token_expires_at`
-    /// (`auth.token_ttl`); renew it with `POST /api/users/{id}/token` before then.
-    token: String,
-    #[schema(format = DateTime)]
-    token_expires_at: String,
-}
-
-/// A page of users.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct UserPage {
-    items: Vec<store::User>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
-}
-
-/// What the bearer of the credentials is.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Me {
-    role: Role,
-    /// Present when `role` is `user`.
-    #[schema(nullable = false)]
-    user: Option<store::User>,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum Role {
-    Admin,
-    Producer,
-    User,
-}
-
-/// A fresh token for a user.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct IssuedToken {
-    user_id: i64,
-    token: String,
-    /// When the token stops being valid (RFC 3339).
-    #[schema(format = DateTime)]
-    expires_at: String,
-}
-
-/// `PATCH /api/users/{id}`.
-#[derive(ToSchema)]
-#[schema(example = json!({"show_on_leaderboard": false}))]
-#[allow(dead_code)]
-pub struct UpdateUserRequest {
-    /// `false` hides the user from the public leaderboard.
-    show_on_leaderboard: bool,
-}
-
-/// A user's earnings.
-#[derive(ToSchema)]
-#[schema(example = json!({"user_id": 7, "total": "1530.00", "count": 12,
-    "by_level": {"1": "1400.00", "2": "130.00"},
-    "by_referral": [{"source_user_id": 42, "name": "Ravi", "level": 1, "total": "100.00", "count": 1}],
-    "recent": [{"earning_id": 9812, "seq": 17, "earner_id": 7, "source_user_id": 42,
-        "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05", "amount": "100.00",
-        "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
-        "created_at": "2026-11-20T10:00:00.123Z"}]}))]
-#[allow(dead_code)]
-pub struct EarningsReport {
-    user_id: i64,
-    total: Money,
-    /// How many earnings.
-    count: i64,
-    /// Total per level, every configured level listed (`"1"`, `"2"`, …), zero included.
-    by_level: BTreeMap<String, Money>,
-    /// The 100 largest sources: per buyer and level, largest first.
-    by_referral: Vec<store::ReferralEarnings>,
-    /// The 20 latest earning events, newest first.
-    recent: Vec<EarningEvent>,
-}
-
-/// A user's downline, two levels deep.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Referrals {
-    user_id: i64,
-    /// Direct referrals, by id.
-    level_1: Vec<store::Referral>,
-    /// Their referrals, by id.
-    level_2: Vec<store::Referral>,
-}
-
-/// `202` of `POST /api/purchases`.
-#[derive(ToSchema)]
-#[schema(example = json!({"purchase_id": "ord-2026-000123", "status": "accepted"}))]
-#[allow(dead_code)]
-pub struct PurchaseAccepted {
-    purchase_id: String,
-    #[schema(inline)]
-    status: Accepted,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum Accepted {
-    Accepted,
-}
-
-/// What a worker recorded for a purchase.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct PurchaseStatus {
-    purchase_id: String,
-    /// `conflict` once the id was received again with different content.
-    status: PurchaseState,
-    /// What the first message came to.
-    original_status: OriginalState,
-    /// Why it was rejected: the field first (`"currency: must be INR, found \"USD\""`).
-    reason: Option<String>,
-    buyer_id: Option<i64>,
-    amount: Option<Money>,
-    currency: Option<String>,
-    profit: Option<Money>,
-    #[schema(format = DateTime)]
-    occurred_at: Option<String>,
-    #[schema(format = DateTime)]
-    processed_at: String,
-    /// Every configured level, level 1 first (empty for a rejected purchase).
-    levels: Vec<PurchaseLevel>,
-    /// Later bodies that reused the id with other content (at most 100); they pay nothing.
-    conflicts: Vec<PurchaseConflict>,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum PurchaseState {
-    Processed,
-    Rejected,
-    Conflict,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum OriginalState {
-    Processed,
-    Rejected,
-}
-
-/// One level's outcome of a purchase.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct PurchaseLevel {
-    #[schema(minimum = 1)]
-    level: i16,
-    /// The upline member at this level; null when there is none.
-    earner_id: Option<i64>,
-    outcome: LevelOutcome,
-    /// The configured rate, `"0.05"`.
-    rate: String,
-    /// Credited rupees (`"0.00"` unless `paid` or `capped`).
-    amount: Money,
-    /// The earning, when one was credited.
-    earning_id: Option<i64>,
-}
-
-/// `paid`; `capped` (paid up to the level's cap); `below_threshold` (purchase at or under the
-/// threshold, or a commission under one paisa); `inactive` (the earner is deactivated);
-/// `cap_reached`; `no_referrer`.
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum LevelOutcome {
-    Paid,
-    Capped,
-    BelowThreshold,
-    Inactive,
-    CapReached,
-    NoReferrer,
-}
-
-/// A later message under the same purchase id with different content.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct PurchaseConflict {
-    #[schema(format = DateTime)]
-    received_at: String,
-    /// The message body as received.
-    body: Object,
-}
-
-/// Any JSON object.
-#[derive(ToSchema)]
-#[schema(value_type = Object)]
-#[allow(dead_code)]
-pub struct Object(BTreeMap<String, Value>);
-
-/// An earning event (SPEC §4): one per credited commission, published at least once to
-/// exchange `upline.earnings` (topic) with routing key `earning.<level>.<earner_id>`, streamed
-/// by the notifier, and listed in `recent` of the earnings report.
-#[derive(ToSchema)]
-#[schema(example = json!({"earning_id": 9812, "seq": 17, "earner_id": 7, "source_user_id": 42,
-    "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05", "amount": "100.00",
-    "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
-    "created_at": "2026-11-20T10:00:00.123Z"}))]
-#[allow(dead_code)]
-pub struct EarningEvent {
-    earning_id: i64,
-    /// The earner's earning count: 1, 2, 3 … without gaps, in commit order.
-    #[schema(minimum = 1)]
-    seq: i64,
-    earner_id: i64,
-    /// The buyer.
-    source_user_id: i64,
-    purchase_id: String,
-    /// 1 = the buyer's direct referrer.
-    #[schema(minimum = 1)]
-    level: i16,
-    /// As a decimal string, `"0.05"`.
-    #[schema(example = "0.05")]
-    rate: String,
-    /// Credited rupees.
-    amount: Money,
-    #[schema(example = "INR")]
-    currency: String,
-    totals: Totals,
-    #[schema(format = DateTime)]
-    created_at: String,
-}
-
-/// The earner's totals including this earning: `total` and `level_1`, `level_2`, … for every
-/// configured level.
-#[derive(ToSchema)]
-#[schema(example = json!({"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"}))]
-#[allow(dead_code)]
-pub struct Totals {
-    total: Money,
-    #[serde(flatten)]
-    levels: BTreeMap<String, Money>,
-}
-
-/// `GET /healthz`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Health {
-    #[schema(example = "ok")]
-    status: String,
-}
-
-/// `GET /readyz`.
-#[derive(ToSchema)]
-#[schema(example = json!({"status": "ready", "database": "up", "broker": "up"}))]
-#[allow(dead_code)]
-pub struct Readiness {
-    #[schema(inline)]
-    status: ReadyState,
-    #[schema(inline)]
-    database: UpDown,
-    #[schema(inline)]
-    broker: UpDown,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum ReadyState {
-    Ready,
-    NotReady,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum UpDown {
-    Up,
-    Down,
-}
-
-/// `GET /dashboard/config.json`: where the dashboard page finds the notifier.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct DashboardConfig {
-    /// The notifier's WebSocket URL as a browser reaches it (`api.notifier_public_url`), or
-    /// null: then `ws(s)://<the page's host>:<notifier_port>/ws`.
-    notifier_ws_url: Option<String>,
-    notifier_port: u16,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Path items for routes not defined by a handler of this crate
-
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    operation_id = "healthz",
-    summary = "Liveness",
-    tag = "operations",
-    responses((status = 200, description = "The process is alive", body = Health)),
-    security(()),
-)]
-#[allow(dead_code)]
-fn healthz() {}
-
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    operation_id = "readyz",
-    summary = "Readiness",
-    tag = "operations",
-    responses(
-        (status = 200, description = "Ready: PostgreSQL answers and RabbitMQ is connected", body = Readiness),
-        (status = 503, description = "Not ready: see which dependency is `down`", body = Readiness),
-    ),
-    security(()),
-)]
-#[allow(dead_code)]
-fn readyz() {}
-
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "metrics",
-    summary = "Prometheus metrics",
-    tag = "operations",
-    responses((status = 200, description = "Prometheus metrics (text exposition format)", body = String,
-        content_type = "text/plain")),
-    security(()),
-)]
-#[allow(dead_code)]
-fn metrics() {}
-
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    operation_id = "openapi",
-    summary = "This OpenAPI description",
-    tag = "documentation",
-    responses((status = 200, description = "This OpenAPI description", body = Object)),
-    security(()),
-)]
-#[allow(dead_code)]
-fn openapi_json() {}
-
-#[utoipa::path(
-    get,
-    path = "/docs",
-    operation_id = "docs_redirect",
-    summary = "Interactive docs (redirect)",
-    tag = "documentation",
-    responses((status = 303, description = "Redirects to `/docs/`",
-        headers(("Location" = String, description = "`/docs/`")))),
-    security(()),
-)]
-#[allow(dead_code)]
-fn docs_redirect() {}
-
-#[utoipa::path(
-    get,
-    path = "/docs/",
-    operation_id = "docs",
-    summary = "Interactive docs (Swagger UI)",
-    tag = "documentation",
-    responses((status = 200, description = "Swagger UI for this description", body = String,
-        content_type = "text/html")),
-    security(()),
-)]
-#[allow(dead_code)]
-fn docs_page() {}
-
-#[utoipa::path(
-    get,
-    path = "/docs/{file}",
-    operation_id = "docs_asset",
-    summary = "Swagger UI files",
-    tag = "documentation",
-    params(("file" = String, Path, description = "A Swagger UI file, e.g. `swagger-ui.css`, `swagger-ui-bundle.js`")),
-    responses(
-        (status = 200, description = "The file (JavaScript, CSS, HTML or an image), compiled into the binary", body = String,
-            content_type = "application/octet-stream"),
-        (status = 404, description = "No such file (empty body)"),
-    ),
-    security(()),
-)]
-#[allow(dead_code)]
-fn docs_asset() {}
-
-#[utoipa::path(
-    get,
-    path = "/",
-    operation_id = "dashboard",
-    summary = "The dashboard page",
-    tag = "dashboard",
-    params(("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer")),
-    responses(
-        (status = 200, description = "The dashboard page; it signs in with a token or key and follows earnings live",
-            body = String, content_type = "text/html", headers(("ETag" = String))),
-        (status = 304, description = "Not modified"),
-    ),
-    security(()),
-)]
-#[allow(dead_code)]
-fn dashboard_page() {}
-
-#[utoipa::path(
-    get,
-    path = "/assets/{path}",
-    operation_id = "dashboard_asset",
-    summary = "The dashboard's files",
-    tag = "dashboard",
-    params(
-        ("path" = String, Path, description = "A file of the page, e.g. `app.js`, `app.css`, `vendor/chart.umd.min.js`"),
-        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer"),
-    ),
-    responses(
-        (status = 200, description = "The file, compiled into the binary", body = String,
-            content_type = "application/octet-stream", headers(("ETag" = String))),
-        (status = 304, description = "Not modified"),
-        (status = 404, description = "`not_found`: no such file", body = Problem, content_type = "application/problem+json"),
-    ),
-    security(()),
-)]
-#[allow(dead_code)]
-fn dashboard_asset() {}
-
-#[utoipa::path(
-    get,
-    path = "/dashboard/config.json",
-    operation_id = "dashboard_config",
-    summary = "The dashboard's configuration",
-    tag = "dashboard",
-    responses((status = 200, description = "Where the page finds the notifier", body = DashboardConfig)),
-    security(()),
-)]
-#[allow(dead_code)]
-fn dashboard_config() {}
-
-// ---------------------------------------------------------------------------------------------
-// Post-processing
-
 /// The security schemes (`user_token`, `admin_key`, `producer_key`), each operation's
 /// "who may call" line and `x-upline-auth` extension, and the problem responses narrowed to
 /// the codes each lists, with an example of each.
@@ -931,7 +285,10 @@ impl Modify for Documented {
             }
             components.add_security_scheme(*name, SecurityScheme::Http(http.build()));
         }
-        let samples = samples();
+        for name in ["RegisterRequest", "SetReferrerRequest"] {
+            exclusive(components, name, "referrer_id", "referral_code");
+        }
+        let samples = ApiError::samples();
         for item in openapi.paths.paths.values_mut() {
             for (_, operation) in operations_mut(item) {
                 describe_access(operation);
@@ -1010,6 +367,7 @@ fn narrow_problem(status: &str, response: &mut utoipa::openapi::Response, sample
         return;
     }
     let status: u16 = status.parse().unwrap_or_default();
+    let codes: Vec<&str> = codes.into_iter().map(ErrorCode::as_str).collect();
     let narrowed = ObjectBuilder::new()
         .property(
             "code",
@@ -1030,43 +388,67 @@ fn narrow_problem(status: &str, response: &mut utoipa::openapi::Response, sample
             .into(),
     );
     for code in codes {
-        if let Some(e) = samples.iter().find(|e| e.status_and_code().1 == code) {
+        if let Some(e) = samples
+            .iter()
+            .find(|e| e.status_and_code().1.as_str() == code)
+        {
             let example = ExampleBuilder::new()
                 .summary(code)
-                .value(Some(problem_body(e)))
+                .value(serde_json::to_value(e.problem()).ok())
                 .build();
             content.examples.insert(code.to_owned(), RefOr::T(example));
         }
     }
 }
 
+/// The problem codes named (in backticks) in a response description.
+fn codes_in(description: &str) -> Vec<ErrorCode> {
+    let known: Vec<ErrorCode> = ApiError::samples()
+        .iter()
+        .map(|e| e.status_and_code().1)
+        .collect();
+    let mut codes = Vec::new();
+    for word in description.split('`').skip(1).step_by(2) {
+        if let Some(code) = known.iter().find(|c| c.as_str() == word) {
+            if !codes.contains(code) {
+                codes.push(*code);
+            }
+        }
+    }
+    codes
+}
+
+/// Says in the schema `name` that fields `a` and `b` exclude each other: at most one of them
+/// is sent non-null (`allOf` the derived object and `anyOf` "a is null or absent", "b is null
+/// or absent").
+fn exclusive(components: &mut utoipa::openapi::Components, name: &str, a: &str, b: &str) {
+    let Some(schema) = components.schemas.remove(name) else {
+        return;
+    };
+    let null_or_absent = |field: &str| {
+        ObjectBuilder::new().property(field, ObjectBuilder::new().schema_type(Type::Null))
+    };
+    let description = format!("Send `{a}` or `{b}`, not both.");
+    let combined = AllOfBuilder::new()
+        .item(schema)
+        .item(
+            AnyOfBuilder::new()
+                .item(null_or_absent(a))
+                .item(null_or_absent(b))
+                .description(Some(description)),
+        )
+        .build();
+    components
+        .schemas
+        .insert(name.to_owned(), RefOr::T(combined.into()));
+}
+
 #[cfg(test)]
 mod tests {
-    use axum::response::IntoResponse;
-
     use super::*;
 
     fn doc() -> Value {
         serde_json::to_value(ApiDoc::openapi()).expect("serialises")
-    }
-
-    #[tokio::test]
-    async fn examples_are_what_the_errors_really_send() {
-        for e in samples() {
-            if matches!(e, ApiError::Internal(_)) {
-                continue; // would log; its body is checked by hand below
-            }
-            let expected = problem_body(&e);
-            let response = e.into_response();
-            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .expect("body");
-            let actual: Value = serde_json::from_slice(&bytes).expect("json");
-            assert_eq!(actual, expected);
-        }
-        let internal = problem_body(&ApiError::Internal(anyhow::anyhow!("secret")));
-        assert_eq!(internal["code"], "internal_error");
-        assert!(!internal["detail"].as_str().unwrap().contains("secret"));
     }
 
     #[test]
@@ -1078,7 +460,10 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        let mut real: Vec<&str> = samples().iter().map(|e| e.status_and_code().1).collect();
+        let mut real: Vec<&str> = ApiError::samples()
+            .iter()
+            .map(|e| e.status_and_code().1.as_str())
+            .collect();
         listed.sort_unstable();
         real.sort_unstable();
         assert_eq!(listed, real);
@@ -1087,7 +472,7 @@ mod tests {
     #[test]
     fn every_documented_problem_names_real_codes_of_its_status() {
         let doc = doc();
-        let samples = samples();
+        let samples = ApiError::samples();
         let mut checked = 0;
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
@@ -1112,14 +497,31 @@ mod tests {
                         assert_eq!(
                             e.status_and_code().0.as_str(),
                             status,
-                            "{method} {path}: `{code}` listed under the wrong status"
+                            "{method} {path}: `{}` listed under the wrong status",
+                            code.as_str()
                         );
-                        assert!(content["examples"].get(code).is_some());
+                        assert!(content["examples"].get(code.as_str()).is_some());
                         checked += 1;
                     }
                 }
             }
         }
         assert!(checked > 50, "only {checked} codes documented");
+    }
+
+    #[test]
+    fn referrer_id_and_referral_code_exclude_each_other() {
+        let doc = doc();
+        for name in ["RegisterRequest", "SetReferrerRequest"] {
+            let any_of = &doc["components"]["schemas"][name]["allOf"][1]["anyOf"];
+            assert_eq!(
+                any_of[0]["properties"]["referrer_id"]["type"], "null",
+                "{name}"
+            );
+            assert_eq!(
+                any_of[1]["properties"]["referral_code"]["type"], "null",
+                "{name}"
+            );
+        }
     }
 }

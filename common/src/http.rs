@@ -91,8 +91,7 @@ impl Problem {
 impl IntoResponse for Problem {
     /// The problem with its status, as `application/problem+json`.
     fn into_response(self) -> axum::response::Response {
-        let status =
-            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, Json(self)).into_response();
         response.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,

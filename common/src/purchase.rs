@@ -53,7 +53,9 @@ impl utoipa::PartialSchema for PurchaseId {
         ObjectBuilder::new()
             .schema_type(Type::String)
             .pattern(Some(r"^[A-Za-z0-9._:-]{1,64}$"))
-            .description(Some("The idempotency key of a purchase: 1–64 characters of `A-Za-z0-9._:-`"))
+            .description(Some(
+                "The idempotency key of a purchase: 1–64 characters of `A-Za-z0-9._:-`",
+            ))
             .examples(["ord-2026-000123"])
             .into()
     }
@@ -328,9 +330,11 @@ pub struct Timestamp(pub OffsetDateTime);
 impl FromJson for Timestamp {
     fn from_json(v: &Value) -> Result<Self, String> {
         match v {
-            Value::String(s) => OffsetDateTime::parse(s, &Rfc3339).map(Timestamp).map_err(|_| {
-                "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z".to_owned()
-            }),
+            Value::String(s) => OffsetDateTime::parse(s, &Rfc3339)
+                .map(Timestamp)
+                .map_err(|_| {
+                    "must be an RFC 3339 timestamp such as 2026-11-20T10:00:00Z".to_owned()
+                }),
             _ => Err("must be an RFC 3339 timestamp string".to_owned()),
         }
     }
@@ -602,10 +606,14 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(invalid.to_string(), "buyer_id: must be a positive integer");
-        let invalid =
-            check(r#"{"occurred_at":5,"currency":7,"amount":"1.001","buyer_id":1,"purchase_id":"p"}"#)
-                .unwrap_err();
-        assert_eq!(invalid.to_string(), "amount: must have at most 2 decimal places");
+        let invalid = check(
+            r#"{"occurred_at":5,"currency":7,"amount":"1.001","buyer_id":1,"purchase_id":"p"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            invalid.to_string(),
+            "amount: must have at most 2 decimal places"
+        );
         let invalid =
             check(r#"{"occurred_at":5,"currency":7,"amount":"1","buyer_id":1,"purchase_id":"p"}"#)
                 .unwrap_err();
@@ -628,7 +636,12 @@ mod tests {
         assert_eq!(p.amount.to_string(), "999999999999.99");
         assert_eq!(p.profit.map(|m| m.to_string()).as_deref(), Some("0.00"));
         assert_eq!(p.currency, "INR");
-        assert_eq!(check(r#"{"purchase_id":"p","buyer_id":7.0,"amount":1}"#).expect("valid").buyer_id, 7);
+        assert_eq!(
+            check(r#"{"purchase_id":"p","buyer_id":7.0,"amount":1}"#)
+                .expect("valid")
+                .buyer_id,
+            7
+        );
     }
 
     #[test]

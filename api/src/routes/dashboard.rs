@@ -17,10 +17,11 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// What `GET /dashboard/config.json` answers.
-#[derive(Debug, Clone, Serialize)]
+/// What `GET /dashboard/config.json` answers: where the dashboard page finds the notifier.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DashboardConfig {
-    /// `api.notifier_public_url` when set: the notifier's WebSocket URL as a browser reaches it.
+    /// `api.notifier_public_url` when set: the notifier's WebSocket URL as a browser reaches it;
+    /// null otherwise.
     pub notifier_ws_url: Option<String>,
     /// The port of `notifier.bind`; without a public URL the page connects to
     /// `ws(s)://<the page's host>:<notifier_port>/ws`.
@@ -129,6 +130,20 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
     (headers, asset.body).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "dashboard",
+    summary = "The dashboard page",
+    tag = "dashboard",
+    params(("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer")),
+    responses(
+        (status = 200, description = "The dashboard page; it signs in with a token or key and follows earnings live",
+            body = String, content_type = "text/html", headers(("ETag" = String))),
+        (status = 304, description = "Not modified"),
+    ),
+    security(()),
+)]
 /// `GET /`: the dashboard page.
 pub async fn index(request: HeaderMap) -> Response {
     let mut response = serve(&INDEX, &request);
@@ -145,6 +160,24 @@ pub async fn index(request: HeaderMap) -> Response {
     response
 }
 
+#[utoipa::path(
+    get,
+    path = "/assets/{path}",
+    operation_id = "dashboard_asset",
+    summary = "The dashboard's files",
+    tag = "dashboard",
+    params(
+        ("path" = String, Path, description = "A file of the page, e.g. `app.js`, `app.css`, `vendor/chart.umd.min.js`"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer"),
+    ),
+    responses(
+        (status = 200, description = "The file, compiled into the binary", headers(("ETag" = String)),
+            content((String = "text/javascript"), (String = "text/css"), (String = "image/svg+xml"), (String = "text/plain"))),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "`not_found`: no such file", body = upline_common::http::Problem, content_type = "application/problem+json"),
+    ),
+    security(()),
+)]
 /// `GET /assets/{*path}`: the page's scripts, styles and images.
 pub async fn asset(Path(path): Path<String>, request: HeaderMap) -> Response {
     match ASSETS.iter().find(|a| a.path == path) {
@@ -153,6 +186,15 @@ pub async fn asset(Path(path): Path<String>, request: HeaderMap) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/dashboard/config.json",
+    operation_id = "dashboard_config",
+    summary = "The dashboard's configuration",
+    tag = "dashboard",
+    responses((status = 200, description = "Where the page finds the notifier", body = DashboardConfig)),
+    security(()),
+)]
 /// `GET /dashboard/config.json`: where the page finds the notifier.
 pub async fn config(State(state): State<AppState>) -> impl IntoResponse {
     (

@@ -1,16 +1,16 @@
 //! `/api/purchases`: intake (validate, publish with confirm, 202) and the processed result.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
-use serde_json::{json, Value};
-use upline_common::money::Money;
-use upline_common::purchase::{self, PurchaseId};
+use upline_common::http::Problem;
+use upline_common::purchase::{Field, PurchaseId, PurchaseRequest};
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{opt_str, JsonObject, PathText};
+use crate::extract::{PathText, ValidatedJson};
+use crate::model::{Accepted, PurchaseAccepted, PurchaseReport};
+use crate::responses::ProducerErrors;
 use crate::{store, AppState};
 
 #[utoipa::path(
@@ -24,17 +24,15 @@ use crate::{store, AppState};
         ("Idempotency-Key" = Option<String>, Header, max_length = 64, pattern = "^[A-Za-z0-9._:-]{1,64}$",
             description = "The purchase id, when the body has no `purchase_id` (they must agree when both are sent)"),
     ),
-    request_body(content = crate::openapi::PurchaseRequest, content_type = "application/json"),
+    request_body(content = PurchaseRequest, content_type = "application/json"),
     responses(
-        (status = 202, description = "Accepted: RabbitMQ confirmed the message; a worker will process it", body = crate::openapi::PurchaseAccepted,
+        (status = 202, description = "Accepted: RabbitMQ confirmed the message; a worker will process it", body = PurchaseAccepted,
             headers(("Location" = String, description = "`/api/purchases/{purchase_id}`"))),
-        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither the producer key nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed`: `field` names the bad one (`purchase_id`, `Idempotency-Key`, `buyer_id`, `amount`, `currency`, `profit`, `occurred_at`); `unknown_buyer`: no user with this `buyer_id`; `idempotency_key_required`: neither `purchase_id` nor `Idempotency-Key` was sent", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`broker_unavailable`: not accepted, retry later", body = crate::openapi::Problem, content_type = "application/problem+json",
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` names the bad one (`purchase_id`, `Idempotency-Key`, `buyer_id`, `amount`, `currency`, `profit`, `occurred_at`); `unknown_buyer`: no user with this `buyer_id`; `idempotency_key_required`: neither `purchase_id` nor `Idempotency-Key` was sent", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`broker_unavailable`: not accepted, retry later", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait: `5`"))),
+        ProducerErrors,
     ),
     security(("producer_key" = []), ("admin_key" = [])),
 )]
@@ -47,8 +45,15 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Authenticated,
     headers: HeaderMap,
-    JsonObject(mut body): JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+    ValidatedJson(body): ValidatedJson<PurchaseRequest>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, String); 1],
+        Json<PurchaseAccepted>,
+    ),
+    ApiError,
+> {
     caller.producer_or_admin()?;
     let header_key = match headers.get("idempotency-key") {
         None => None,
@@ -59,7 +64,11 @@ pub async fn create(
                 .to_owned(),
         ),
     };
-    let body_id = opt_str(&body, "purchase_id")?.map(str::to_owned);
+    let body_id = match body.purchase_id.clone() {
+        None => None,
+        Some(Field::Valid(id)) => Some(id),
+        Some(Field::Invalid(message)) => return Err(ApiError::validation("purchase_id", message)),
+    };
     let raw_id = match (body_id, header_key) {
         (Some(b), Some(h)) if b != h => {
             return Err(ApiError::validation(
@@ -72,8 +81,9 @@ pub async fn create(
     };
     let purchase_id =
         PurchaseId::parse(&raw_id).map_err(|m| ApiError::validation("purchase_id", m))?;
-    body.insert("purchase_id".into(), Value::String(raw_id));
-    let purchase = purchase::validate(purchase_id, &body, &state.rules)
+    let purchase = body
+        .into_message(purchase_id)
+        .validate(&state.rules)
         .map_err(|invalid| ApiError::validation(invalid.field, invalid.message))?;
     if !state
         .known_users
@@ -90,15 +100,14 @@ pub async fn create(
     Ok((
         StatusCode::ACCEPTED,
         [(
-            axum::http::header::LOCATION,
+            header::LOCATION,
             format!("/api/purchases/{}", purchase.purchase_id),
         )],
-        Json(json!({ "purchase_id": purchase.purchase_id, "status": "accepted" })),
+        Json(PurchaseAccepted {
+            purchase_id: purchase.purchase_id,
+            status: Accepted::Accepted,
+        }),
     ))
-}
-
-fn money(d: Option<rust_decimal::Decimal>) -> Value {
-    d.map_or(Value::Null, |d| json!(Money::from_total(d)))
 }
 
 #[utoipa::path(
@@ -112,11 +121,9 @@ fn money(d: Option<rust_decimal::Decimal>) -> Value {
         ("purchase_id" = String, Path, description = "The purchase id (SPEC §3)"),
     ),
     responses(
-        (status = 200, description = "What a worker recorded, with each level's outcome", body = crate::openapi::PurchaseStatus),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither the producer key nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: not processed (yet), or never received", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "What a worker recorded, with each level's outcome", body = PurchaseReport),
+        (status = 404, description = "`not_found`: not processed (yet), or never received", body = Problem, content_type = "application/problem+json"),
+        ProducerErrors,
     ),
     security(("producer_key" = []), ("admin_key" = [])),
 )]
@@ -128,7 +135,7 @@ pub async fn get(
     State(state): State<AppState>,
     caller: Authenticated,
     PathText(id): PathText,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<PurchaseReport>, ApiError> {
     caller.producer_or_admin()?;
     if PurchaseId::parse(&id).is_err() {
         return Err(ApiError::NotFound(format!(
@@ -138,33 +145,5 @@ pub async fn get(
     let (p, levels, conflicts) = store::purchase(&state.db, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no processed purchase with id {id:?} (yet)")))?;
-    let status = if conflicts.is_empty() {
-        p.status.as_str()
-    } else {
-        "conflict"
-    };
-    Ok(Json(json!({
-        "purchase_id": p.purchase_id,
-        "status": status,
-        "original_status": p.status,
-        "reason": p.reason,
-        "buyer_id": p.buyer_id,
-        "amount": money(p.amount),
-        "currency": p.currency,
-        "profit": money(p.profit),
-        "occurred_at": p.occurred_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
-        "processed_at": p.processed_at.format(&time::format_description::well_known::Rfc3339).ok(),
-        "levels": levels.iter().map(|l| json!({
-            "level": l.level,
-            "earner_id": l.earner_id,
-            "outcome": l.outcome,
-            "rate": l.rate.normalize().to_string(),
-            "amount": Money::from_total(l.amount),
-            "earning_id": l.earning_id,
-        })).collect::<Vec<_>>(),
-        "conflicts": conflicts.iter().map(|c| json!({
-            "received_at": c.received_at.format(&time::format_description::well_known::Rfc3339).ok(),
-            "body": c.body.as_ref().map(|b| &b.0),
-        })).collect::<Vec<_>>(),
-    })))
+    Ok(Json(PurchaseReport::new(p, levels, conflicts)?))
 }

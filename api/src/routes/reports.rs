@@ -3,15 +3,16 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
+use upline_common::http::Problem;
 use upline_common::money::Money;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::extract::{PathId, Query};
+use crate::model::{EarningsReport, Referrals};
+use crate::responses::{PublicErrors, UserOrAdminErrors};
 use crate::{store, AppState};
 
 /// Latest earnings listed in the summary.
@@ -30,11 +31,9 @@ const BY_REFERRAL: i64 = 100;
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
     responses(
-        (status = 200, description = "The user's earnings: totals per level, per referral, and the latest events", body = crate::openapi::EarningsReport),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The user's earnings: totals per level, per referral, and the latest events", body = EarningsReport),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -45,7 +44,7 @@ pub async fn earnings(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<EarningsReport>, ApiError> {
     caller.user_or_admin(id)?;
     let user = store::user(&state.db, id)
         .await?
@@ -60,14 +59,14 @@ pub async fn earnings(
     }
     let by_referral = store::earnings_by_referral(&state.db, id, BY_REFERRAL).await?;
     let recent = upline_common::db::recent_earnings(&state.db, id, RECENT).await?;
-    Ok(Json(json!({
-        "user_id": id,
-        "total": Money::from_total(user.total_earnings),
-        "count": count,
-        "by_level": by_level,
-        "by_referral": by_referral,
-        "recent": recent,
-    })))
+    Ok(Json(EarningsReport {
+        user_id: id,
+        total: Money::from_total(user.total_earnings),
+        count,
+        by_level,
+        by_referral,
+        recent,
+    }))
 }
 
 #[utoipa::path(
@@ -81,11 +80,9 @@ pub async fn earnings(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
     responses(
-        (status = 200, description = "The user's downline, two levels deep", body = crate::openapi::Referrals),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The user's downline, two levels deep", body = Referrals),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -94,7 +91,7 @@ pub async fn referrals(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Referrals>, ApiError> {
     caller.user_or_admin(id)?;
     if !store::user_exists(&state.db, id).await? {
         return Err(ApiError::NotFound(format!("no user with id {id}")));
@@ -102,11 +99,14 @@ pub async fn referrals(
     let level_1 = store::referrals_of(&state.db, &[id]).await?;
     let ids: Vec<i64> = level_1.iter().map(|r| r.id).collect();
     let level_2 = store::referrals_of(&state.db, &ids).await?;
-    Ok(Json(
-        json!({ "user_id": id, "level_1": level_1, "level_2": level_2 }),
-    ))
+    Ok(Json(Referrals {
+        user_id: id,
+        level_1,
+        level_2,
+    }))
 }
 
+/// `GET /api/leaderboard` query: `limit`, 1–100 (default 10).
 #[derive(Debug, Deserialize)]
 pub struct LeaderboardQuery {
     limit: Option<i64>,
@@ -124,8 +124,8 @@ pub struct LeaderboardQuery {
     ),
     responses(
         (status = 200, description = "The top earners, largest first; no emails", body = Vec<crate::store::Leader>),
-        (status = 422, description = "`validation_failed`: `field` is `limit` or `query`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` is `limit` or `query`", body = Problem, content_type = "application/problem+json"),
+        PublicErrors,
     ),
     security(()),
 )]
@@ -133,7 +133,7 @@ pub struct LeaderboardQuery {
 pub async fn leaderboard(
     State(state): State<AppState>,
     Query(q): Query<LeaderboardQuery>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Vec<store::Leader>>, ApiError> {
     let limit = q.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 100"));

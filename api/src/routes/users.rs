@@ -1,18 +1,22 @@
 //! `/api/users`: registration, the referral tree's edges, activation, tokens.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode};
 use axum::Json;
 use rand::Rng;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
 use upline_common::UserId;
 
 use crate::auth::Authenticated;
-use crate::error::ApiError;
-use crate::extract::{opt_str, opt_user_id, ClientIp, JsonObject, PathId, PathIds, Query};
+use crate::error::{ApiError, REFERRER_ID_ADMIN_ONLY};
+use crate::extract::{ClientIp, PathId, PathIds, Query, ValidatedJson};
+use crate::model::{
+    IssuedToken, Me, NewUser, ReferrerChoice, RegisterRequest, RegisteredUser, SetReferrerRequest,
+    UpdateUserRequest, UserPage, UserUpdate,
+};
+use crate::responses::{AdminErrors, AnyCallerErrors, UserOrAdminErrors};
 use crate::{store, AppState};
+use upline_common::http::Problem;
 
 /// Characters of referral codes: no 0/O or 1/I/L to misread.
 const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
@@ -25,63 +29,22 @@ fn new_referral_code() -> String {
         .collect()
 }
 
-fn parse_name(map: &Map<String, Value>) -> Result<String, ApiError> {
-    let name = opt_str(map, "name")?.map(str::trim).unwrap_or_default();
-    if name.is_empty() {
-        return Err(ApiError::validation("name", "is required"));
-    }
-    if name.chars().count() > 100 {
-        return Err(ApiError::validation(
-            "name",
-            "must be at most 100 characters",
-        ));
-    }
-    Ok(name.to_owned())
-}
-
-fn parse_email(map: &Map<String, Value>) -> Result<String, ApiError> {
-    let email = opt_str(map, "email")?.map(str::trim).unwrap_or_default();
-    if email.is_empty() {
-        return Err(ApiError::validation("email", "is required"));
-    }
-    let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
-        && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !domain.contains('@')
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-        });
-    if !valid {
-        return Err(ApiError::validation(
-            "email",
-            "must be an email address such as asha@example.com",
-        ));
-    }
-    Ok(email.to_owned())
-}
-
 /// The referrer named by `referrer_id` and/or `referral_code` (they must agree). Only the admin
 /// key may name a referrer by id: ids are sequential and public, so anyone else could fill a
 /// stranger's referral slots (README "Security"); everyone else uses the referrer's code.
-async fn parse_referrer(
+async fn resolve_referrer(
     state: &AppState,
-    map: &Map<String, Value>,
+    choice: ReferrerChoice,
     admin: bool,
 ) -> Result<Option<UserId>, ApiError> {
-    let by_id = opt_user_id(map, "referrer_id")?;
+    let by_id = choice.by_id;
     if by_id.is_some() && !admin {
         return Err(ApiError::AdminOnly {
             field: "referrer_id",
-            message:
-                "naming a referrer by id needs the admin key; send the referrer's referral_code",
+            message: REFERRER_ID_ADMIN_ONLY,
         });
     }
-    let code = opt_str(map, "referral_code")?
-        .map(str::trim)
-        .filter(|c| !c.is_empty());
-    let by_code = match code {
+    let by_code = match choice.by_code.as_deref() {
         None => None,
         Some(code) => Some(
             store::user_id_by_code(&state.db, code)
@@ -105,19 +68,19 @@ async fn parse_referrer(
     summary = "Register a user",
     description = "Registers a user, optionally under a referrer named by its `referral_code` (or by `referrer_id`, with the admin key only). Answers 201 with the user, its own `referral_code` to share, its `token` and `token_expires_at`. Anonymous sign-ups are limited per client address (`limits.registrations_per_minute`); the admin key is not.",
     tag = "users",
-    request_body(content = crate::openapi::RegisterRequest, content_type = "application/json"),
+    request_body(content = RegisterRequest, content_type = "application/json"),
     responses(
-        (status = 201, description = "Registered: the user with its `referral_code` and `token`", body = crate::openapi::RegisteredUser,
+        (status = 201, description = "Registered: the user with its `referral_code` and `token`", body = RegisteredUser,
             headers(("Location" = String, description = "`/api/users/{id}`"))),
-        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: an `Authorization` header that is not `Bearer …` (send none to sign up anonymously)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`admin_only`: `referrer_id` was sent without the admin key (anyone else names the referrer by `referral_code`); `forbidden`, `token_expired`, `token_revoked`: credentials were sent and are not valid", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`email_taken`; `referral_limit_reached`: the referrer has the most direct referrals allowed; `referrer_inactive`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed`: `field` names the bad one (`name`, `email`, `referrer_id`, `referral_code`)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many sign-ups (or failed authentications) from this address (`limits.registrations_per_minute`)", body = crate::openapi::Problem, content_type = "application/problem+json",
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: an `Authorization` header that is not `Bearer …` (send none to sign up anonymously)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`admin_only`: `referrer_id` was sent without the admin key (anyone else names the referrer by `referral_code`); `forbidden`, `token_expired`, `token_revoked`: credentials were sent and are not valid", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`email_taken`; `referral_limit_reached`: the referrer has the most direct referrals allowed; `referrer_inactive`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` names the bad one (`name`, `email`, `referrer_id`, `referral_code`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many sign-ups (or failed authentications) from this address (`limits.registrations_per_minute`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_key" = [])),
 )]
@@ -127,15 +90,25 @@ pub async fn register(
     State(state): State<AppState>,
     caller: Option<Authenticated>,
     ClientIp(ip): ClientIp,
-    JsonObject(body): JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+    ValidatedJson(body): ValidatedJson<RegisterRequest>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, String); 1],
+        Json<RegisteredUser>,
+    ),
+    ApiError,
+> {
     let admin = caller.as_ref().is_some_and(Authenticated::is_admin);
     if !admin {
         state.limits.check_registration(ip)?;
     }
-    let name = parse_name(&body)?;
-    let email = parse_email(&body)?;
-    let referrer = parse_referrer(&state, &body, admin).await?;
+    let NewUser {
+        name,
+        email,
+        referrer,
+    } = body.try_into()?;
+    let referrer = resolve_referrer(&state, referrer, admin).await?;
     for _ in 0..5 {
         let mut tx = state.db.begin().await?;
         if let Some(referrer_id) = referrer {
@@ -149,16 +122,14 @@ pub async fn register(
         tx.commit().await?;
         metrics::counter!("upline_users_registered_total").increment(1);
         let token = state.auth.issue(user.id, 0);
-        let mut body = serde_json::to_value(&user).map_err(anyhow::Error::from)?;
-        body["token"] = json!(token.token);
-        body["token_expires_at"] = json!(rfc3339(token.expires_at));
         return Ok((
             StatusCode::CREATED,
-            [(
-                axum::http::header::LOCATION,
-                format!("/api/users/{}", user.id),
-            )],
-            Json(body),
+            [(header::LOCATION, format!("/api/users/{}", user.id))],
+            Json(RegisteredUser {
+                user,
+                token: token.token,
+                token_expires_at: token.expires_at,
+            }),
         ));
     }
     Err(ApiError::Internal(anyhow::anyhow!(
@@ -166,6 +137,8 @@ pub async fn register(
     )))
 }
 
+/// `GET /api/users` query: `limit` (1–500, default 50) and `cursor` (`next_cursor` of the
+/// previous page).
 #[derive(Debug, Deserialize)]
 pub struct Page {
     limit: Option<i64>,
@@ -184,11 +157,9 @@ pub struct Page {
         ("cursor" = Option<String>, Query, pattern = "^[0-9]*$", description = "`next_cursor` of the previous page; absent for the first page"),
     ),
     responses(
-        (status = 200, description = "A page of users by id; `next_cursor` is null on the last page", body = crate::openapi::UserPage),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed`: `field` is `limit`, `cursor` or `query`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A page of users by id; `next_cursor` is null on the last page", body = UserPage),
+        (status = 422, description = "`validation_failed`: `field` is `limit`, `cursor` or `query`", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
     ),
     security(("admin_key" = [])),
 )]
@@ -197,7 +168,7 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Authenticated,
     Query(page): Query<Page>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<UserPage>, ApiError> {
     caller.admin()?;
     let limit = page.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -213,7 +184,10 @@ pub async fn list(
     let next = (users.len() as i64 == limit)
         .then(|| users.last().map(|u| u.id.to_string()))
         .flatten();
-    Ok(Json(json!({ "items": users, "next_cursor": next })))
+    Ok(Json(UserPage {
+        items: users,
+        next_cursor: next,
+    }))
 }
 
 #[utoipa::path(
@@ -224,10 +198,8 @@ pub async fn list(
     description = "Who the bearer is: `{\"role\": \"admin\"}`, `{\"role\": \"producer\"}` or `{\"role\": \"user\", \"user\": {…}}`. The dashboard signs in with it.",
     tag = "users",
     responses(
-        (status = 200, description = "Who the bearer is: `admin`, `producer`, or `user` with the user", body = crate::openapi::Me),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: credentials that are not valid (or the token's user no longer exists)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Who the bearer is: `admin`, `producer`, or `user` with the user", body = Me),
+        AnyCallerErrors,
     ),
     security(("user_token" = []), ("admin_key" = []), ("producer_key" = [])),
 )]
@@ -236,16 +208,15 @@ pub async fn list(
 pub async fn me(
     State(state): State<AppState>,
     caller: Authenticated,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Me>, ApiError> {
     Ok(Json(match caller.0 {
-        crate::auth::Caller::Admin => json!({ "role": "admin" }),
-        crate::auth::Caller::Producer => json!({ "role": "producer" }),
-        crate::auth::Caller::User(id) => {
-            let user = store::user(&state.db, id)
+        crate::auth::Caller::Admin => Me::Admin,
+        crate::auth::Caller::Producer => Me::Producer,
+        crate::auth::Caller::User(id) => Me::User {
+            user: store::user(&state.db, id)
                 .await?
-                .ok_or(ApiError::Forbidden)?;
-            json!({ "role": "user", "user": user })
-        }
+                .ok_or(ApiError::Forbidden)?,
+        },
     }))
 }
 
@@ -260,10 +231,8 @@ pub async fn me(
     ),
     responses(
         (status = 200, description = "The user", body = crate::store::User),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -272,7 +241,7 @@ pub async fn get(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<store::User>, ApiError> {
     caller.user_or_admin(id)?;
     let user = store::user(&state.db, id)
         .await?
@@ -290,16 +259,14 @@ pub async fn get(
     params(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
-    request_body(content = crate::openapi::SetReferrerRequest, content_type = "application/json"),
+    request_body(content = SetReferrerRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The user, now with its referrer", body = crate::store::User),
-        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id; `referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`already_referred`: a referrer is set once; `referral_limit_reached`; `referrer_inactive`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed` (`referrer_id`, `referral_code`); `self_referral`; `referral_cycle`: the referrer is in this user's downline", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id; `referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_referred`: a referrer is set once; `referral_limit_reached`; `referrer_inactive`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`referrer_id`, `referral_code`); `self_referral`; `referral_cycle`: the referrer is in this user's downline", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -308,10 +275,10 @@ pub async fn set_referrer(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-    JsonObject(body): JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+    ValidatedJson(body): ValidatedJson<SetReferrerRequest>,
+) -> Result<Json<store::User>, ApiError> {
     caller.user_or_admin(id)?;
-    let referrer_id = parse_referrer(&state, &body, caller.is_admin())
+    let referrer_id = resolve_referrer(&state, body.into(), caller.is_admin())
         .await?
         .ok_or_else(|| ApiError::validation("referrer_id", "send referrer_id or referral_code"))?;
     let mut tx = state.db.begin().await?;
@@ -346,10 +313,8 @@ pub async fn set_referrer(
     ),
     responses(
         (status = 200, description = "The user, inactive: it earns nothing until reactivated", body = crate::store::User),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
     ),
     security(("admin_key" = [])),
 )]
@@ -358,7 +323,7 @@ pub async fn deactivate(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<store::User>, ApiError> {
     set_active(state, caller, id, false).await
 }
 
@@ -373,10 +338,8 @@ pub async fn deactivate(
     ),
     responses(
         (status = 200, description = "The user, active again", body = crate::store::User),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: invalid credentials, or credentials that do not allow this request", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
     ),
     security(("admin_key" = [])),
 )]
@@ -385,7 +348,7 @@ pub async fn reactivate(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<store::User>, ApiError> {
     set_active(state, caller, id, true).await
 }
 
@@ -415,14 +378,10 @@ async fn set_active(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
     responses(
-        (status = 200, description = "A fresh token and when it expires", body = crate::openapi::IssuedToken),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`user_inactive`: the user is deactivated; `user_erased`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A fresh token and when it expires", body = IssuedToken),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_inactive`: the user is deactivated; `user_erased`", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -431,15 +390,15 @@ pub async fn token(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<IssuedToken>, ApiError> {
     caller.user_or_admin(id)?;
     let version = store::token_version_for_issue(&state.db, id).await?;
     let issued = state.auth.issue(id, version);
-    Ok(Json(json!({
-        "user_id": id,
-        "token": issued.token,
-        "expires_at": rfc3339(issued.expires_at),
-    })))
+    Ok(Json(IssuedToken {
+        user_id: id,
+        token: issued.token,
+        expires_at: issued.expires_at,
+    }))
 }
 
 #[utoipa::path(
@@ -454,12 +413,8 @@ pub async fn token(
     ),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -491,12 +446,8 @@ pub async fn revoke_tokens(
     ),
     responses(
         (status = 204, description = "Erased"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -526,18 +477,14 @@ pub async fn erase(
     params(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
-    request_body(content = crate::openapi::UpdateUserRequest, content_type = "application/json"),
+    request_body(content = UpdateUserRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The user", body = crate::store::User),
-        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no user with this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`user_erased`: an erased user cannot be shown", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed`: `field` is `show_on_leaderboard`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_json`: the body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_erased`: an erased user cannot be shown", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: `field` is `show_on_leaderboard`", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -546,24 +493,12 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
-    JsonObject(body): JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+    ValidatedJson(body): ValidatedJson<UpdateUserRequest>,
+) -> Result<Json<store::User>, ApiError> {
     caller.user_or_admin(id)?;
-    let visible = match body.get("show_on_leaderboard") {
-        Some(Value::Bool(b)) => *b,
-        None | Some(Value::Null) => {
-            return Err(ApiError::validation(
-                "show_on_leaderboard",
-                "is required: true or false",
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::validation(
-                "show_on_leaderboard",
-                "must be true or false",
-            ))
-        }
-    };
+    let UserUpdate {
+        show_on_leaderboard: visible,
+    } = body.try_into()?;
     let mut tx = state.db.begin().await?;
     let user = store::set_leaderboard_visibility(&mut tx, id, visible)
         .await?
@@ -585,13 +520,9 @@ pub async fn update(
     ),
     responses(
         (status = 204, description = "Released"),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: not a direct referral of this user", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`referral_not_releasable`: it has brought the user commissions or has referrals of its own (admin only)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: too many failed authentications from this address", body = crate::openapi::Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = String, description = "Seconds to wait"))),
-        (status = 500, description = "`internal_error`: logged; the detail says nothing more", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: not a direct referral of this user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`referral_not_releasable`: it has brought the user commissions or has referrals of its own (admin only)", body = Problem, content_type = "application/problem+json"),
+        UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
@@ -606,10 +537,4 @@ pub async fn release_referral(
     store::release_referral(&mut tx, id, referral_id, caller.is_admin()).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// An RFC 3339 timestamp.
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

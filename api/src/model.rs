@@ -1,0 +1,456 @@
+//! The api's request and reply types (SPEC §6). Requests derive `Deserialize` + `ToSchema` and
+//! convert with `TryFrom` into what the handlers work with; replies derive `Serialize` +
+//! `ToSchema`. The OpenAPI description is generated from these very types.
+//!
+//! Request fields are `Option`s where the old contract treats `null` as absent and names a
+//! missing field in a 422 (`"is required"`); the `TryFrom` conversions check them in a fixed
+//! order, so the field a problem names does not depend on the order of the JSON.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use upline_common::events::EarningEvent;
+use upline_common::money::Money;
+use upline_common::purchase::{PurchaseId, UserIdInput};
+use upline_common::rules::Outcome;
+use upline_common::UserId;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::store;
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// `POST /api/users`. Give the referrer by `referral_code`, or by `referrer_id` with the admin
+/// key only; not both (the server accepts both when they name the same user). `null` counts
+/// as absent and unknown fields are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA"}))]
+pub struct RegisterRequest {
+    /// 1–100 characters (trimmed).
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 100, pattern = r"\S")]
+    pub name: Option<String>,
+    /// Unique, compared case-insensitively.
+    #[schema(value_type = String, required = true, format = Email, max_length = 254)]
+    pub email: Option<String>,
+    /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
+    pub referrer_id: Option<UserIdInput>,
+    /// The referrer's referral code (case-insensitive).
+    pub referral_code: Option<String>,
+}
+
+/// A registration that passed validation.
+#[derive(Debug)]
+pub struct NewUser {
+    /// Trimmed, 1–100 characters.
+    pub name: String,
+    /// Trimmed, an email address.
+    pub email: String,
+    pub referrer: ReferrerChoice,
+}
+
+impl TryFrom<RegisterRequest> for NewUser {
+    type Error = ApiError;
+
+    /// # Errors
+    /// 422 naming `name` or `email`.
+    fn try_from(r: RegisterRequest) -> Result<Self, ApiError> {
+        Ok(NewUser {
+            name: parse_name(r.name.as_deref())?,
+            email: parse_email(r.email.as_deref())?,
+            referrer: ReferrerChoice::new(r.referrer_id, r.referral_code),
+        })
+    }
+}
+
+/// `PUT /api/users/{id}/referrer`: one of `referrer_id` (admin key only) or `referral_code`
+/// (the server also accepts both when they name the same user); `null` counts as absent.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"referral_code": "K7QM2XPA"}))]
+pub struct SetReferrerRequest {
+    /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
+    pub referrer_id: Option<UserIdInput>,
+    /// The referrer's referral code (case-insensitive).
+    pub referral_code: Option<String>,
+}
+
+impl From<SetReferrerRequest> for ReferrerChoice {
+    fn from(r: SetReferrerRequest) -> Self {
+        ReferrerChoice::new(r.referrer_id, r.referral_code)
+    }
+}
+
+/// How a request names a referrer: by id (admin key only) and/or by referral code (a blank
+/// code counts as none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferrerChoice {
+    pub by_id: Option<UserId>,
+    pub by_code: Option<String>,
+}
+
+impl ReferrerChoice {
+    fn new(id: Option<UserIdInput>, code: Option<String>) -> Self {
+        ReferrerChoice {
+            by_id: id.map(|UserIdInput(id)| id),
+            by_code: code.map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()),
+        }
+    }
+}
+
+/// `PATCH /api/users/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"show_on_leaderboard": false}))]
+pub struct UpdateUserRequest {
+    /// `false` hides the user from the public leaderboard.
+    #[schema(value_type = bool, required = true)]
+    pub show_on_leaderboard: Option<bool>,
+}
+
+/// The settings change a `PATCH /api/users/{id}` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserUpdate {
+    pub show_on_leaderboard: bool,
+}
+
+impl TryFrom<UpdateUserRequest> for UserUpdate {
+    type Error = ApiError;
+
+    /// # Errors
+    /// 422 naming `show_on_leaderboard` when it is missing.
+    fn try_from(r: UpdateUserRequest) -> Result<Self, ApiError> {
+        r.show_on_leaderboard
+            .map(|show_on_leaderboard| UserUpdate {
+                show_on_leaderboard,
+            })
+            .ok_or_else(|| {
+                ApiError::validation("show_on_leaderboard", "is required: true or false")
+            })
+    }
+}
+
+fn parse_name(name: Option<&str>) -> Result<String, ApiError> {
+    let name = name.map(str::trim).unwrap_or_default();
+    if name.is_empty() {
+        return Err(ApiError::validation("name", "is required"));
+    }
+    if name.chars().count() > 100 {
+        return Err(ApiError::validation(
+            "name",
+            "must be at most 100 characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn parse_email(email: Option<&str>) -> Result<String, ApiError> {
+    let email = email.map(str::trim).unwrap_or_default();
+    if email.is_empty() {
+        return Err(ApiError::validation("email", "is required"));
+    }
+    let valid = email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+        });
+    if !valid {
+        return Err(ApiError::validation(
+            "email",
+            "must be an email address such as asha@example.com",
+        ));
+    }
+    Ok(email.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+
+/// `201` of `POST /api/users`: the user and its bearer token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisteredUser {
+    #[serde(flatten)]
+    pub user: store::User,
+    /// The user's bearer token (`user_token`), valid until `token_expires_at`
+    /// (`auth.token_ttl`); renew it with `POST /api/users/{id}/token` before then.
+    pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub token_expires_at: OffsetDateTime,
+}
+
+/// A page of users, by id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPage {
+    pub items: Vec<store::User>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Who the bearer of the credentials is (`GET /api/me`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Me {
+    /// The admin key.
+    Admin,
+    /// The purchase producers' key.
+    Producer,
+    /// A user's token, with the user.
+    User { user: store::User },
+}
+
+/// A fresh token for a user.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IssuedToken {
+    #[schema(value_type = i64, minimum = 1)]
+    pub user_id: UserId,
+    pub token: String,
+    /// When the token stops being valid (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: OffsetDateTime,
+}
+
+/// A user's earnings.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"user_id": 7, "total": "1530.00", "count": 12,
+    "by_level": {"1": "1400.00", "2": "130.00"},
+    "by_referral": [{"source_user_id": 42, "name": "Ravi", "level": 1, "total": "100.00", "count": 1}],
+    "recent": [{"earning_id": 9812, "seq": 17, "earner_id": 7, "source_user_id": 42,
+        "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05", "amount": "100.00",
+        "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
+        "created_at": "2026-11-20T10:00:00.123Z"}]}))]
+pub struct EarningsReport {
+    #[schema(value_type = i64, minimum = 1)]
+    pub user_id: UserId,
+    pub total: Money,
+    /// How many earnings.
+    pub count: i64,
+    /// Total per level, every configured level listed (`"1"`, `"2"`, …), zero included.
+    pub by_level: BTreeMap<String, Money>,
+    /// The 100 largest sources: per buyer and level, largest first.
+    pub by_referral: Vec<store::ReferralEarnings>,
+    /// The 20 latest earning events, newest first.
+    pub recent: Vec<EarningEvent>,
+}
+
+/// A user's downline, two levels deep.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Referrals {
+    #[schema(value_type = i64, minimum = 1)]
+    pub user_id: UserId,
+    /// Direct referrals, by id.
+    pub level_1: Vec<store::Referral>,
+    /// Their referrals, by id.
+    pub level_2: Vec<store::Referral>,
+}
+
+/// `202` of `POST /api/purchases`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"purchase_id": "ord-2026-000123", "status": "accepted"}))]
+pub struct PurchaseAccepted {
+    pub purchase_id: PurchaseId,
+    pub status: Accepted,
+}
+
+/// Always `accepted`: RabbitMQ confirmed the message.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Accepted {
+    Accepted,
+}
+
+/// What a purchase came to: `processed` or `rejected` as recorded, or `conflict` once the id
+/// was received again with different content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PurchaseState {
+    Processed,
+    Rejected,
+    Conflict,
+}
+
+/// What a worker recorded for a purchase (`GET /api/purchases/{purchase_id}`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PurchaseReport {
+    pub purchase_id: String,
+    /// `conflict` once the id was received again with different content.
+    pub status: PurchaseState,
+    /// What the first message came to: `processed` or `rejected`.
+    pub original_status: PurchaseState,
+    /// Why it was rejected: the field first (`"currency: must be INR, found \"USD\""`).
+    pub reason: Option<String>,
+    #[schema(value_type = Option<i64>)]
+    pub buyer_id: Option<UserId>,
+    pub amount: Option<Money>,
+    pub currency: Option<String>,
+    pub profit: Option<Money>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub occurred_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub processed_at: OffsetDateTime,
+    /// Every configured level, level 1 first (empty for a rejected purchase).
+    pub levels: Vec<PurchaseLevel>,
+    /// Later bodies that reused the id with other content (at most 100); they pay nothing.
+    pub conflicts: Vec<PurchaseConflict>,
+}
+
+/// One level's outcome of a purchase.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PurchaseLevel {
+    #[schema(minimum = 1)]
+    pub level: i16,
+    /// The upline member at this level; null when there is none.
+    #[schema(value_type = Option<i64>)]
+    pub earner_id: Option<UserId>,
+    pub outcome: Outcome,
+    /// The configured rate, `"0.05"`.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String, example = "0.05")]
+    pub rate: Decimal,
+    /// Credited rupees (`"0.00"` unless `paid` or `capped`).
+    pub amount: Money,
+    /// The earning, when one was credited.
+    pub earning_id: Option<i64>,
+}
+
+/// A rate as its shortest decimal string (`0.050` → `"0.05"`).
+fn normalized<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&d.normalize())
+}
+
+/// A later message under the same purchase id with different content.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PurchaseConflict {
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub received_at: OffsetDateTime,
+    /// The message body as received; null once past `privacy.raw_body_retention`.
+    #[schema(value_type = Option<Object>)]
+    pub body: Option<serde_json::Value>,
+}
+
+impl PurchaseReport {
+    /// The report of what `store::purchase` found.
+    ///
+    /// # Errors
+    /// A status or outcome the database should not hold (500).
+    pub fn new(
+        p: store::PurchaseRow,
+        levels: Vec<store::LevelRow>,
+        conflicts: Vec<store::ConflictRow>,
+    ) -> Result<Self, ApiError> {
+        let original_status = from_text::<PurchaseState>(&p.status)?;
+        let status = if conflicts.is_empty() {
+            original_status
+        } else {
+            PurchaseState::Conflict
+        };
+        let levels = levels
+            .into_iter()
+            .map(|l| {
+                Ok(PurchaseLevel {
+                    level: l.level,
+                    earner_id: l.earner_id,
+                    outcome: from_text(&l.outcome)?,
+                    rate: l.rate,
+                    amount: Money::from_total(l.amount),
+                    earning_id: l.earning_id,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok(PurchaseReport {
+            purchase_id: p.purchase_id,
+            status,
+            original_status,
+            reason: p.reason,
+            buyer_id: p.buyer_id,
+            amount: p.amount.map(Money::from_total),
+            currency: p.currency,
+            profit: p.profit.map(Money::from_total),
+            occurred_at: p.occurred_at,
+            processed_at: p.processed_at,
+            levels,
+            conflicts: conflicts
+                .into_iter()
+                .map(|c| PurchaseConflict {
+                    received_at: c.received_at,
+                    body: c.body.map(|b| b.0),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// A stored name (`processed`, `paid`, …) as its enum.
+fn from_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("stored {text:?}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(body: serde_json::Value) -> Result<NewUser, ApiError> {
+        NewUser::try_from(serde_json::from_value::<RegisterRequest>(body).expect("deserializes"))
+    }
+
+    #[test]
+    fn registration_names_the_first_bad_field_and_trims() {
+        let field = |body| register(body).unwrap_err().field().map(str::to_owned);
+        assert_eq!(
+            field(serde_json::json!({"email": "x@example.com"})).as_deref(),
+            Some("name")
+        );
+        assert_eq!(
+            field(serde_json::json!({"name": " ", "email": "nope"})).as_deref(),
+            Some("name")
+        );
+        assert_eq!(
+            field(serde_json::json!({"name": "X", "email": "a@b"})).as_deref(),
+            Some("email")
+        );
+        let user = register(
+            serde_json::json!({"name": " Asha ", "email": " a@example.com ",
+            "referrer_id": "7", "referral_code": "  "}),
+        )
+        .expect("valid");
+        assert_eq!(
+            (user.name.as_str(), user.email.as_str()),
+            ("Asha", "a@example.com")
+        );
+        assert_eq!(
+            user.referrer,
+            ReferrerChoice {
+                by_id: Some(7),
+                by_code: None
+            }
+        );
+    }
+
+    #[test]
+    fn show_on_leaderboard_is_required() {
+        let update = |body| {
+            UserUpdate::try_from(serde_json::from_value::<UpdateUserRequest>(body).expect("json"))
+        };
+        assert_eq!(
+            update(serde_json::json!({"show_on_leaderboard": null}))
+                .unwrap_err()
+                .field(),
+            Some("show_on_leaderboard")
+        );
+        assert!(
+            !update(serde_json::json!({"show_on_leaderboard": false}))
+                .expect("valid")
+                .show_on_leaderboard
+        );
+    }
+}
