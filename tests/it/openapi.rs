@@ -258,7 +258,7 @@ async fn openapi_json_describes_every_route_with_its_responses_and_access() {
         "SetReferrerRequest",
         "User",
         "RegisteredUser",
-        "PurchaseStatus",
+        "PurchaseReport",
         "EarningsReport",
         "Referrals",
         "Leader",
