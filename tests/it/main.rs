@@ -4,6 +4,7 @@
 mod harness;
 
 mod broker_permissions;
+mod contract;
 mod crash;
 mod dashboard;
 mod faults;
