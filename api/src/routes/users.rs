@@ -314,6 +314,7 @@ pub async fn set_referrer(
     responses(
         (status = 200, description = "The user, inactive: it earns nothing until reactivated", body = crate::store::User),
         (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_erased`: an erased user stays inactive", body = Problem, content_type = "application/problem+json"),
         AdminErrors,
     ),
     security(("admin_key" = [])),
@@ -339,6 +340,7 @@ pub async fn deactivate(
     responses(
         (status = 200, description = "The user, active again", body = crate::store::User),
         (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`user_erased`: an erased user stays inactive", body = Problem, content_type = "application/problem+json"),
         AdminErrors,
     ),
     security(("admin_key" = [])),
