@@ -473,7 +473,7 @@ async fn schemathesis_finds_nothing_wrong() {
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
         .args(["--max-examples", "25", "--seed", "1", "--workers", "1"])
-        .args(["--mode", "positive", "--suppress-health-check", "all"])
+        .args(["--mode", "all", "--suppress-health-check", "all"])
         .args(["--no-color", "--request-timeout", "10"])
         .env("SCHEMATHESIS_HOOKS", "")
         .kill_on_drop(true)
@@ -485,6 +485,7 @@ async fn schemathesis_finds_nothing_wrong() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     app.stop().await;
+    println!("{stdout}");
     assert!(
         output.status.success(),
         "schemathesis failed ({}):\n{stdout}\n{stderr}",
