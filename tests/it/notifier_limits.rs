@@ -12,7 +12,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use upline_notifier::feed::{Feed, Target};
+use upline_common::protocol::Target;
+use upline_notifier::feed::Feed;
 use upline_notifier::hub::{Frame, Hub};
 
 use crate::harness::{service_settings, Services, Sse, TestApp, Ws, ADMIN};
@@ -129,7 +130,11 @@ async fn a_feed_never_holds_more_than_one_page_and_fills_gaps_and_lags_from_the_
     )
     .await
     .expect("feed opens");
-    let frame = |seq: i64| Frame::from_json(b.id, seq, seq, format!(r#"{{"seq":{seq}}}"#));
+    let frame = |seq: i64| {
+        let event = serde_json::value::to_raw_value(&serde_json::json!({ "seq": seq }))
+            .expect("serialises");
+        Frame::from_json(b.id, seq, seq, event)
+    };
     let mut got = Vec::new();
     while got.len() < 3_000 {
         got.push(next(&mut feed).await);
