@@ -11,7 +11,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::money::Money;
-use crate::UserId;
+use crate::{Level, UserId};
 
 /// The wire format of an earning event (SPEC §4): one per credited commission, published at
 /// least once to exchange `upline.earnings` (topic) with routing key
@@ -33,8 +33,7 @@ pub struct EarningEvent {
     pub source_user_id: UserId,
     pub purchase_id: String,
     /// 1 = the buyer's direct referrer.
-    #[schema(minimum = 1)]
-    pub level: i16,
+    pub level: Level,
     /// As a decimal string, `"0.05"`.
     #[serde(with = "rust_decimal::serde::str")]
     #[schema(value_type = String, example = "0.05")]

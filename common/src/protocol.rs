@@ -40,6 +40,13 @@ pub enum Target {
     All,
 }
 
+impl From<UserId> for Target {
+    /// That user's earnings.
+    fn from(id: UserId) -> Self {
+        Target::User(id)
+    }
+}
+
 /// The text of [`Target::All`].
 const ALL: &str = "*";
 
@@ -74,9 +81,7 @@ impl Target {
         if v == ALL {
             return Ok(Target::All);
         }
-        crate::purchase::parse_user_id(v)
-            .map(Target::User)
-            .ok_or(InvalidTarget)
+        UserId::from_json(v).map(Target::User).ok_or(InvalidTarget)
     }
 }
 
@@ -424,6 +429,10 @@ mod tests {
     /// The earning event example of SPEC §4.
     const EVENT: &str = r#"{"earning_id":9812,"seq":17,"earner_id":7,"source_user_id":42,"purchase_id":"ord-2026-000123","level":1,"rate":"0.05","amount":"100.00","currency":"INR","totals":{"total":"1530.00","level_1":"1400.00","level_2":"130.00"},"created_at":"2026-11-20T10:00:00.123Z"}"#;
 
+    fn user(id: i64) -> Target {
+        Target::User(UserId::new(id).expect("positive"))
+    }
+
     fn event() -> EarningEvent {
         serde_json::from_str(EVENT).expect("the SPEC §4 example parses")
     }
@@ -444,7 +453,7 @@ mod tests {
     fn the_contract_subscribe_messages_round_trip() {
         let sub: Subscribe =
             round_trips(r#"{"type":"subscribe","user_id":7,"token":"<token>","since":12}"#);
-        assert_eq!(sub, Subscribe::new(Target::User(7), "<token>", Some(12)));
+        assert_eq!(sub, Subscribe::new(user(7), "<token>", Some(12)));
         let sub: Subscribe = round_trips(r#"{"type":"subscribe","user_id":"*","token":"k"}"#);
         assert_eq!(sub, Subscribe::new(Target::All, "k", None));
         assert_eq!(
@@ -458,7 +467,7 @@ mod tests {
         let sub: Subscribe =
             serde_json::from_str(r#"{"type":"subscribe","user_id":"7","token":"t"}"#)
                 .expect("digits");
-        assert_eq!(sub.user_id, Target::User(7));
+        assert_eq!(sub.user_id, user(7));
         for bad in [r#""seven""#, "0", "-3", "null", r#""**""#] {
             let text = format!(r#"{{"type":"subscribe","user_id":{bad},"token":"t"}}"#);
             assert!(
@@ -480,19 +489,17 @@ mod tests {
     #[test]
     fn a_target_parses_from_an_sse_path() {
         assert_eq!("*".parse(), Ok(Target::All));
-        assert_eq!("42".parse(), Ok(Target::User(42)));
+        assert_eq!("42".parse(), Ok(user(42)));
         assert_eq!("x".parse::<Target>(), Err(InvalidTarget));
         assert_eq!(Target::All.to_string(), "*");
-        assert_eq!(Target::User(42).to_string(), "42");
+        assert_eq!(user(42).to_string(), "42");
     }
 
     #[test]
     fn the_contract_server_messages_round_trip() {
         assert_eq!(
             round_trips::<ServerMessage>(r#"{"type":"subscribed","user_id":7}"#),
-            ServerMessage::Subscribed {
-                user_id: Target::User(7)
-            }
+            ServerMessage::Subscribed { user_id: user(7) }
         );
         assert_eq!(
             round_trips::<ServerMessage>(r#"{"type":"subscribed","user_id":"*"}"#),

@@ -237,7 +237,7 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
     assert_eq!(report["status"], "processed", "{report}");
     let e = ws.earnings(1).await.remove(0);
     assert_eq!(
-        (e.purchase_id.as_str(), e.level, e.amount.to_string()),
+        (e.purchase_id.as_str(), e.level.get(), e.amount.to_string()),
         ("rest-1", 1, "100.00".to_owned())
     );
     assert_eq!(app.earnings(a.id).await["total"], "20.00");

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use upline::check::{self, Sent};
 use upline_common::config::{DatabaseSettings, DEV_ADMIN_TOKEN, DEV_PRODUCER_TOKEN};
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
+use upline_common::UserId;
 use upline_common::{amqp, Settings};
 
 use crate::harness::free_port;
@@ -658,7 +659,11 @@ async fn follow(
     else {
         return;
     };
-    let subscribe = Subscribe::new(Target::User(user), token, Some(since));
+    let subscribe = Subscribe::new(
+        Target::from(UserId::new(user).expect("a positive user id")),
+        token,
+        Some(since),
+    );
     if ws
         .send(Message::Text(subscribe.to_text().into()))
         .await

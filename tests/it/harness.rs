@@ -503,7 +503,7 @@ impl TestApp {
     /// `Target::All`).
     pub async fn subscribe(
         &self,
-        user_id: impl Into<upline_common::protocol::Target>,
+        user_id: impl SubscribeTarget,
         token: &str,
         since: Option<i64>,
     ) -> Ws {
@@ -511,10 +511,37 @@ impl TestApp {
     }
 }
 
+/// What a subscription may name: a test user's id (`i64`, positive), a `UserId`, or a
+/// `Target` (`Target::All` for the admin feed).
+pub trait SubscribeTarget {
+    /// The target of the `subscribe` message.
+    fn target(self) -> upline_common::protocol::Target;
+}
+
+impl SubscribeTarget for i64 {
+    fn target(self) -> upline_common::protocol::Target {
+        upline_common::UserId::new(self)
+            .expect("a positive user id")
+            .into()
+    }
+}
+
+impl SubscribeTarget for upline_common::UserId {
+    fn target(self) -> upline_common::protocol::Target {
+        self.into()
+    }
+}
+
+impl SubscribeTarget for upline_common::protocol::Target {
+    fn target(self) -> upline_common::protocol::Target {
+        self
+    }
+}
+
 /// Opens a WebSocket on a notifier and subscribes; returns the socket after `subscribed`.
 pub async fn subscribe_at(
     ws_url: &str,
-    user_id: impl Into<upline_common::protocol::Target>,
+    user_id: impl SubscribeTarget,
     token: &str,
     since: Option<i64>,
 ) -> Ws {
@@ -523,7 +550,7 @@ pub async fn subscribe_at(
         .await
         .expect("websocket connects");
     let mut ws = Ws(ws);
-    let target = user_id.into();
+    let target = user_id.target();
     ws.send_text(Subscribe::new(target, token, since).to_text())
         .await
         .expect("send subscribe");
@@ -561,11 +588,11 @@ impl Ws {
     /// answer.
     pub async fn send_subscribe(
         &mut self,
-        user_id: impl Into<upline_common::protocol::Target>,
+        user_id: impl SubscribeTarget,
         token: &str,
         since: Option<i64>,
     ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-        let subscribe = upline_common::protocol::Subscribe::new(user_id.into(), token, since);
+        let subscribe = upline_common::protocol::Subscribe::new(user_id.target(), token, since);
         self.send_text(subscribe.to_text()).await
     }
 

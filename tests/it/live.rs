@@ -15,11 +15,11 @@ async fn a_websocket_subscriber_receives_its_earning() {
     // Typed: every field is there with its type (`earning_id` a number, `created_at` an
     // RFC 3339 time).
     let e: EarningEvent = ws.earnings(1).await.remove(0);
-    assert_eq!(e.earner_id, b.id);
-    assert_eq!(e.source_user_id, c.id);
+    assert_eq!(e.earner_id.get(), b.id);
+    assert_eq!(e.source_user_id.get(), c.id);
     assert_eq!(e.purchase_id, "live-1");
     assert_eq!(
-        (e.level, e.rate.to_string(), e.amount.to_string()),
+        (e.level.get(), e.rate.to_string(), e.amount.to_string()),
         (1, "0.05".to_owned(), "100.00".to_owned())
     );
     assert_eq!((e.seq, e.currency.as_str()), (1, "INR"));
@@ -78,7 +78,7 @@ async fn subscribing_with_since_replays_later_earnings_then_streams_live_ones() 
     let mut seen: Vec<EarningEvent> = all.earnings(2).await;
     seen.sort_by_key(|e| e.level);
     assert_eq!(seen[0].purchase_id, "for-admin");
-    assert_eq!(seen[1].level, 2);
+    assert_eq!(seen[1].level.get(), 2);
     app.stop().await;
 }
 

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use upline_common::events::EarningEvent;
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
 
-use crate::harness::{server_message, subscribe_at, Services, TestApp, ADMIN};
+use crate::harness::{server_message, subscribe_at, Services, SubscribeTarget, TestApp, ADMIN};
 
 /// Publishes `n` purchases of 2000.00 by `buyer` straight onto the queue.
 async fn publish_purchases(app: &TestApp, prefix: &str, buyer: i64, n: usize) {
@@ -76,7 +76,7 @@ async fn clients_on_any_of_several_notifiers_get_all_their_events() {
     let level_2 = a_on_second.earnings(5).await;
     assert!(level_2
         .iter()
-        .all(|e| e.level == 2 && e.amount.to_string() == "20.00"));
+        .all(|e| e.level.get() == 2 && e.amount.to_string() == "20.00"));
     assert_eq!(admin_on_second.earnings(10).await.len(), 10);
     app.stop().await;
 }
@@ -107,7 +107,7 @@ async fn a_client_too_slow_to_keep_up_is_closed_without_slowing_the_others() {
     let (mut slow, _) = tokio_tungstenite::client_async(app.ws_url.as_str(), stream)
         .await
         .expect("handshake");
-    let subscribe = Subscribe::new(Target::User(b.id), &b.token, Some(0));
+    let subscribe = Subscribe::new(b.id.target(), &b.token, Some(0));
     slow.send(Message::Text(subscribe.to_text().into()))
         .await
         .expect("subscribe");

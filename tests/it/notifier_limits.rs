@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use upline_common::events::EarningEvent;
 use upline_common::protocol::{ErrorCode, ServerMessage, SseEvent, Target};
+use upline_common::UserId;
 use upline_notifier::feed::Feed;
 use upline_notifier::hub::{Frame, Hub};
 
-use crate::harness::{service_settings, Services, Sse, TestApp, Ws, ADMIN};
+use crate::harness::{service_settings, Services, Sse, SubscribeTarget, TestApp, Ws, ADMIN};
 
 fn seqs(events: &[EarningEvent]) -> Vec<i64> {
     events.iter().map(|e| e.seq).collect()
@@ -121,17 +122,18 @@ async fn a_feed_never_holds_more_than_one_page_and_fills_gaps_and_lags_from_the_
     let mut feed = Feed::open(
         &hub,
         app.db.clone(),
-        Target::User(b.id),
+        Target::User(UserId::new(b.id).expect("positive")),
         Some(0),
         None,
         page,
     )
     .await
     .expect("feed opens");
+    let earner = UserId::new(b.id).expect("positive");
     let frame = |seq: i64| {
         let event = serde_json::value::to_raw_value(&serde_json::json!({ "seq": seq }))
             .expect("serialises");
-        Frame::from_json(b.id, seq, seq, event)
+        Frame::from_json(earner, seq, seq, event)
     };
     let mut got = Vec::new();
     while got.len() < 3_000 {
@@ -192,10 +194,10 @@ type Refusal = (Vec<ServerMessage>, Option<(u16, String)>);
 /// sent, and the close code and reason.
 async fn try_subscribe(
     request: impl IntoClientRequest + Unpin,
-    user_id: impl Into<Target>,
+    user_id: impl SubscribeTarget,
     token: &str,
 ) -> Result<Ws, Refusal> {
-    let subscribe = upline_common::protocol::Subscribe::new(user_id.into(), token, None);
+    let subscribe = upline_common::protocol::Subscribe::new(user_id.target(), token, None);
     try_subscribe_with(request, subscribe.to_text()).await
 }
 
