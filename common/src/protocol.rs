@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
-use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{PartialSchema, ToSchema};
 
@@ -109,12 +109,7 @@ impl PartialSchema for Target {
             .description(Some(
                 "A user id (its earnings), or \"*\" for every earner's (the admin key only).",
             ))
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-                    .minimum(Some(1)),
-            )
+            .item(UserId::schema())
             .item(
                 ObjectBuilder::new()
                     .schema_type(Type::String)
