@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use upline_common::UserId;
 
 use crate::error::ApiError;
 
@@ -59,8 +60,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ValidatedJson<T> {
     }
 }
 
-/// A numeric id from the path; anything else is 404 (there is no such resource).
-pub struct PathId(pub i64);
+/// A user id from the path; anything else is 404 (there is no such resource).
+pub struct PathId(pub UserId);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
@@ -106,7 +107,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
 
 /// Two numeric ids from the path (`/api/users/{id}/referrals/{referral_id}`); anything else
 /// is 404.
-pub struct PathIds(pub i64, pub i64);
+pub struct PathIds(pub UserId, pub UserId);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathIds {
     type Rejection = ApiError;

@@ -15,7 +15,7 @@ use upline_common::events::EarningEvent;
 use upline_common::money::Money;
 use upline_common::purchase::{PurchaseId, UserIdInput};
 use upline_common::rules::Outcome;
-use upline_common::UserId;
+use upline_common::{Email, Level, PurchaseStatus, UserId};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
@@ -48,7 +48,7 @@ pub struct NewUser {
     /// Trimmed, 1–100 characters.
     pub name: String,
     /// Trimmed, an email address.
-    pub email: String,
+    pub email: Email,
     pub referrer: ReferrerChoice,
 }
 
@@ -60,7 +60,8 @@ impl TryFrom<RegisterRequest> for NewUser {
     fn try_from(r: RegisterRequest) -> Result<Self, ApiError> {
         Ok(NewUser {
             name: parse_name(r.name.as_deref())?,
-            email: parse_email(r.email.as_deref())?,
+            email: Email::parse(r.email.as_deref().unwrap_or_default())
+                .map_err(|e| ApiError::validation("email", e.to_string()))?,
             referrer: ReferrerChoice::new(r.referrer_id, r.referral_code),
         })
     }
@@ -145,29 +146,6 @@ fn parse_name(name: Option<&str>) -> Result<String, ApiError> {
     Ok(name.to_owned())
 }
 
-fn parse_email(email: Option<&str>) -> Result<String, ApiError> {
-    let email = email.map(str::trim).unwrap_or_default();
-    if email.is_empty() {
-        return Err(ApiError::validation("email", "is required"));
-    }
-    let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
-        && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !domain.contains('@')
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-        });
-    if !valid {
-        return Err(ApiError::validation(
-            "email",
-            "must be an email address such as asha@example.com",
-        ));
-    }
-    Ok(email.to_owned())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Replies
 
@@ -207,7 +185,6 @@ pub enum Me {
 /// A fresh token for a user.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IssuedToken {
-    #[schema(value_type = i64, minimum = 1)]
     pub user_id: UserId,
     pub token: String,
     /// When the token stops being valid (RFC 3339).
@@ -226,7 +203,6 @@ pub struct IssuedToken {
         "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
         "created_at": "2026-11-20T10:00:00.123Z"}]}))]
 pub struct EarningsReport {
-    #[schema(value_type = i64, minimum = 1)]
     pub user_id: UserId,
     pub total: Money,
     /// How many earnings.
@@ -242,7 +218,6 @@ pub struct EarningsReport {
 /// A user's downline, two levels deep.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Referrals {
-    #[schema(value_type = i64, minimum = 1)]
     pub user_id: UserId,
     /// Direct referrals, by id.
     pub level_1: Vec<store::Referral>,
@@ -267,12 +242,21 @@ pub enum Accepted {
 
 /// What a purchase came to: `processed` or `rejected` as recorded, or `conflict` once the id
 /// was received again with different content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum PurchaseState {
+pub enum ReportedStatus {
     Processed,
     Rejected,
     Conflict,
+}
+
+impl From<PurchaseStatus> for ReportedStatus {
+    fn from(status: PurchaseStatus) -> Self {
+        match status {
+            PurchaseStatus::Processed => ReportedStatus::Processed,
+            PurchaseStatus::Rejected => ReportedStatus::Rejected,
+        }
+    }
 }
 
 /// What a worker recorded for a purchase (`GET /api/purchases/{purchase_id}`).
@@ -280,12 +264,11 @@ pub enum PurchaseState {
 pub struct PurchaseReport {
     pub purchase_id: String,
     /// `conflict` once the id was received again with different content.
-    pub status: PurchaseState,
-    /// What the first message came to: `processed` or `rejected`.
-    pub original_status: PurchaseState,
+    pub status: ReportedStatus,
+    /// What the first message came to.
+    pub original_status: PurchaseStatus,
     /// Why it was rejected: the field first (`"currency: must be INR, found \"USD\""`).
     pub reason: Option<String>,
-    #[schema(value_type = Option<i64>)]
     pub buyer_id: Option<UserId>,
     pub amount: Option<Money>,
     pub currency: Option<String>,
@@ -305,10 +288,8 @@ pub struct PurchaseReport {
 /// One level's outcome of a purchase.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PurchaseLevel {
-    #[schema(minimum = 1)]
-    pub level: i16,
+    pub level: Level,
     /// The upline member at this level; null when there is none.
-    #[schema(value_type = Option<i64>)]
     pub earner_id: Option<UserId>,
     pub outcome: Outcome,
     /// The configured rate, `"0.05"`.
@@ -347,18 +328,20 @@ impl PurchaseReport {
         levels: Vec<store::LevelRow>,
         conflicts: Vec<store::ConflictRow>,
     ) -> Result<Self, ApiError> {
-        let original_status = from_text::<PurchaseState>(&p.status)?;
+        let original_status = from_text::<PurchaseStatus>(&p.status)?;
         let status = if conflicts.is_empty() {
-            original_status
+            original_status.into()
         } else {
-            PurchaseState::Conflict
+            ReportedStatus::Conflict
         };
         let levels = levels
             .into_iter()
             .map(|l| {
                 Ok(PurchaseLevel {
-                    level: l.level,
-                    earner_id: l.earner_id,
+                    level: Level::try_from(l.level).map_err(|_| {
+                        ApiError::Internal(anyhow::anyhow!("stored level {}", l.level))
+                    })?,
+                    earner_id: l.earner_id.and_then(UserId::new),
                     outcome: from_text(&l.outcome)?,
                     rate: l.rate,
                     amount: Money::from_total(l.amount),
@@ -371,7 +354,7 @@ impl PurchaseReport {
             status,
             original_status,
             reason: p.reason,
-            buyer_id: p.buyer_id,
+            buyer_id: p.buyer_id.and_then(UserId::new),
             amount: p.amount.map(Money::from_total),
             currency: p.currency,
             profit: p.profit.map(Money::from_total),
@@ -430,7 +413,7 @@ mod tests {
         assert_eq!(
             user.referrer,
             ReferrerChoice {
-                by_id: Some(7),
+                by_id: UserId::new(7),
                 by_code: None
             }
         );

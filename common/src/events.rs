@@ -6,14 +6,18 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::money::Money;
-use crate::UserId;
+use crate::{Level, UserId};
 
-/// An earning event (SPEC §4): one per credited commission, published at least once to
-/// exchange `upline.earnings` (topic) with routing key `earning.<level>.<earner_id>`, streamed
-/// by the notifier, and listed in `recent` of the earnings report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// The wire format of an earning event (SPEC §4): one per credited commission, published at
+/// least once to exchange `upline.earnings` (topic) with routing key
+/// `earning.<level>.<earner_id>`, streamed by the notifier (SPEC §5, see
+/// [`crate::protocol`]), and listed in `recent` of the earnings report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"earning_id": 9812, "seq": 17, "earner_id": 7, "source_user_id": 42,
     "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05", "amount": "100.00",
     "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
@@ -29,17 +33,19 @@ pub struct EarningEvent {
     pub source_user_id: UserId,
     pub purchase_id: String,
     /// 1 = the buyer's direct referrer.
-    #[schema(minimum = 1)]
-    pub level: i16,
+    pub level: Level,
     /// As a decimal string, `"0.05"`.
     #[serde(with = "rust_decimal::serde::str")]
     #[schema(value_type = String, example = "0.05")]
     pub rate: Decimal,
-    /// Credited rupees.
+    /// Credited rupees, a decimal string with two places.
+    #[schema(value_type = String, example = "100.00")]
     pub amount: Money,
+    #[schema(example = "INR")]
     pub currency: String,
     /// The earner's totals including this earning.
     pub totals: Totals,
+    /// RFC 3339.
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -72,28 +78,31 @@ impl Serialize for Totals {
     }
 }
 
-impl utoipa::PartialSchema for Totals {
-    /// `{"total": Money, "level_1": Money, …}`: every configured level, level 1 first.
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
-        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder};
+impl PartialSchema for Totals {
+    /// An object of decimal strings: `total`, then `level_1`, `level_2`, … for every
+    /// configured level.
+    fn schema() -> RefOr<Schema> {
+        let money = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .examples(["1530.00"])
+        };
         ObjectBuilder::new()
-            .property("total", Money::schema())
-            .required("total")
-            .additional_properties(Some(AdditionalProperties::RefOr(Money::schema())))
-            .property_names(Some(
-                ObjectBuilder::new()
-                    .schema_type(utoipa::openapi::schema::Type::String)
-                    .pattern(Some("^(total|level_[1-9][0-9]*)$")),
-            ))
             .description(Some(
-                "The earner's totals including this earning: `total` and `level_1`, `level_2`, … for every configured level",
+                "The earner's totals including this earning: `total` and `level_1`, `level_2`, … \
+                 for every configured level (decimal strings with two places).",
             ))
-            .examples([serde_json::json!({"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"})])
+            .property("total", money())
+            .required("total")
+            .additional_properties(Some(money()))
+            .examples([serde_json::json!(
+                {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"}
+            )])
             .into()
     }
 }
 
-impl utoipa::ToSchema for Totals {}
+impl ToSchema for Totals {}
 
 impl<'de> Deserialize<'de> for Totals {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use serde_json::value::RawValue;
 use tokio::sync::broadcast::{
     self,
     error::{RecvError, TryRecvError},
 };
 use upline_common::events::EarningEvent;
+use upline_common::protocol;
 use upline_common::UserId;
 
 /// One earning event, serialised once for every protocol.
@@ -22,25 +24,32 @@ pub struct Frame {
     pub earning_id: i64,
     /// The event of SPEC §4 as JSON (the SSE `data:`).
     pub event_json: String,
-    /// `{"type":"earning","earning":…}` (the WebSocket text frame).
+    /// [`protocol::ServerMessage::Earning`] as text, `{"type":"earning","earning":…}` (the
+    /// WebSocket text frame).
     pub ws_text: String,
 }
 
 impl Frame {
     /// Builds a frame from an event.
     pub fn new(event: &EarningEvent) -> Self {
-        let event_json = serde_json::to_string(event).expect("an EarningEvent always serialises");
+        let event_json =
+            serde_json::value::to_raw_value(event).expect("an EarningEvent always serialises");
         Self::from_json(event.earner_id, event.seq, event.earning_id, event_json)
     }
 
-    /// Builds a frame around an event's JSON text that is already known to be valid.
-    pub fn from_json(earner_id: UserId, seq: i64, earning_id: i64, event_json: String) -> Self {
-        let ws_text = format!(r#"{{"type":"earning","earning":{event_json}}}"#);
+    /// Builds a frame around an event's JSON (as it came from the broker, not re-serialised).
+    pub fn from_json(
+        earner_id: UserId,
+        seq: i64,
+        earning_id: i64,
+        event_json: Box<RawValue>,
+    ) -> Self {
+        let ws_text = protocol::earning_text(&event_json);
         Frame {
             earner_id,
             seq,
             earning_id,
-            event_json,
+            event_json: String::from(Box::<str>::from(event_json)),
             ws_text,
         }
     }
@@ -209,12 +218,16 @@ fn set_users_gauge(n: usize) {
 mod tests {
     use super::*;
 
+    fn user(id: i64) -> UserId {
+        UserId::new(id).expect("positive")
+    }
+
     #[tokio::test]
     async fn an_earners_entry_goes_with_its_last_subscription() {
         let hub = Arc::new(Hub::new(8));
-        let first = hub.subscribe(7);
-        let second = hub.subscribe(7);
-        let other = hub.subscribe(8);
+        let first = hub.subscribe(user(7));
+        let second = hub.subscribe(user(7));
+        let other = hub.subscribe(user(8));
         let admin = hub.subscribe_all();
         assert_eq!(hub.subscribed_users(), 2);
         drop(first);
@@ -223,7 +236,7 @@ mod tests {
         assert_eq!(hub.subscribed_users(), 1, "7's entry is gone");
         drop(admin);
         assert_eq!(hub.subscribed_users(), 1);
-        let again = hub.subscribe(7);
+        let again = hub.subscribe(user(7));
         assert_eq!(hub.subscribed_users(), 2);
         drop(other);
         drop(again);
@@ -233,9 +246,10 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_after_the_entry_went_gets_new_events() {
         let hub = Arc::new(Hub::new(8));
-        drop(hub.subscribe(7));
-        let mut sub = hub.subscribe(7);
-        hub.publish(Frame::from_json(7, 1, 1, "{}".to_owned()));
+        drop(hub.subscribe(user(7)));
+        let mut sub = hub.subscribe(user(7));
+        let event = RawValue::from_string("{}".to_owned()).expect("JSON");
+        hub.publish(Frame::from_json(user(7), 1, 1, event));
         match sub.try_recv() {
             Ok(Signal::Earning(frame)) => assert_eq!(frame.seq, 1),
             other => panic!("expected the earning, got {other:?}"),

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use upline_common::protocol::{CloseCode, ErrorCode};
 use upline_common::UserId;
 
 /// How long a refused client is told to wait (`Retry-After`): a slot frees only when another
@@ -43,11 +44,20 @@ pub enum CapExceeded {
 
 impl CapExceeded {
     /// The stable machine code clients see.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            CapExceeded::User(_) => "too_many_connections_for_user",
-            CapExceeded::Address(_) => "too_many_connections_from_address",
-            CapExceeded::Full => "notifier_full",
+            CapExceeded::User(_) => ErrorCode::TooManyConnectionsForUser,
+            CapExceeded::Address(_) => ErrorCode::TooManyConnectionsFromAddress,
+            CapExceeded::Full => ErrorCode::NotifierFull,
+        }
+    }
+
+    /// The WebSocket close code of the refusal.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            CapExceeded::User(_) => CloseCode::TooManyForUser,
+            CapExceeded::Address(_) => CloseCode::TooManyFromAddress,
+            CapExceeded::Full => CloseCode::TryAgainLater,
         }
     }
 
@@ -215,6 +225,10 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
 mod tests {
     use super::*;
 
+    fn user(id: i64) -> UserId {
+        UserId::new(id).expect("positive")
+    }
+
     fn slots(total: usize, per_address: Option<usize>, per_user: Option<usize>) -> Slots {
         Slots::new(Caps {
             total,
@@ -243,10 +257,10 @@ mod tests {
         let b = s.connect(one).expect("second");
         assert_eq!(s.connect(one).err(), Some(CapExceeded::Address(2)));
         assert!(s.connect(two).is_ok(), "another address is unaffected");
-        let user = s.subscribe(7).expect("first stream");
-        assert_eq!(s.subscribe(7).err(), Some(CapExceeded::User(1)));
-        assert!(s.subscribe(8).is_ok());
-        drop((a, b, user));
+        let stream = s.subscribe(user(7)).expect("first stream");
+        assert_eq!(s.subscribe(user(7)).err(), Some(CapExceeded::User(1)));
+        assert!(s.subscribe(user(8)).is_ok());
+        drop((a, b, stream));
         let counts = s.inner.lock();
         assert!(counts.per_address.is_empty() && counts.per_user.is_empty());
         assert_eq!(counts.total, 0);
@@ -257,7 +271,12 @@ mod tests {
         let s = slots(3, None, None);
         let ip = Some(IpAddr::from([10, 0, 0, 1]));
         let held: Vec<_> = (0..3)
-            .map(|_| (s.connect(ip).expect("slot"), s.subscribe(7).expect("user")))
+            .map(|_| {
+                (
+                    s.connect(ip).expect("slot"),
+                    s.subscribe(user(7)).expect("user"),
+                )
+            })
             .collect();
         assert_eq!(s.connect(ip).err(), Some(CapExceeded::Full));
         drop(held);

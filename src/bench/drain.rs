@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use upline_common::UserId;
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
@@ -120,7 +121,7 @@ async fn baseline(
         .map(|s| {
             let purchase = Purchase {
                 purchase_id: PurchaseId::parse(&s.purchase_id).expect("valid id"),
-                buyer_id: s.buyer_id,
+                buyer_id: UserId::new(s.buyer_id).expect("positive"),
                 amount: Money::from_decimal(s.amount).expect("valid amount"),
                 currency: rules.currency.clone(),
                 profit: None,

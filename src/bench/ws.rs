@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use upline_common::UserId;
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
@@ -70,8 +71,11 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     let sockets: Vec<anyhow::Result<_>> = stream::iter(0..args.subscribers)
         .map(|i| {
             let user = (i as i64 % args.users) + 1;
-            let (url, token, connected) =
-                (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
+            let (url, token, connected) = (
+                ws_url.clone(),
+                auth.issue(UserId::new(user).expect("positive"), 0).token,
+                connected.clone(),
+            );
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
                 ws.send(Message::Text(

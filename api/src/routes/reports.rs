@@ -7,6 +7,7 @@ use axum::Json;
 use serde::Deserialize;
 use upline_common::http::Problem;
 use upline_common::money::Money;
+use upline_common::UserId;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
@@ -97,7 +98,7 @@ pub async fn referrals(
         return Err(ApiError::NotFound(format!("no user with id {id}")));
     }
     let level_1 = store::referrals_of(&state.db, &[id]).await?;
-    let ids: Vec<i64> = level_1.iter().map(|r| r.id).collect();
+    let ids: Vec<UserId> = level_1.iter().map(|r| r.id).collect();
     let level_2 = store::referrals_of(&state.db, &ids).await?;
     Ok(Json(Referrals {
         user_id: id,

@@ -114,8 +114,14 @@ pub async fn register(
         if let Some(referrer_id) = referrer {
             store::take_referral_slot(&mut tx, referrer_id, state.max_direct).await?;
         }
-        let Some(user) =
-            store::insert_user(&mut tx, &name, &email, &new_referral_code(), referrer).await?
+        let Some(user) = store::insert_user(
+            &mut tx,
+            &name,
+            email.as_str(),
+            &new_referral_code(),
+            referrer,
+        )
+        .await?
         else {
             continue; // referral code collision: draw again
         };
