@@ -66,6 +66,25 @@ impl IntoResponses for UserOrAdminErrors {
     }
 }
 
+/// `PUT /api/users/{id}/referrer`: as [`UserOrAdminErrors`], and 403 `admin_only` for a
+/// `referrer_id` sent without the admin key.
+pub struct SetReferrerErrors;
+
+impl IntoResponses for SetReferrerErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        set(&[
+            (401, UNAUTHORIZED, false),
+            (
+                403,
+                "`forbidden`: neither this user's token nor the admin key; `token_expired`, `token_revoked`; `admin_only`: `referrer_id` was sent without the admin key (send the referrer's `referral_code`)",
+                false,
+            ),
+            (429, RATE_LIMITED, true),
+            (500, INTERNAL, false),
+        ])
+    }
+}
+
 /// Admin-only operations: 401, 403 `forbidden`, 429, 500.
 pub struct AdminErrors;
 

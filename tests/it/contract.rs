@@ -232,6 +232,19 @@ async fn every_reply_matches_the_openapi_document() {
         .await;
     assert_eq!(status, 201);
     let kiran_id = kiran["id"].as_i64().expect("id");
+    let (status, problem) = c
+        .call(
+            "put",
+            "/api/users/{id}/referrer",
+            h.put(url(&format!("{}/referrer", user(kiran_id))))
+                .bearer_auth(kiran["token"].as_str().expect("token"))
+                .json(&json!({"referrer_id": asha_id})),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (403, Some("admin_only"))
+    );
     for (id, body, expected) in [
         (asha_id, json!({"referrer_id": kiran_id}), 409),
         (kiran_id, json!({"referrer_id": kiran_id}), 422),

@@ -14,7 +14,7 @@ use crate::model::{
     IssuedToken, Me, NewUser, ReferrerChoice, RegisterRequest, RegisteredUser, SetReferrerRequest,
     UpdateUserRequest, UserPage, UserUpdate,
 };
-use crate::responses::{AdminErrors, AnyCallerErrors, UserOrAdminErrors};
+use crate::responses::{AdminErrors, AnyCallerErrors, SetReferrerErrors, UserOrAdminErrors};
 use crate::{store, AppState};
 use upline_common::http::Problem;
 
@@ -272,7 +272,7 @@ pub async fn get(
         (status = 404, description = "`not_found`: no user with this id; `referrer_not_found`: no user has this `referrer_id` or `referral_code`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`already_referred`: a referrer is set once; `referral_limit_reached`; `referrer_inactive`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (`referrer_id`, `referral_code`); `self_referral`; `referral_cycle`: the referrer is in this user's downline", body = Problem, content_type = "application/problem+json"),
-        UserOrAdminErrors,
+        SetReferrerErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
