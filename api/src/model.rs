@@ -31,14 +31,17 @@ use crate::store;
 #[schema(example = json!({"name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA"}))]
 pub struct RegisterRequest {
     /// 1–100 characters (trimmed).
+    #[serde(default, deserialize_with = "opt_string")]
     #[schema(value_type = String, required = true, min_length = 1, max_length = 100, pattern = r"\S")]
     pub name: Option<String>,
     /// Unique, compared case-insensitively.
+    #[serde(default, deserialize_with = "opt_string")]
     #[schema(value_type = String, required = true, format = Email, max_length = 254)]
     pub email: Option<String>,
     /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
     pub referrer_id: Option<UserIdInput>,
     /// The referrer's referral code (case-insensitive).
+    #[serde(default, deserialize_with = "opt_string")]
     pub referral_code: Option<String>,
 }
 
@@ -75,6 +78,7 @@ pub struct SetReferrerRequest {
     /// The referrer's id: with the admin key only (`403 admin_only` otherwise).
     pub referrer_id: Option<UserIdInput>,
     /// The referrer's referral code (case-insensitive).
+    #[serde(default, deserialize_with = "opt_string")]
     pub referral_code: Option<String>,
 }
 
@@ -106,6 +110,7 @@ impl ReferrerChoice {
 #[schema(example = json!({"show_on_leaderboard": false}))]
 pub struct UpdateUserRequest {
     /// `false` hides the user from the public leaderboard.
+    #[serde(default, deserialize_with = "opt_bool")]
     #[schema(value_type = bool, required = true)]
     pub show_on_leaderboard: Option<bool>,
 }
@@ -129,6 +134,24 @@ impl TryFrom<UpdateUserRequest> for UserUpdate {
             .ok_or_else(|| {
                 ApiError::validation("show_on_leaderboard", "is required: true or false")
             })
+    }
+}
+
+/// An optional string field: `null` counts as absent; another type is "must be a string".
+fn opt_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => Ok(Some(s)),
+        _ => Err(serde::de::Error::custom("must be a string")),
+    }
+}
+
+/// An optional boolean field: `null` counts as absent; another type is "must be true or false".
+fn opt_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Bool(b) => Ok(Some(b)),
+        _ => Err(serde::de::Error::custom("must be true or false")),
     }
 }
 
@@ -417,6 +440,33 @@ mod tests {
                 by_code: None
             }
         );
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named_with_the_old_message() {
+        let error = |body: serde_json::Value| {
+            serde_path_to_error::deserialize::<_, RegisterRequest>(body)
+                .map(|_| ())
+                .unwrap_err()
+        };
+        let e = error(serde_json::json!({"name": 5}));
+        assert_eq!(
+            (e.path().to_string(), e.inner().to_string()),
+            ("name".to_owned(), "must be a string".to_owned())
+        );
+        let e = error(serde_json::json!({"name": "X", "referrer_id": "abc"}));
+        assert_eq!(
+            (e.path().to_string(), e.inner().to_string()),
+            (
+                "referrer_id".to_owned(),
+                "must be a positive integer".to_owned()
+            )
+        );
+        let e = serde_path_to_error::deserialize::<_, UpdateUserRequest>(
+            serde_json::json!({"show_on_leaderboard": "no"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.inner().to_string(), "must be true or false");
     }
 
     #[test]

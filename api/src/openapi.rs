@@ -247,8 +247,8 @@ same `EarningEvent`s:
 "#;
 
 /// The security schemes (`user_token`, `admin_key`, `producer_key`), each operation's
-/// "who may call" line and `x-upline-auth` extension, and the problem responses narrowed to
-/// the codes each lists, with an example of each.
+/// "who may call" line and `x-upline-auth` extension, the problem responses narrowed to the
+/// codes each lists, with an example of each, and the fields that exclude each other.
 pub struct Documented;
 
 /// The security schemes, and how the "who may call" line names them.
