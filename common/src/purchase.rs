@@ -352,16 +352,10 @@ impl utoipa::PartialSchema for Timestamp {
 
 impl utoipa::ToSchema for Timestamp {}
 
-/// The purchase message of SPEC §3, as published to exchange `upline.purchases` (routing key
-/// `purchase`, persistent, `content_type: application/json`) by the api or by external
-/// systems. `null` counts as absent; unknown fields are ignored. [`PurchaseMessage::validate`]
-/// turns it into a [`Purchase`].
+/// The content of a purchase (SPEC §3), each field read leniently ([`Field`]) and judged by
+/// [`PurchaseMessage::validate`]. `null` counts as absent; unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
-#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
-    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
-pub struct PurchaseMessage {
-    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`.
-    pub purchase_id: PurchaseId,
+pub struct PurchaseContent {
     /// The buyer: an existing user.
     #[serde(default)]
     #[schema(value_type = UserIdInput, required = true)]
@@ -384,9 +378,22 @@ pub struct PurchaseMessage {
     pub occurred_at: Option<Field<Timestamp>>,
 }
 
+/// The purchase message of SPEC §3, as published to exchange `upline.purchases` (routing key
+/// `purchase`, persistent, `content_type: application/json`) by the api or by external
+/// systems: the idempotency key and the [`PurchaseContent`]. [`PurchaseMessage::validate`]
+/// turns it into a [`Purchase`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
+    "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
+pub struct PurchaseMessage {
+    /// The idempotency key: 1–64 characters of `A-Za-z0-9._:-`.
+    pub purchase_id: PurchaseId,
+    #[serde(flatten)]
+    pub content: PurchaseContent,
+}
+
 /// `POST /api/purchases`: the [`PurchaseMessage`] with `purchase_id` optional (then the
-/// `Idempotency-Key` header names the purchase; one of them is required). `null` counts as
-/// absent; unknown fields are ignored.
+/// `Idempotency-Key` header names the purchase; one of them is required).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
 #[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
     "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
@@ -396,26 +403,8 @@ pub struct PurchaseRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>, pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
     pub purchase_id: Option<Field<String>>,
-    /// The buyer: an existing user.
-    #[serde(default)]
-    #[schema(value_type = UserIdInput, required = true)]
-    pub buyer_id: Option<Field<UserIdInput>>,
-    /// The purchase amount, positive.
-    #[serde(default)]
-    #[schema(value_type = MoneyInput, required = true)]
-    pub amount: Option<Field<MoneyInput>>,
-    /// The configured currency (default `INR`), case-insensitive; defaults to it.
-    #[serde(default)]
-    #[schema(value_type = Option<String>, example = "INR")]
-    pub currency: Option<Field<String>>,
-    /// When given, commissions are computed on it rather than on `amount`; 0 ≤ profit ≤ amount.
-    #[serde(default)]
-    #[schema(value_type = Option<MoneyInput>)]
-    pub profit: Option<Field<MoneyInput>>,
-    /// RFC 3339; defaults to the time of receipt.
-    #[serde(default)]
-    #[schema(value_type = Option<Timestamp>)]
-    pub occurred_at: Option<Field<Timestamp>>,
+    #[serde(flatten)]
+    pub content: PurchaseContent,
 }
 
 impl PurchaseRequest {
@@ -423,11 +412,7 @@ impl PurchaseRequest {
     pub fn into_message(self, purchase_id: PurchaseId) -> PurchaseMessage {
         PurchaseMessage {
             purchase_id,
-            buyer_id: self.buyer_id,
-            amount: self.amount,
-            currency: self.currency,
-            profit: self.profit,
-            occurred_at: self.occurred_at,
+            content: self.content,
         }
     }
 }
@@ -440,18 +425,22 @@ impl PurchaseMessage {
     /// The first [`Invalid`] field, in the order `buyer_id`, `amount`, `currency`, `profit`,
     /// `occurred_at`.
     pub fn validate(self, rules: &Rules) -> Result<Purchase, Invalid> {
-        let UserIdInput(buyer_id) = self
+        let PurchaseMessage {
+            purchase_id,
+            content,
+        } = self;
+        let UserIdInput(buyer_id) = content
             .buyer_id
             .ok_or_else(|| Invalid::new("buyer_id", "is required"))?
             .get("buyer_id")?;
-        let MoneyInput(amount) = self
+        let MoneyInput(amount) = content
             .amount
             .ok_or_else(|| Invalid::new("amount", "is required"))?
             .get("amount")?;
         if amount.is_zero() {
             return Err(Invalid::new("amount", MoneyError::NotPositive.to_string()));
         }
-        let currency = match self.currency.map(|c| c.get("currency")).transpose()? {
+        let currency = match content.currency.map(|c| c.get("currency")).transpose()? {
             None => rules.currency.clone(),
             Some(c) if c.eq_ignore_ascii_case(&rules.currency) => rules.currency.clone(),
             Some(c) => {
@@ -461,20 +450,20 @@ impl PurchaseMessage {
                 ))
             }
         };
-        let profit = match self.profit.map(|p| p.get("profit")).transpose()? {
+        let profit = match content.profit.map(|p| p.get("profit")).transpose()? {
             None => None,
             Some(MoneyInput(p)) if p > amount => {
                 return Err(Invalid::new("profit", "must not exceed amount"))
             }
             Some(MoneyInput(p)) => Some(p),
         };
-        let occurred_at = self
+        let occurred_at = content
             .occurred_at
             .map(|t| t.get("occurred_at"))
             .transpose()?
             .map(|Timestamp(t)| t);
         Ok(Purchase {
-            purchase_id: self.purchase_id,
+            purchase_id,
             buyer_id,
             amount,
             currency,
