@@ -267,6 +267,15 @@ mod tests {
         HashMap::from([(id(1), a), (id(2), Earner::new(true, 0, Money::ZERO, 2))])
     }
 
+    /// C buys, then B, then C again.
+    fn three_purchases() -> [Purchase; 3] {
+        [
+            purchase("p1", 3, "2000.00"),
+            purchase("p2", 2, "1500.00"),
+            purchase("p3", 3, "3000.00"),
+        ]
+    }
+
     fn run(rules: &Rules, purchases: &[Purchase], earners: HashMap<UserId, Earner>) -> Plan {
         let purchases: Vec<&Purchase> = purchases.iter().collect();
         plan(rules, &purchases, &uplines(), earners)
@@ -297,15 +306,7 @@ mod tests {
 
     #[test]
     fn seq_numbers_each_earner_on_from_its_stored_seq_across_the_batch() {
-        let plan = run(
-            &rules(None),
-            &[
-                purchase("p1", 3, "2000.00"),
-                purchase("p2", 2, "1500.00"),
-                purchase("p3", 3, "3000.00"),
-            ],
-            earners(),
-        );
+        let plan = run(&rules(None), &three_purchases(), earners());
         assert_eq!(
             earned(&plan),
             vec![
@@ -344,15 +345,7 @@ mod tests {
 
     #[test]
     fn totals_run_per_level_and_sum_per_level_and_referral() {
-        let plan = run(
-            &rules(None),
-            &[
-                purchase("p1", 3, "2000.00"),
-                purchase("p2", 2, "1500.00"),
-                purchase("p3", 3, "3000.00"),
-            ],
-            earners(),
-        );
+        let plan = run(&rules(None), &three_purchases(), earners());
         // A's running totals: its stored 30.00 at level 1, then each earning added.
         let a: Vec<(String, Vec<String>)> = plan
             .earnings
