@@ -343,15 +343,12 @@ pub struct PurchaseConflict {
 
 impl PurchaseReport {
     /// The report of what `store::purchase` found.
-    ///
-    /// # Errors
-    /// A status or outcome the database should not hold (500).
     pub fn new(
         p: store::PurchaseRow,
         levels: Vec<store::LevelRow>,
         conflicts: Vec<store::ConflictRow>,
-    ) -> Result<Self, ApiError> {
-        let original_status = from_text::<PurchaseStatus>(&p.status)?;
+    ) -> Self {
+        let original_status = p.status;
         let status = if conflicts.is_empty() {
             original_status.into()
         } else {
@@ -359,25 +356,21 @@ impl PurchaseReport {
         };
         let levels = levels
             .into_iter()
-            .map(|l| {
-                Ok(PurchaseLevel {
-                    level: Level::try_from(l.level).map_err(|_| {
-                        ApiError::Internal(anyhow::anyhow!("stored level {}", l.level))
-                    })?,
-                    earner_id: l.earner_id.and_then(UserId::new),
-                    outcome: from_text(&l.outcome)?,
-                    rate: l.rate,
-                    amount: Money::from_total(l.amount),
-                    earning_id: l.earning_id,
-                })
+            .map(|l| PurchaseLevel {
+                level: l.level,
+                earner_id: l.earner_id,
+                outcome: l.outcome,
+                rate: l.rate,
+                amount: Money::from_total(l.amount),
+                earning_id: l.earning_id,
             })
-            .collect::<Result<_, ApiError>>()?;
-        Ok(PurchaseReport {
+            .collect();
+        PurchaseReport {
             purchase_id: p.purchase_id,
             status,
             original_status,
             reason: p.reason,
-            buyer_id: p.buyer_id.and_then(UserId::new),
+            buyer_id: p.buyer_id,
             amount: p.amount.map(Money::from_total),
             currency: p.currency,
             profit: p.profit.map(Money::from_total),
@@ -391,14 +384,8 @@ impl PurchaseReport {
                     body: c.body.map(|b| b.0),
                 })
                 .collect(),
-        })
+        }
     }
-}
-
-/// A stored name (`processed`, `paid`, …) as its enum.
-fn from_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ApiError> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned()))
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("stored {text:?}"))))
 }
 
 #[cfg(test)]
