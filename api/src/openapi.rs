@@ -510,6 +510,27 @@ mod tests {
     }
 
     #[test]
+    fn purchase_bodies_share_their_content_and_the_queue_message_requires_its_id() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for name in ["PurchaseMessage", "PurchaseRequest"] {
+            assert_eq!(
+                schemas[name]["allOf"][0]["$ref"], "#/components/schemas/PurchaseContent",
+                "{name}"
+            );
+        }
+        assert_eq!(
+            schemas["PurchaseMessage"]["allOf"][1]["required"],
+            json!(["purchase_id"])
+        );
+        assert!(schemas["PurchaseRequest"]["allOf"][1]["required"].is_null());
+        assert_eq!(
+            schemas["PurchaseContent"]["required"],
+            json!(["buyer_id", "amount"])
+        );
+    }
+
+    #[test]
     fn referrer_id_and_referral_code_exclude_each_other() {
         let doc = doc();
         for name in ["RegisterRequest", "SetReferrerRequest"] {

@@ -352,8 +352,8 @@ impl utoipa::PartialSchema for Timestamp {
 
 impl utoipa::ToSchema for Timestamp {}
 
-/// The content of a purchase (SPEC §3), each field read leniently ([`Field`]) and judged by
-/// [`PurchaseMessage::validate`]. `null` counts as absent; unknown fields are ignored.
+/// The content of a purchase (SPEC §3). `null` counts as absent; unknown fields are ignored.
+/// Each field is read leniently (`Field`) and judged by `PurchaseMessage::validate`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
 pub struct PurchaseContent {
     /// The buyer: an existing user.
@@ -380,8 +380,8 @@ pub struct PurchaseContent {
 
 /// The purchase message of SPEC §3, as published to exchange `upline.purchases` (routing key
 /// `purchase`, persistent, `content_type: application/json`) by the api or by external
-/// systems: the idempotency key and the [`PurchaseContent`]. [`PurchaseMessage::validate`]
-/// turns it into a [`Purchase`].
+/// systems: the idempotency key and the `PurchaseContent`. `PurchaseMessage::validate` turns
+/// it into a `Purchase`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
 #[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
     "currency": "INR", "profit": "400.00", "occurred_at": "2026-11-20T10:00:00Z"}))]
@@ -392,7 +392,7 @@ pub struct PurchaseMessage {
     pub content: PurchaseContent,
 }
 
-/// `POST /api/purchases`: the [`PurchaseMessage`] with `purchase_id` optional (then the
+/// `POST /api/purchases`: the `PurchaseMessage` with `purchase_id` optional (then the
 /// `Idempotency-Key` header names the purchase; one of them is required).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
 #[schema(example = json!({"purchase_id": "ord-2026-000123", "buyer_id": 42, "amount": "2000.00",
