@@ -22,15 +22,9 @@ pub enum Command {
     Run,
     /// Create the database if missing and apply pending migrations.
     Migrate,
-    /// Drive a realistic referral forest and purchase stream through the running pipeline and
-    /// check what was paid against an independent recomputation.
-    Demo(crate::demo::DemoArgs),
     /// Inspect and replay dead-lettered purchase messages (`upline.purchases.dead`).
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
-    /// Measure throughput and latency (build with --release); see README "Performance".
-    #[command(subcommand)]
-    Bench(crate::bench::Scenario),
     /// Run only the api (same as `upline-api`).
     Api,
     /// Run only a worker (same as `upline-worker`).
@@ -45,18 +39,12 @@ pub enum Command {
 /// Configuration, start-up or service errors, with context.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let mut settings = Settings::load()?;
-    if matches!(
-        cli.command,
-        Command::Bench(_) | Command::Demo(_) | Command::Dlq(_)
-    ) {
-        // The operator's commands print their own report; only warnings from the libraries.
+    if matches!(cli.command, Command::Dlq(_)) {
+        // The operator's command prints its own report; only warnings from the libraries.
         settings.log.level = "warn,sqlx=error".into();
     }
     upline_common::telemetry::init_tracing(&settings.log);
-    if !matches!(
-        cli.command,
-        Command::Migrate | Command::Demo(_) | Command::Bench(_) | Command::Dlq(_)
-    ) {
+    if !matches!(cli.command, Command::Migrate | Command::Dlq(_)) {
         upline_common::telemetry::warn_on_development_secrets(&settings);
     }
     let shutdown = upline_common::shutdown::signal();
@@ -71,8 +59,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             println!("database ready: {applied} migration(s) applied");
             Ok(())
         }
-        Command::Demo(args) => crate::demo::run(&settings, args, shutdown).await,
-        Command::Bench(scenario) => crate::bench::run(&settings, scenario).await,
         Command::Dlq(command) => crate::dlq::run(&settings, command).await,
         Command::Api => {
             let listener = bind(settings.api.bind, "api.bind").await?;

@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpSettings;
 
+pub mod publisher;
+pub use publisher::{PublishError, Publisher};
+
 /// Direct exchange where producers publish purchases, routing key [`PURCHASE_ROUTING_KEY`].
 pub const PURCHASES_EXCHANGE: &str = "upline.purchases";
 /// Quorum queue the workers consume.
@@ -282,12 +285,15 @@ pub async fn declare_topology_if_allowed(
     Ok(channel)
 }
 
-/// Publishes one purchase message body to `upline.purchases` (persistent JSON, routing key
-/// `purchase`), as any producer does; await the returned confirm for the broker's answer.
+/// Publishes raw bytes to `upline.purchases` (persistent JSON properties, routing key
+/// `purchase`, neither `mandatory` nor a `message_id`), as a careless external producer might:
+/// for tests and tools that need a body no [`Publisher`] would send (not JSON, invalid, too
+/// large). Purchases are published with [`Publisher::publish`]. Await the returned confirm for
+/// the broker's answer.
 ///
 /// # Errors
 /// The channel is closed.
-pub async fn publish_purchase(
+pub async fn publish_raw(
     channel: &Channel,
     body: &[u8],
 ) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {

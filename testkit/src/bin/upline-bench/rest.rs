@@ -12,11 +12,12 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use upline_common::Settings;
+use upline_testkit::client::Api;
+use upline_testkit::oracle;
+use upline_testkit::order::Order;
 
-use super::env::{cpu_report, seed_tree, BenchEnv};
+use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
-use crate::check::{self, Sent};
 
 #[derive(Debug, clap::Args)]
 pub struct RestArgs {
@@ -40,8 +41,8 @@ pub struct RestArgs {
     keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: RestArgs) -> anyhow::Result<()> {
-    let mut env = BenchEnv::new(settings, "rest", args.keep).await?;
+pub async fn run(bench: Bench<'_>, args: RestArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(bench, "rest", args.keep).await?;
     let result = scenario(&mut env, &args).await;
     env.finish().await;
     result
@@ -75,6 +76,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     );
     let admin = env.settings.auth.admin_token.expose_secret().to_owned();
     let producer = env.settings.auth.producer_token.expose_secret().to_owned();
+    let client = Api::new(env.http.clone(), &api, &admin, &producer);
 
     // The observer: one admin subscription to every earning.
     let sent: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
@@ -142,10 +144,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let cpu_before = env.cpu();
     let mut tasks = Vec::new();
     for task in 0..args.connections {
-        let (http, api, producer, sent, accepted, failed) = (
-            env.http.clone(),
-            api.clone(),
-            producer.clone(),
+        let (client, sent, accepted, failed) = (
+            client.clone(),
             sent.clone(),
             accepted.clone(),
             failed.clone(),
@@ -170,23 +170,24 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 let (buyer, amount) = {
                     let mut rng = rand::thread_rng();
                     // Users from 10 on have two levels above them.
-                    (rng.gen_range(10..=users), Decimal::new(rng.gen_range(50_000..500_000), 2))
+                    (
+                        rng.gen_range(10..=users),
+                        Decimal::new(rng.gen_range(50_000..500_000), 2),
+                    )
                 };
                 let id = format!("r{task}-{n}");
                 n += 1;
                 let t0 = Instant::now();
-                sent.lock().expect("not poisoned").insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
-                let r = http
-                    .post(format!("{api}/api/purchases"))
-                    .bearer_auth(&producer)
-                    .json(&json!({"purchase_id": id, "buyer_id": buyer, "amount": amount.to_string()}))
-                    .send()
-                    .await;
+                sent.lock()
+                    .expect("not poisoned")
+                    .insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
+                let order = Order::new(id.clone(), buyer, amount);
+                let r = client.post_purchase(&order).await;
                 latency.record(t0.elapsed());
                 match r {
                     Ok(r) if r.status().as_u16() == 202 => {
                         accepted.fetch_add(1, Ordering::Relaxed);
-                        sent_list.push(Sent { purchase_id: id, buyer_id: buyer, amount, profit: None });
+                        sent_list.push(order);
                     }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -247,14 +248,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let (e2e, to_ledger, from_ledger) = observer.await?;
 
     let rules = env.settings.commission.rules()?;
-    let expected = check::recompute(
-        &env.db,
-        &all_sent,
-        &rules.rates,
-        rules.min_purchase.as_decimal(),
-    )
-    .await?;
-    let differences = check::compare(&env.db, "r", &expected).await?;
+    let expected = oracle::recompute(&env.db, &all_sent, &rules).await?;
+    let differences = oracle::compare(&env.db, "r", &expected).await?;
 
     println!(
         "accepted        {accepted_n} purchases in {:.1} s = {:.0}/s ({} failed)",

@@ -10,13 +10,15 @@ use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use rand::Rng;
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use upline_common::amqp::Publisher;
 use upline_common::auth::Auth;
-use upline_common::{amqp, Settings};
+use upline_testkit::order::Order;
 
-use super::env::{cpu_report, rss_bytes, seed_tree, BenchEnv};
+use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -37,8 +39,8 @@ pub struct WsArgs {
     keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: WsArgs) -> anyhow::Result<()> {
-    let mut env = BenchEnv::new(settings, "ws", args.keep).await?;
+pub async fn run(bench: Bench<'_>, args: WsArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(bench, "ws", args.keep).await?;
     let result = scenario(&mut env, &args).await;
     env.finish().await;
     result
@@ -139,9 +141,9 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     );
 
     // Drive purchases straight onto the queue at a steady rate.
-    let conn = amqp::connect(&env.settings.amqp, "upline-bench").await?;
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(Default::default()).await?;
+    let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-bench");
+    let currency = env.settings.commission.rules()?.currency;
     let cpu_before = env.cpu();
     let load_started = Instant::now();
     let total = args.rate * args.duration;
@@ -157,11 +159,15 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             owed -= 1.0;
             let buyer = rand::thread_rng().gen_range(2..=tree);
             let id = format!("w{published}");
-            let body = json!({"purchase_id": id, "buyer_id": buyer, "amount": "2000.00"});
+            let purchase =
+                Order::new(id.clone(), buyer, Decimal::new(200_000, 2)).to_purchase(&currency)?;
             sent.lock()
                 .expect("not poisoned")
                 .insert(id, Instant::now());
-            confirms.push(amqp::publish_purchase(&channel, body.to_string().as_bytes()).await?);
+            let publisher = publisher.clone();
+            confirms.push(tokio::spawn(
+                async move { publisher.publish(&purchase).await },
+            ));
             published += 1;
         }
         if published.is_multiple_of(args.rate.max(1)) {
@@ -172,7 +178,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
         }
     }
     for c in confirms {
-        c.await?;
+        c.await??;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     let expected = loop {
@@ -211,7 +217,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     for r in readers {
         latency.add(&r.await?);
     }
-    let _ = conn.close(200, "done").await;
+    publisher.close().await;
     println!(
         "delivered {expected} events to {} subscribers in {:.1} s = {:.0} events/s",
         args.subscribers,
