@@ -2,8 +2,7 @@
 //! same purchase published straight onto `upline.purchases` through the one
 //! [`Publisher`] the api uses too.
 
-use anyhow::{bail, Context};
-use futures_util::stream::{self, StreamExt};
+use anyhow::Context;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use upline_common::amqp::Publisher;
@@ -54,9 +53,8 @@ impl Order {
     }
 }
 
-/// Publishes `orders` in `currency` through `publisher` (persistent, mandatory, `message_id` =
-/// purchase id), up to `in_flight` awaiting their confirms at once; returns when every one
-/// was confirmed.
+/// Publishes `orders` in `currency`, in their order, through `publisher` (persistent,
+/// mandatory, `message_id` = purchase id, pipelined); returns when every one was confirmed.
 ///
 /// # Errors
 /// An order that is not a valid purchase, or a publish the broker did not confirm.
@@ -64,25 +62,11 @@ pub async fn publish(
     publisher: &Publisher,
     orders: &[Order],
     currency: &str,
-    in_flight: usize,
 ) -> anyhow::Result<()> {
     let purchases = orders
         .iter()
         .map(|o| o.to_purchase(currency))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let failed: Vec<String> = stream::iter(&purchases)
-        .map(|p| async move {
-            publisher
-                .publish(p)
-                .await
-                .map_err(|e| format!("{}: {e}", p.purchase_id.as_str()))
-        })
-        .buffer_unordered(in_flight.max(1))
-        .filter_map(|r| async move { r.err() })
-        .collect()
-        .await;
-    if let Some(first) = failed.first() {
-        bail!("{} purchase(s) not published, e.g. {first}", failed.len());
-    }
+    publisher.publish_all(&purchases).await?;
     Ok(())
 }

@@ -174,29 +174,64 @@ impl Publisher {
         }
     }
 
-    /// Publishes one purchase (persistent, mandatory) and waits for the broker's confirm.
+    /// Publishes one purchase (persistent, mandatory) and waits for the broker's confirm, at
+    /// most [`BROKER_TIMEOUT`].
     ///
     /// # Errors
     /// [`PublishError`] when the broker is unreachable, nacks, or cannot route the message.
     pub async fn publish(&self, purchase: &Purchase) -> Result<(), PublishError> {
+        self.publish_within(std::slice::from_ref(purchase), BROKER_TIMEOUT)
+            .await
+    }
+
+    /// Publishes purchases in their order on the one channel, pipelined (every message is
+    /// sent before the first confirm is awaited), and waits until the broker confirmed them
+    /// all: [`BROKER_TIMEOUT`] plus as much again per thousand messages.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`], for the first message that failed (those before it were
+    /// confirmed; those after it may or may not have been).
+    pub async fn publish_all(&self, purchases: &[Purchase]) -> Result<(), PublishError> {
+        let thousands = u32::try_from(purchases.len() / 1000).unwrap_or(u32::MAX);
+        self.publish_within(
+            purchases,
+            BROKER_TIMEOUT.saturating_mul(thousands.saturating_add(1)),
+        )
+        .await
+    }
+
+    async fn publish_within(
+        &self,
+        purchases: &[Purchase],
+        within: Duration,
+    ) -> Result<(), PublishError> {
         let channel = self.channel().await?;
-        let body = purchase.to_json();
-        let confirm = async {
-            channel
-                .basic_publish(
-                    amqp::PURCHASES_EXCHANGE,
-                    amqp::PURCHASE_ROUTING_KEY,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    amqp::persistent_json().with_message_id(purchase.purchase_id.as_str().into()),
-                )
-                .await?
-                .await
+        let confirms = async {
+            let mut pending = Vec::with_capacity(purchases.len());
+            for purchase in purchases {
+                pending.push(
+                    channel
+                        .basic_publish(
+                            amqp::PURCHASES_EXCHANGE,
+                            amqp::PURCHASE_ROUTING_KEY,
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            &purchase.to_json(),
+                            amqp::persistent_json()
+                                .with_message_id(purchase.purchase_id.as_str().into()),
+                        )
+                        .await?,
+                );
+            }
+            let mut confirmations = Vec::with_capacity(pending.len());
+            for confirm in pending {
+                confirmations.push(confirm.await?);
+            }
+            Ok::<_, lapin::Error>(confirmations)
         };
-        match tokio::time::timeout(BROKER_TIMEOUT, confirm).await {
+        match tokio::time::timeout(within, confirms).await {
             Err(_) => Err(PublishError::NotConfirmed(
                 "timed out waiting for the confirm".into(),
             )),
@@ -204,11 +239,16 @@ impl Publisher {
                 self.broker_up.store(false, Ordering::Relaxed);
                 Err(PublishError::Unreachable(e.to_string()))
             }
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                Err(PublishError::NotConfirmed("message was unroutable".into()))
-            }
-            Ok(Ok(other)) => Err(PublishError::NotConfirmed(format!("{other:?}"))),
+            Ok(Ok(confirmations)) => confirmations
+                .into_iter()
+                .map(|confirmation| match confirmation {
+                    Confirmation::Ack(None) => Ok(()),
+                    Confirmation::Ack(Some(_)) => {
+                        Err(PublishError::NotConfirmed("message was unroutable".into()))
+                    }
+                    other => Err(PublishError::NotConfirmed(format!("{other:?}"))),
+                })
+                .collect(),
         }
     }
 

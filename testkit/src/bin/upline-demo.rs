@@ -183,7 +183,7 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
         .collect();
     let mut queued: Vec<Order> = queue.iter().map(|(_, o)| (*o).clone()).collect();
     queued.extend(republished.iter().cloned());
-    order::publish(&publisher, &queued, &rules.currency, 256)
+    order::publish(&publisher, &queued, &rules.currency)
         .await
         .context("publishing onto upline.purchases")?;
     let republished = republished.len();

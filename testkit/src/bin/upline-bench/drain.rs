@@ -175,7 +175,7 @@ async fn drain(
     let currency = env.settings.commission.rules()?.currency;
     let started = Instant::now();
     for (i, window) in sent.chunks(2000).enumerate() {
-        order::publish(&publisher, window, &currency, window.len()).await?;
+        order::publish(&publisher, window, &currency).await?;
         progress(&format!(
             "publishing the backlog: {}/{}",
             ((i + 1) * 2000).min(sent.len()),
