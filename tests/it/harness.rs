@@ -247,7 +247,7 @@ impl TestApp {
             let list = rabbit
                 .connections(self.vhost())
                 .await
-                .expect("management API answers");
+                .unwrap_or_else(|e| panic!("{e:?}"));
             let mut closed = 0;
             for c in list {
                 if c.client_properties.connection_name.as_deref() != Some(name) {
