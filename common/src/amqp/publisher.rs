@@ -239,16 +239,17 @@ impl Publisher {
                 self.broker_up.store(false, Ordering::Relaxed);
                 Err(PublishError::Unreachable(e.to_string()))
             }
-            Ok(Ok(confirmations)) => confirmations
-                .into_iter()
-                .map(|confirmation| match confirmation {
-                    Confirmation::Ack(None) => Ok(()),
-                    Confirmation::Ack(Some(_)) => {
-                        Err(PublishError::NotConfirmed("message was unroutable".into()))
-                    }
-                    other => Err(PublishError::NotConfirmed(format!("{other:?}"))),
-                })
-                .collect(),
+            Ok(Ok(confirmations)) => {
+                confirmations
+                    .into_iter()
+                    .try_for_each(|confirmation| match confirmation {
+                        Confirmation::Ack(None) => Ok(()),
+                        Confirmation::Ack(Some(_)) => {
+                            Err(PublishError::NotConfirmed("message was unroutable".into()))
+                        }
+                        other => Err(PublishError::NotConfirmed(format!("{other:?}"))),
+                    })
+            }
         }
     }
 
