@@ -308,6 +308,32 @@ pub async fn publish_raw(
         .await
 }
 
+/// Publishes one message to `upline.purchases` (routing key `purchase`) as `mandatory`, so
+/// that an unroutable message comes back as `Ack(Some(message))` instead of being dropped,
+/// with `properties` as given. The [`Publisher`] and `upline dlq replay` publish through it.
+/// Await the returned confirm for the broker's answer.
+///
+/// # Errors
+/// The channel is closed.
+pub async fn publish_mandatory(
+    channel: &Channel,
+    body: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {
+    channel
+        .basic_publish(
+            PURCHASES_EXCHANGE,
+            PURCHASE_ROUTING_KEY,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+}
+
 /// How many messages wait in `queue`, by a passive declaration (which needs no permission).
 ///
 /// # Errors

@@ -44,6 +44,17 @@ pub struct Registered {
     pub referral_code: String,
 }
 
+impl NewUser {
+    /// A user named `name` with address `email`, referred by `referrer_id` (if any).
+    pub fn new(name: &str, email: String, referrer_id: Option<i64>) -> Self {
+        NewUser {
+            name: name.to_owned(),
+            email,
+            referrer_id,
+        }
+    }
+}
+
 impl Api {
     /// A client of the api at `base` (`http://127.0.0.1:8080`), with the admin and producer
     /// keys.
@@ -91,7 +102,7 @@ impl Api {
     /// Deactivates a user (admin key): it earns nothing from then on (SPEC §2).
     ///
     /// # Errors
-    /// No answer, or not a success.
+    /// No answer, or not 200.
     pub async fn deactivate(&self, user_id: i64) -> anyhow::Result<()> {
         let r = self
             .http
@@ -99,13 +110,7 @@ impl Api {
             .bearer_auth(&self.admin)
             .send()
             .await?;
-        let status = r.status();
-        if !status.is_success() {
-            bail!(
-                "deactivating user {user_id}: {status} {}",
-                r.text().await.unwrap_or_default()
-            );
-        }
+        expect(r, StatusCode::OK, &format!("deactivating user {user_id}")).await?;
         Ok(())
     }
 

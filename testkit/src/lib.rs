@@ -30,3 +30,16 @@ pub fn unique(prefix: &str) -> String {
     use rand::Rng;
     format!("{prefix}_{:016x}", rand::thread_rng().gen::<u64>())
 }
+
+/// For the dev binaries: the configuration as `upline` reads it (`config/upline.toml`,
+/// `UPLINE__…`, `DATABASE_URL`, `AMQP_URL`), with tracing set up to show only warnings (the
+/// tools print their own report).
+///
+/// # Errors
+/// The configuration does not load or validate.
+pub fn tool_settings() -> anyhow::Result<upline_common::Settings> {
+    let mut settings = upline_common::Settings::load()?;
+    settings.log.level = "warn,sqlx=error".into();
+    upline_common::telemetry::init_tracing(&settings.log);
+    Ok(settings)
+}

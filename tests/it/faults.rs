@@ -180,15 +180,12 @@ impl Stack {
 
     /// Registers a user over REST with the admin key; its id and token.
     async fn register(&self, name: &str, referrer: Option<i64>) -> (i64, String) {
-        let user = NewUser {
-            name: name.to_owned(),
-            email: format!(
-                "{}.{}@example.com",
-                name.to_lowercase().replace(' ', "."),
-                self.label
-            ),
-            referrer_id: referrer,
-        };
+        let email = format!(
+            "{}.{}@example.com",
+            name.to_lowercase().replace(' ', "."),
+            self.label
+        );
+        let user = NewUser::new(name, email, referrer);
         let r = self
             .client
             .register(&user)

@@ -281,14 +281,9 @@ impl TestApp {
             unique(&name.to_lowercase().replace(' ', "."))
         );
         // Naming the referrer by id takes the admin key (README "Security").
-        let user = NewUser {
-            name: name.to_owned(),
-            email,
-            referrer_id: referrer,
-        };
         let r = self
             .client
-            .register(&user)
+            .register(&NewUser::new(name, email, referrer))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         User {
@@ -304,6 +299,14 @@ impl TestApp {
         let b = self.register("Bala", Some(a.id)).await;
         let c = self.register("Chitra", Some(b.id)).await;
         (a, b, c)
+    }
+
+    /// Deactivates a user with the admin key, requiring 200.
+    pub async fn deactivate(&self, user_id: i64) {
+        self.client
+            .deactivate(user_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// POST /api/purchases as the producer.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::amqp;
 use crate::config::AmqpSettings;
 use crate::purchase::Purchase;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::publisher_confirm::Confirmation;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
@@ -209,20 +209,10 @@ impl Publisher {
         let confirms = async {
             let mut pending = Vec::with_capacity(purchases.len());
             for purchase in purchases {
+                let properties =
+                    amqp::persistent_json().with_message_id(purchase.purchase_id.as_str().into());
                 pending.push(
-                    channel
-                        .basic_publish(
-                            amqp::PURCHASES_EXCHANGE,
-                            amqp::PURCHASE_ROUTING_KEY,
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            &purchase.to_json(),
-                            amqp::persistent_json()
-                                .with_message_id(purchase.purchase_id.as_str().into()),
-                        )
-                        .await?,
+                    amqp::publish_mandatory(&channel, &purchase.to_json(), properties).await?,
                 );
             }
             let mut confirmations = Vec::with_capacity(pending.len());

@@ -63,10 +63,7 @@ struct PlannedPurchase {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = DemoArgs::parse();
-    let mut settings = Settings::load()?;
-    // The demo prints its own report; only warnings from the libraries.
-    settings.log.level = "warn,sqlx=error".into();
-    upline_common::telemetry::init_tracing(&settings.log);
+    let settings = upline_testkit::tool_settings()?;
     run(&settings, args, upline_common::shutdown::signal()).await
 }
 

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use upline_common::Settings;
 use upline_testkit::{local, rabbit::RabbitAdmin};
 
 /// upline-bench: throughput and latency of the upline pipeline (build with --release); see
@@ -60,10 +59,7 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut settings = Settings::load()?;
-    // The bench prints its own report; only warnings from the libraries.
-    settings.log.level = "warn,sqlx=error".into();
-    upline_common::telemetry::init_tracing(&settings.log);
+    let settings = upline_testkit::tool_settings()?;
     if cfg!(debug_assertions) {
         eprintln!(
             "note: this is a debug build; figures are only meaningful with a --release build"
