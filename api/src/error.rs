@@ -77,7 +77,7 @@ pub enum ApiError {
     IdempotencyKeyRequired,
     /// 422 `unknown_buyer`.
     #[error("buyer_id: no user with id {0}")]
-    UnknownBuyer(i64),
+    UnknownBuyer(upline_common::UserId),
     /// 503 `database_unavailable`: the database is unreachable, failing over or out of
     /// connections (`database.acquire_timeout_secs`); retry later.
     #[error("the database is unavailable; retry later")]

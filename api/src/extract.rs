@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use upline_common::UserId;
 
 use crate::error::ApiError;
 
@@ -46,8 +47,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
-/// A numeric id from the path; anything else is 404 (there is no such resource).
-pub struct PathId(pub i64);
+/// A user id from the path; anything else is 404 (there is no such resource).
+pub struct PathId(pub UserId);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
@@ -101,10 +102,10 @@ pub fn opt_str<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'
 }
 
 /// Reads an optional user id field (positive integer or string of digits).
-pub fn opt_user_id(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
+pub fn opt_user_id(map: &Map<String, Value>, field: &str) -> Result<Option<UserId>, ApiError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => upline_common::purchase::parse_user_id(v)
+        Some(v) => UserId::from_json(v)
             .map(Some)
             .ok_or_else(|| ApiError::validation(field, "must be a positive integer")),
     }
@@ -112,7 +113,7 @@ pub fn opt_user_id(map: &Map<String, Value>, field: &str) -> Result<Option<i64>,
 
 /// Two numeric ids from the path (`/api/users/{id}/referrals/{referral_id}`); anything else
 /// is 404.
-pub struct PathIds(pub i64, pub i64);
+pub struct PathIds(pub UserId, pub UserId);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathIds {
     type Rejection = ApiError;

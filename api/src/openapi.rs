@@ -244,7 +244,7 @@ fn samples() -> Vec<ApiError> {
         ApiError::ReferralNotReleasable,
         ApiError::SelfReferral,
         ApiError::ReferralCycle,
-        ApiError::UnknownBuyer(42),
+        ApiError::UnknownBuyer(upline_common::UserId::new(42).expect("positive")),
         ApiError::IdempotencyKeyRequired,
         ApiError::PayloadTooLarge,
         ApiError::DatabaseUnavailable,

@@ -209,11 +209,11 @@ mod tests {
     #[test]
     fn a_user_token_identifies_its_user_and_version_only_with_the_same_secret() {
         let a = auth("one-secret", Duration::from_secs(3600));
-        let issued = a.issue(42, 3);
+        let issued = a.issue(UserId::new(42).expect("positive"), 3);
         let Ok(Credential::User(token)) = a.identify(&issued.token) else {
             panic!("a user token");
         };
-        assert_eq!((token.user_id, token.version), (42, 3));
+        assert_eq!((token.user_id.get(), token.version), (42, 3));
         assert_eq!(token.expires_at, issued.expires_at);
         assert_eq!(
             auth("another-secret", Duration::from_secs(3600)).identify(&issued.token),

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseSettings;
 use crate::events::{EarningEvent, Totals};
 use crate::money::Money;
-use crate::UserId;
+use crate::{Level, UserId};
 
 /// The schema, compiled in from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -130,11 +130,11 @@ pub fn classify(e: &sqlx::Error) -> ErrorClass {
 #[derive(Debug, sqlx::FromRow)]
 pub struct EarningRow {
     pub id: i64,
-    pub earner_id: i64,
+    pub earner_id: UserId,
     pub seq: i64,
-    pub source_user_id: i64,
+    pub source_user_id: UserId,
     pub purchase_id: String,
-    pub level: i16,
+    pub level: Level,
     pub rate: Decimal,
     pub amount: Decimal,
     pub currency: String,

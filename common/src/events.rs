@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
 use crate::money::Money;
-use crate::UserId;
+use crate::{Level, UserId};
 
 /// The wire format of an earning event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +22,7 @@ pub struct EarningEvent {
     pub source_user_id: UserId,
     pub purchase_id: String,
     /// 1 = the buyer's direct referrer.
-    pub level: i16,
+    pub level: Level,
     /// As a decimal string, `"0.05"`.
     #[serde(with = "rust_decimal::serde::str")]
     pub rate: Decimal,

@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod events;
 pub mod http;
 pub mod limits;
@@ -19,7 +20,5 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use config::Settings;
+pub use domain::{Email, Level, PurchaseStatus, UserId};
 pub use money::Money;
-
-/// A user's id: the `users.id` primary key.
-pub type UserId = i64;

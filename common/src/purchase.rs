@@ -254,19 +254,7 @@ pub fn contains_nul(v: &Value) -> bool {
 
 /// A user id from JSON: a positive integer (`7` or `7.0`), or a string of digits.
 pub fn parse_user_id(v: &Value) -> Option<UserId> {
-    use rust_decimal::prelude::ToPrimitive;
-    let id = match v {
-        Value::Number(n) => match n.as_i64() {
-            Some(id) => id,
-            None => rust_decimal::Decimal::from_str_exact(&n.to_string())
-                .ok()
-                .filter(|d| d.fract().is_zero())?
-                .to_i64()?,
-        },
-        Value::String(s) => s.trim().parse().ok()?,
-        _ => return None,
-    };
-    (id > 0).then_some(id)
+    UserId::from_json(v)
 }
 
 #[cfg(test)]
@@ -295,7 +283,7 @@ mod tests {
                 "profit":"400.00","occurred_at":"2026-11-20T10:00:00Z","extra":1}"#,
         )
         .expect("valid");
-        assert_eq!(p.buyer_id, 42);
+        assert_eq!(p.buyer_id.get(), 42);
         assert_eq!(p.commission_base().to_string(), "400.00");
         let again = check(&String::from_utf8(p.to_json()).expect("utf8")).expect("round trip");
         assert_eq!(again, p);

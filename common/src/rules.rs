@@ -7,11 +7,14 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::Rules;
 use crate::money::Money;
-use crate::UserId;
+use crate::{Level, UserId};
 
 /// What one level of the upline got from a purchase (SPEC §6, `GET /api/purchases/{id}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Outcome {
     /// The full commission was credited.
     Paid,
@@ -60,7 +63,7 @@ pub struct UplineMember {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LevelShare {
     /// 1 = the buyer's direct referrer.
-    pub level: u8,
+    pub level: Level,
     pub earner_id: Option<UserId>,
     pub rate: Decimal,
     pub outcome: Outcome,
@@ -84,9 +87,9 @@ pub fn shares(
     rules
         .rates
         .iter()
-        .enumerate()
-        .map(|(i, &rate)| {
-            let level = u8::try_from(i + 1).expect("at most 10 levels, checked by Rules");
+        .zip(Level::up_to(rules.rates.len()))
+        .map(|(&rate, level)| {
+            let i = level.index();
             let share = |earner_id, outcome, amount| LevelShare {
                 level,
                 earner_id,
@@ -142,9 +145,9 @@ mod tests {
         Money::parse_non_negative(s).expect("valid")
     }
 
-    fn member(user_id: UserId) -> UplineMember {
+    fn member(user_id: i64) -> UplineMember {
         UplineMember {
-            user_id,
+            user_id: UserId::new(user_id).expect("positive"),
             is_active: true,
             earned_at_level: Money::ZERO,
         }
@@ -174,9 +177,9 @@ mod tests {
                 (Outcome::Paid, "20.00".into())
             ]
         );
-        assert_eq!(s[0].earner_id, Some(b));
-        assert_eq!(s[1].earner_id, Some(a));
-        assert_eq!(s[1].level, 2);
+        assert_eq!(s[0].earner_id.map(UserId::get), Some(b));
+        assert_eq!(s[1].earner_id.map(UserId::get), Some(a));
+        assert_eq!(s[1].level.get(), 2);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::hub::{Frame, Hub};
 #[derive(Deserialize)]
 struct Routing {
     earning_id: i64,
-    earner_id: i64,
+    earner_id: upline_common::UserId,
     seq: i64,
 }
 

@@ -209,12 +209,16 @@ fn set_users_gauge(n: usize) {
 mod tests {
     use super::*;
 
+    fn user(id: i64) -> UserId {
+        UserId::new(id).expect("positive")
+    }
+
     #[tokio::test]
     async fn an_earners_entry_goes_with_its_last_subscription() {
         let hub = Arc::new(Hub::new(8));
-        let first = hub.subscribe(7);
-        let second = hub.subscribe(7);
-        let other = hub.subscribe(8);
+        let first = hub.subscribe(user(7));
+        let second = hub.subscribe(user(7));
+        let other = hub.subscribe(user(8));
         let admin = hub.subscribe_all();
         assert_eq!(hub.subscribed_users(), 2);
         drop(first);
@@ -223,7 +227,7 @@ mod tests {
         assert_eq!(hub.subscribed_users(), 1, "7's entry is gone");
         drop(admin);
         assert_eq!(hub.subscribed_users(), 1);
-        let again = hub.subscribe(7);
+        let again = hub.subscribe(user(7));
         assert_eq!(hub.subscribed_users(), 2);
         drop(other);
         drop(again);
@@ -233,9 +237,9 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_after_the_entry_went_gets_new_events() {
         let hub = Arc::new(Hub::new(8));
-        drop(hub.subscribe(7));
-        let mut sub = hub.subscribe(7);
-        hub.publish(Frame::from_json(7, 1, 1, "{}".to_owned()));
+        drop(hub.subscribe(user(7)));
+        let mut sub = hub.subscribe(user(7));
+        hub.publish(Frame::from_json(user(7), 1, 1, "{}".to_owned()));
         match sub.try_recv() {
             Ok(Signal::Earning(frame)) => assert_eq!(frame.seq, 1),
             other => panic!("expected the earning, got {other:?}"),

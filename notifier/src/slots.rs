@@ -215,6 +215,10 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
 mod tests {
     use super::*;
 
+    fn user(id: i64) -> UserId {
+        UserId::new(id).expect("positive")
+    }
+
     fn slots(total: usize, per_address: Option<usize>, per_user: Option<usize>) -> Slots {
         Slots::new(Caps {
             total,
@@ -243,10 +247,10 @@ mod tests {
         let b = s.connect(one).expect("second");
         assert_eq!(s.connect(one).err(), Some(CapExceeded::Address(2)));
         assert!(s.connect(two).is_ok(), "another address is unaffected");
-        let user = s.subscribe(7).expect("first stream");
-        assert_eq!(s.subscribe(7).err(), Some(CapExceeded::User(1)));
-        assert!(s.subscribe(8).is_ok());
-        drop((a, b, user));
+        let stream = s.subscribe(user(7)).expect("first stream");
+        assert_eq!(s.subscribe(user(7)).err(), Some(CapExceeded::User(1)));
+        assert!(s.subscribe(user(8)).is_ok());
+        drop((a, b, stream));
         let counts = s.inner.lock();
         assert!(counts.per_address.is_empty() && counts.per_user.is_empty());
         assert_eq!(counts.total, 0);
@@ -257,7 +261,12 @@ mod tests {
         let s = slots(3, None, None);
         let ip = Some(IpAddr::from([10, 0, 0, 1]));
         let held: Vec<_> = (0..3)
-            .map(|_| (s.connect(ip).expect("slot"), s.subscribe(7).expect("user")))
+            .map(|_| {
+                (
+                    s.connect(ip).expect("slot"),
+                    s.subscribe(user(7)).expect("user"),
+                )
+            })
             .collect();
         assert_eq!(s.connect(ip).err(), Some(CapExceeded::Full));
         drop(held);

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use upline_common::UserId;
 
 use crate::order::Order;
 
@@ -30,14 +31,14 @@ pub struct NewUser {
     /// E-mail address, unique among users.
     pub email: String,
     /// The referrer's user id; `None` (sent as `null`) for a root.
-    pub referrer_id: Option<i64>,
+    pub referrer_id: Option<UserId>,
 }
 
 /// The answer to a registration (201).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Registered {
     /// The new user's id.
-    pub id: i64,
+    pub id: UserId,
     /// The user's own bearer token.
     pub token: String,
     /// The code others sign up with to be referred by this user.
@@ -46,7 +47,7 @@ pub struct Registered {
 
 impl NewUser {
     /// A user named `name` with address `email`, referred by `referrer_id` (if any).
-    pub fn new(name: &str, email: String, referrer_id: Option<i64>) -> Self {
+    pub fn new(name: &str, email: String, referrer_id: Option<UserId>) -> Self {
         NewUser {
             name: name.to_owned(),
             email,
@@ -103,7 +104,7 @@ impl Api {
     ///
     /// # Errors
     /// No answer, or not 200.
-    pub async fn deactivate(&self, user_id: i64) -> anyhow::Result<()> {
+    pub async fn deactivate(&self, user_id: UserId) -> anyhow::Result<()> {
         let r = self
             .http
             .post(self.url(&format!("/api/users/{user_id}/deactivate")))

@@ -44,12 +44,12 @@ pub async fn recompute(
     for p in purchases {
         if !seen.insert(p.purchase_id.as_str())
             || p.amount <= min_purchase
-            || !users.contains_key(&p.buyer_id)
+            || !users.contains_key(&p.buyer_id.get())
         {
             continue;
         }
         let base = p.profit.unwrap_or(p.amount);
-        let mut current = p.buyer_id;
+        let mut current = p.buyer_id.get();
         for (i, rate) in rates.iter().enumerate() {
             let Some(referrer) = users.get(&current).and_then(|u| u.0) else {
                 break;

@@ -8,6 +8,7 @@ use serde::Serialize;
 use upline_common::amqp::Publisher;
 use upline_common::money::Money;
 use upline_common::purchase::{Purchase, PurchaseId};
+use upline_common::UserId;
 
 /// A purchase to send: serialises as the REST body (`amount` and `profit` as decimal strings
 /// in rupees; no `currency`, so the configured one applies).
@@ -16,7 +17,7 @@ pub struct Order {
     /// The idempotency key.
     pub purchase_id: String,
     /// The buyer's user id.
-    pub buyer_id: i64,
+    pub buyer_id: UserId,
     /// Amount in rupees.
     pub amount: Decimal,
     /// Profit in rupees; commissions are computed on it instead of the amount when given.
@@ -26,7 +27,7 @@ pub struct Order {
 
 impl Order {
     /// An order without a profit.
-    pub fn new(purchase_id: impl Into<String>, buyer_id: i64, amount: Decimal) -> Self {
+    pub fn new(purchase_id: impl Into<String>, buyer_id: UserId, amount: Decimal) -> Self {
         Order {
             purchase_id: purchase_id.into(),
             buyer_id,

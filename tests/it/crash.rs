@@ -8,7 +8,7 @@ use upline_testkit::oracle;
 use upline_testkit::order::Order;
 use upline_testkit::spawn::{Service, ServiceCommand};
 
-use crate::harness::{Services, TestApp};
+use crate::harness::{user_id, Services, TestApp};
 
 /// Starts `upline worker` as a separate process against the app's database and vhost.
 fn spawn_worker(app: &TestApp) -> Service {
@@ -65,7 +65,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
         .map(|i| {
             let buyer = &buyers[(i % 8) as usize];
             let amount = Decimal::new(90_000 + (i * 3_701) % 400_000, 2); // 900.00 … 4899.99
-            Order::new(format!("kill-{i}"), buyer.id, amount)
+            Order::new(format!("kill-{i}"), user_id(buyer.id), amount)
         })
         .collect();
     let rules = app.settings.commission.rules().expect("rules");

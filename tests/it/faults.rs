@@ -36,6 +36,7 @@ use upline_testkit::oracle;
 use upline_testkit::order::Order;
 use upline_testkit::spawn::{self, Output, ServiceCommand};
 
+use crate::harness::user_id;
 use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// The longest any one phase (start-up, a stream, a drain) may take.
@@ -185,13 +186,13 @@ impl Stack {
             name.to_lowercase().replace(' ', "."),
             self.label
         );
-        let user = NewUser::new(name, email, referrer);
+        let user = NewUser::new(name, email, referrer.map(user_id));
         let r = self
             .client
             .register(&user)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
-        (r.id, r.token)
+        (r.id.get(), r.token)
     }
 
     /// A referral forest: 2 roots, 4 in the middle (one of them deactivated: its level-1
@@ -212,7 +213,7 @@ impl Stack {
         }
         let inactive = users[5].0;
         self.client
-            .deactivate(inactive)
+            .deactivate(user_id(inactive))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         Forest {
@@ -343,7 +344,7 @@ fn plan(forest: &Forest, prefix: &str, from: usize, n: usize) -> Vec<Order> {
             let profit = (i % 5 == 3).then(|| Decimal::new(1_050 + (i as i64 * 311) % 50_000, 2));
             Order {
                 purchase_id: format!("{prefix}-{i}"),
-                buyer_id: forest.buyers[i % forest.buyers.len()],
+                buyer_id: user_id(forest.buyers[i % forest.buyers.len()]),
                 amount,
                 profit,
             }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
-use upline_common::{amqp, Settings};
+use upline_common::{amqp, Settings, UserId};
 use upline_testkit::client::{Api, NewUser};
 use upline_testkit::order::{self, Order};
 use upline_testkit::rabbit::RabbitAdmin;
@@ -64,6 +64,11 @@ pub struct User {
     pub id: i64,
     pub token: String,
     pub referral_code: String,
+}
+
+/// A test's user id as the domain type (test users are registered, so positive).
+pub fn user_id(id: i64) -> UserId {
+    UserId::new(id).expect("a positive user id")
 }
 
 /// Settings for this machine's servers (a [`Sandbox`] points them at its own database and
@@ -283,11 +288,11 @@ impl TestApp {
         // Naming the referrer by id takes the admin key (README "Security").
         let r = self
             .client
-            .register(&NewUser::new(name, email, referrer))
+            .register(&NewUser::new(name, email, referrer.map(user_id)))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         User {
-            id: r.id,
+            id: r.id.get(),
             token: r.token,
             referral_code: r.referral_code,
         }
@@ -304,7 +309,7 @@ impl TestApp {
     /// Deactivates a user with the admin key, requiring 200.
     pub async fn deactivate(&self, user_id: i64) {
         self.client
-            .deactivate(user_id)
+            .deactivate(self::user_id(user_id))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
@@ -318,7 +323,7 @@ impl TestApp {
     pub async fn purchase(&self, purchase_id: &str, buyer_id: i64, amount: &str) {
         let amount = amount.parse().expect("a decimal amount");
         self.client
-            .purchase(&Order::new(purchase_id, buyer_id, amount))
+            .purchase(&Order::new(purchase_id, user_id(buyer_id), amount))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
@@ -407,8 +412,10 @@ impl TestApp {
     /// queue ([`TestApp::publish_all`]).
     pub async fn publish_purchases(&self, prefix: &str, buyer: i64, n: usize) {
         let amount = rust_decimal::Decimal::new(200_000, 2);
-        self.publish_all((0..n).map(|i| Order::new(format!("{prefix}-{i}"), buyer, amount)))
-            .await;
+        self.publish_all(
+            (0..n).map(|i| Order::new(format!("{prefix}-{i}"), user_id(buyer), amount)),
+        )
+        .await;
     }
 
     /// Takes one message from the dead-letter queue, waiting up to 10 s.

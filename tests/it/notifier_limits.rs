@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use upline_common::UserId;
 use upline_notifier::feed::{Feed, Target};
 use upline_notifier::hub::{Frame, Hub};
 
@@ -112,14 +113,15 @@ async fn a_feed_never_holds_more_than_one_page_and_fills_gaps_and_lags_from_the_
     let mut feed = Feed::open(
         &hub,
         app.db.clone(),
-        Target::User(b.id),
+        Target::User(UserId::new(b.id).expect("positive")),
         Some(0),
         None,
         page,
     )
     .await
     .expect("feed opens");
-    let frame = |seq: i64| Frame::from_json(b.id, seq, seq, format!(r#"{{"seq":{seq}}}"#));
+    let earner = UserId::new(b.id).expect("positive");
+    let frame = |seq: i64| Frame::from_json(earner, seq, seq, format!(r#"{{"seq":{seq}}}"#));
     let mut got = Vec::new();
     while got.len() < 3_000 {
         got.push(next(&mut feed).await);

@@ -157,7 +157,7 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
             Incoming::Valid(p) => {
                 statuses.push("processed");
                 reasons.push(None);
-                buyers.push(Some(p.buyer_id));
+                buyers.push(Some(p.buyer_id.get()));
                 amounts.push(Some(p.amount.as_decimal()));
                 currencies.push(Some(p.currency.clone()));
                 profits.push(p.profit.map(Money::as_decimal));
@@ -392,7 +392,7 @@ async fn credit(
         for row in rows {
             let level: i16 = row.get("level");
             if let (Some(e), Ok(index)) = (
-                earners.get_mut(&row.get::<i64, _>("user_id")),
+                earners.get_mut(&row.get::<UserId, _>("user_id")),
                 usize::try_from(level - 1),
             ) {
                 if let Some(slot) = e.levels.get_mut(index) {
@@ -435,7 +435,7 @@ async fn credit(
                 (true, Some(earner)) => {
                     earner.seq += 1;
                     earner.total += share.amount;
-                    earner.levels[usize::from(share.level - 1)] += share.amount;
+                    earner.levels[share.level.index()] += share.amount;
                     earner.changed = true;
                     let totals = Totals {
                         total: earner.total,

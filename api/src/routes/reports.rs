@@ -8,6 +8,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use upline_common::money::Money;
+use upline_common::UserId;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
@@ -100,7 +101,7 @@ pub async fn referrals(
         return Err(ApiError::NotFound(format!("no user with id {id}")));
     }
     let level_1 = store::referrals_of(&state.db, &[id]).await?;
-    let ids: Vec<i64> = level_1.iter().map(|r| r.id).collect();
+    let ids: Vec<UserId> = level_1.iter().map(|r| r.id).collect();
     let level_2 = store::referrals_of(&state.db, &ids).await?;
     Ok(Json(
         json!({ "user_id": id, "level_1": level_1, "level_2": level_2 }),

@@ -19,7 +19,7 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
-use upline_common::Settings;
+use upline_common::{Settings, UserId};
 use upline_testkit::client::{Api, NewUser};
 use upline_testkit::oracle;
 use upline_testkit::order::{self, Order};
@@ -342,18 +342,18 @@ async fn register(
     run_id: &str,
     plan: &[PlannedUser],
     concurrency: usize,
-) -> anyhow::Result<Vec<i64>> {
-    let mut ids = vec![0i64; plan.len()];
+) -> anyhow::Result<Vec<UserId>> {
+    let mut ids: Vec<Option<UserId>> = vec![None; plan.len()];
     let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
     // Depth by depth, so that every referrer exists before its referrals.
     for depth in 0..=deepest {
-        let wave: Vec<(usize, Option<i64>)> = plan
+        let wave: Vec<(usize, Option<UserId>)> = plan
             .iter()
             .enumerate()
             .filter(|(_, u)| u.depth == depth)
-            .map(|(i, u)| (i, u.referrer.map(|r| ids[r])))
+            .map(|(i, u)| (i, u.referrer.and_then(|r| ids[r])))
             .collect();
-        let created: Vec<anyhow::Result<(usize, i64)>> = stream::iter(wave)
+        let created: Vec<anyhow::Result<(usize, UserId)>> = stream::iter(wave)
             .map(|(i, referrer_id)| async move {
                 let user = NewUser {
                     name: format!("Demo User {i}"),
@@ -367,8 +367,11 @@ async fn register(
             .await;
         for c in created {
             let (i, id) = c?;
-            ids[i] = id;
+            ids[i] = Some(id);
         }
     }
-    Ok(ids)
+    Ok(ids
+        .into_iter()
+        .map(|id| id.expect("every planned user registered"))
+        .collect())
 }

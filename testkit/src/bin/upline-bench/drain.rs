@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use upline_common::amqp::Publisher;
+use upline_common::UserId;
 use upline_testkit::oracle;
 use upline_testkit::order::{self, Order};
 use upline_worker::ledger::{self, Incoming, Item};
@@ -52,7 +53,7 @@ fn purchases(n: usize, users: i64) -> Vec<Order> {
         .map(|i| {
             Order::new(
                 format!("d{i}"),
-                rng.gen_range(10..=users),
+                UserId::new(rng.gen_range(10..=users)).expect("a positive id"),
                 Decimal::new(rng.gen_range(50_000..500_000), 2),
             )
         })

@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use upline_common::UserId;
 use upline_testkit::client::Api;
 use upline_testkit::oracle;
 use upline_testkit::order::Order;
@@ -181,6 +182,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 sent.lock()
                     .expect("not poisoned")
                     .insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
+                let buyer = UserId::new(buyer).expect("a positive id");
                 let order = Order::new(id.clone(), buyer, amount);
                 let r = client.post_purchase(&order).await;
                 latency.record(t0.elapsed());

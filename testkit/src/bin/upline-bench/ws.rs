@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
 use upline_common::auth::Auth;
+use upline_common::UserId;
 use upline_testkit::order::Order;
 
 use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
@@ -72,8 +73,11 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     let sockets: Vec<anyhow::Result<_>> = stream::iter(0..args.subscribers)
         .map(|i| {
             let user = (i as i64 % args.users) + 1;
-            let (url, token, connected) =
-                (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
+            let (url, token, connected) = (
+                ws_url.clone(),
+                auth.issue(UserId::new(user).expect("positive"), 0).token,
+                connected.clone(),
+            );
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
                 ws.send(Message::Text(
@@ -159,8 +163,12 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             owed -= 1.0;
             let buyer = rand::thread_rng().gen_range(2..=tree);
             let id = format!("w{published}");
-            let purchase =
-                Order::new(id.clone(), buyer, Decimal::new(200_000, 2)).to_purchase(&currency)?;
+            let purchase = Order::new(
+                id.clone(),
+                UserId::new(buyer).expect("a positive id"),
+                Decimal::new(200_000, 2),
+            )
+            .to_purchase(&currency)?;
             sent.lock()
                 .expect("not poisoned")
                 .insert(id, Instant::now());
