@@ -1,7 +1,8 @@
 //! A client of the RabbitMQ management API: creating and deleting vhosts, so that tests and
 //! benchmarks run isolated from each other and from a running pipeline, and listing and
 //! closing client connections, as a broker restart would. When the management API does not
-//! answer, vhosts are made with `rabbitmqctl` (slower, but always there next to the server).
+//! answer (the plugin is not enabled), the same is done with `rabbitmqctl` (slower, but
+//! always there next to the server).
 
 use std::time::Duration;
 
@@ -107,22 +108,8 @@ impl RabbitAdmin {
             }
             return Ok(());
         }
-        for args in [
-            vec!["add_vhost", vhost],
-            vec!["set_permissions", "-p", vhost, &self.user, ".*", ".*", ".*"],
-        ] {
-            let out = tokio::process::Command::new("rabbitmqctl")
-                .args(&args)
-                .output()
-                .await
-                .context("running rabbitmqctl")?;
-            if !out.status.success() {
-                bail!(
-                    "rabbitmqctl {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
+        rabbitmqctl(&["add_vhost", vhost]).await?;
+        rabbitmqctl(&["set_permissions", "-p", vhost, &self.user, ".*", ".*", ".*"]).await?;
         Ok(())
     }
 
@@ -133,28 +120,27 @@ impl RabbitAdmin {
             .send()
             .await;
         if !matches!(&deleted, Ok(r) if r.status().is_success()) {
-            let _ = tokio::process::Command::new("rabbitmqctl")
-                .args(["delete_vhost", vhost])
-                .output()
-                .await;
+            let _ = rabbitmqctl(&["delete_vhost", vhost]).await;
         }
     }
 
-    /// The client connections to `vhost` (the management API shows them a few seconds late).
+    /// The client connections to `vhost` (the management API shows them a few seconds late;
+    /// without it, `rabbitmqctl list_connections` at once).
     ///
     /// # Errors
-    /// The management API does not answer 200 with a list.
+    /// The management API answers an error, or it is unreachable and `rabbitmqctl` fails.
     pub async fn connections(&self, vhost: &str) -> anyhow::Result<Vec<BrokerConnection>> {
-        let r = self
+        let listed = self
             .request(
                 reqwest::Method::GET,
                 &format!("vhosts/{}/connections", encode(vhost)),
             )
             .send()
-            .await
-            .context("management API answers")?
-            .error_for_status()?;
-        Ok(r.json().await?)
+            .await;
+        let Ok(r) = listed else {
+            return ctl_connections(vhost).await;
+        };
+        Ok(r.error_for_status()?.json().await?)
     }
 
     /// Closes a connection from the broker's side; one already gone (404) counts as closed.
@@ -162,14 +148,17 @@ impl RabbitAdmin {
     /// # Errors
     /// The management API is unreachable or answers another error.
     pub async fn close_connection(&self, name: &str) -> anyhow::Result<()> {
-        let r = self
+        let closed = self
             .request(
                 reqwest::Method::DELETE,
                 &format!("connections/{}", encode(name)),
             )
             .send()
-            .await
-            .context("management API answers")?;
+            .await;
+        let Ok(r) = closed else {
+            rabbitmqctl(&["close_connection", name, "closed by the upline test kit"]).await?;
+            return Ok(());
+        };
         if !(r.status().is_success() || r.status() == 404) {
             bail!("closing connection {name}: {}", r.status());
         }
@@ -195,6 +184,57 @@ impl RabbitAdmin {
             other => bail!("management API: {other}"),
         }
     }
+}
+
+/// Runs `rabbitmqctl <args>`; its standard output.
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .context("running rabbitmqctl")?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The connections to `vhost` from `rabbitmqctl list_connections`, whose JSON lists client
+/// properties as `[key, type, value]` triples.
+async fn ctl_connections(vhost: &str) -> anyhow::Result<Vec<BrokerConnection>> {
+    #[derive(Deserialize)]
+    struct Listed {
+        name: String,
+        client_properties: Vec<(String, String, serde_json::Value)>,
+    }
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "-p",
+        vhost,
+        "name",
+        "client_properties",
+        "--formatter",
+        "json",
+    ])
+    .await?;
+    let listed: Vec<Listed> =
+        serde_json::from_str(&out).context("reading rabbitmqctl list_connections")?;
+    Ok(listed
+        .into_iter()
+        .map(|c| BrokerConnection {
+            client_properties: ClientProperties {
+                connection_name: c
+                    .client_properties
+                    .iter()
+                    .find(|(key, _, _)| key == "connection_name")
+                    .and_then(|(_, _, value)| value.as_str().map(str::to_owned)),
+            },
+            name: c.name,
+        })
+        .collect())
 }
 
 /// A path segment, percent-encoded (`/` and spaces included).
