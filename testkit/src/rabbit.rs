@@ -252,3 +252,21 @@ pub fn vhost_url(base: &str, vhost: &str) -> String {
         _ => format!("{base}/{vhost}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::vhost_url;
+
+    #[test]
+    fn vhost_url_replaces_the_vhost_or_appends_one() {
+        assert_eq!(
+            vhost_url("amqp://guest:guest@127.0.0.1:5672/%2f", "sandbox_1"),
+            "amqp://guest:guest@127.0.0.1:5672/sandbox_1"
+        );
+        assert_eq!(
+            vhost_url("amqp://127.0.0.1:5672", "sandbox_1"),
+            "amqp://127.0.0.1:5672/sandbox_1"
+        );
+        assert_eq!(vhost_url("amqps://broker", "v"), "amqps://broker/v");
+    }
+}
