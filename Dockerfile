@@ -13,7 +13,8 @@ ARG DEBIAN_RELEASE=bookworm
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
 
-# No compile-time checked queries: never reach for a database while building.
+# Queries are checked at compile time against the committed .sqlx/ cache: never reach for a
+# database while building (.cargo/config.toml says the same).
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 

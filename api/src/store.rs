@@ -2,16 +2,18 @@
 
 use rust_decimal::Decimal;
 use serde::Serialize;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
 use upline_common::auth::REVOCATIONS_CHANNEL;
 use upline_common::money::Money;
-use upline_common::UserId;
+use upline_common::rules::Outcome;
+use upline_common::{Level, PurchaseStatus, UserId};
 
 use crate::error::{ApiError, ResultExt};
 
 /// A user as the API shows it (the token is added at registration only).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[schema(example = json!({"id": 7, "name": "Asha", "email": "asha@example.com", "referral_code": "K7QM2XPA",
     "referrer_id": 3, "is_active": true, "direct_referrals": 2, "total_earnings": "1530.00",
     "show_on_leaderboard": true, "erased_at": null, "created_at": "2026-11-20T10:00:00Z"}))]
@@ -49,18 +51,20 @@ fn money<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
     Money::from_total(*d).serialize(s)
 }
 
-const USER_COLUMNS: &str =
-    "id, name, email, referral_code, referrer_id, is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at";
-
 /// Fetches a user.
 ///
 /// # Errors
 /// Database errors.
 pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<User>> {
-    sqlx::query_as(&format!("select {USER_COLUMNS} from users where id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        User,
+        r#"select id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
+                  is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at
+           from users where id = $1"#,
+        id.get(),
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Users with id greater than `after`, by id.
@@ -68,11 +72,14 @@ pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<Us
 /// # Errors
 /// Database errors.
 pub async fn users_page(db: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
-    sqlx::query_as(&format!(
-        "select {USER_COLUMNS} from users where id > $1 order by id limit $2"
-    ))
-    .bind(after)
-    .bind(limit)
+    sqlx::query_as!(
+        User,
+        r#"select id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
+                  is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at
+           from users where id > $1 order by id limit $2"#,
+        after,
+        limit,
+    )
     .fetch_all(db)
     .await
 }
@@ -82,10 +89,12 @@ pub async fn users_page(db: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec
 /// # Errors
 /// Database errors.
 pub async fn user_id_by_code(db: impl PgExecutor<'_>, code: &str) -> sqlx::Result<Option<UserId>> {
-    sqlx::query_scalar("select id from users where referral_code = $1")
-        .bind(code.trim().to_ascii_uppercase())
-        .fetch_optional(db)
-        .await
+    sqlx::query_scalar!(
+        r#"select id as "id: UserId" from users where referral_code = $1"#,
+        code.trim().to_ascii_uppercase(),
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Takes one of the referrer's direct-referral slots, atomically: the row lock on the
@@ -98,21 +107,25 @@ pub async fn take_referral_slot(
     referrer_id: UserId,
     max_direct: i32,
 ) -> Result<(), ApiError> {
-    let row: Option<(bool, i32)> = sqlx::query_as(
+    let row = sqlx::query!(
         "select is_active, direct_referrals from users where id = $1 for no key update",
+        referrer_id.get(),
     )
-    .bind(referrer_id)
     .fetch_optional(&mut *tx)
     .await?;
     match row {
         None => Err(ApiError::ReferrerNotFound),
-        Some((false, _)) => Err(ApiError::ReferrerInactive),
-        Some((true, n)) if n >= max_direct => Err(ApiError::ReferralLimitReached(max_direct)),
+        Some(r) if !r.is_active => Err(ApiError::ReferrerInactive),
+        Some(r) if r.direct_referrals >= max_direct => {
+            Err(ApiError::ReferralLimitReached(max_direct))
+        }
         Some(_) => {
-            sqlx::query("update users set direct_referrals = direct_referrals + 1 where id = $1")
-                .bind(referrer_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query!(
+                "update users set direct_referrals = direct_referrals + 1 where id = $1",
+                referrer_id.get(),
+            )
+            .execute(&mut *tx)
+            .await?;
             Ok(())
         }
     }
@@ -130,13 +143,16 @@ pub async fn insert_user(
     referral_code: &str,
     referrer_id: Option<UserId>,
 ) -> Result<Option<User>, ApiError> {
-    let inserted = sqlx::query_as(&format!(
-        "insert into users (name, email, referral_code, referrer_id) values ($1, $2, $3, $4) returning {USER_COLUMNS}"
-    ))
-    .bind(name)
-    .bind(email)
-    .bind(referral_code)
-    .bind(referrer_id)
+    let inserted = sqlx::query_as!(
+        User,
+        r#"insert into users (name, email, referral_code, referrer_id) values ($1, $2, $3, $4)
+           returning id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
+                     is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at"#,
+        name,
+        email,
+        referral_code,
+        referrer_id.map(UserId::get),
+    )
     .fetch_one(&mut *tx)
     .await
     .on_constraint("users_email_key", || ApiError::EmailTaken);
@@ -156,7 +172,7 @@ pub async fn insert_user(
 /// Database errors.
 pub async fn lock_referral_graph(tx: &mut PgConnection) -> sqlx::Result<()> {
     // An arbitrary constant naming "the referral graph" among advisory locks.
-    sqlx::query("select pg_advisory_xact_lock(7001001)")
+    sqlx::query!(r#"select pg_advisory_xact_lock(7001001) as "locked: ()""#)
         .execute(&mut *tx)
         .await?;
     Ok(())
@@ -170,13 +186,13 @@ pub async fn lock_user_referrer(
     tx: &mut PgConnection,
     id: UserId,
 ) -> Result<Option<UserId>, ApiError> {
-    let row: Option<(Option<UserId>,)> =
-        sqlx::query_as("select referrer_id from users where id = $1 for no key update")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    row.map(|r| r.0)
-        .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))
+    sqlx::query_scalar!(
+        r#"select referrer_id as "referrer_id: UserId" from users where id = $1 for no key update"#,
+        id.get(),
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))
 }
 
 /// Whether `user` is `candidate` or one of its ancestors, i.e. making `user` refer to
@@ -189,16 +205,16 @@ pub async fn upline_contains(
     start: UserId,
     user: UserId,
 ) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         r#"with recursive up (id, referrer_id) as (
                select id, referrer_id from users where id = $1
                union all
                select u.id, u.referrer_id from users u join up on u.id = up.referrer_id
            )
-           select exists (select 1 from up where id = $2)"#,
+           select exists (select 1 from up where id = $2) as "contains!""#,
+        start.get(),
+        user.get(),
     )
-    .bind(start)
-    .bind(user)
     .fetch_one(&mut *tx)
     .await
 }
@@ -212,11 +228,13 @@ pub async fn set_referrer(
     id: UserId,
     referrer_id: UserId,
 ) -> sqlx::Result<()> {
-    sqlx::query("update users set referrer_id = $2 where id = $1")
-        .bind(id)
-        .bind(referrer_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update users set referrer_id = $2 where id = $1",
+        id.get(),
+        referrer_id.get(),
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -236,11 +254,13 @@ pub async fn set_active(
     if erased {
         return Err(ApiError::UserErased);
     }
-    sqlx::query("update users set is_active = $2 where id = $1")
-        .bind(id)
-        .bind(active)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update users set is_active = $2 where id = $1",
+        id.get(),
+        active,
+    )
+    .execute(&mut *tx)
+    .await?;
     if !active {
         revoke_tokens(tx, id).await?;
     }
@@ -249,10 +269,12 @@ pub async fn set_active(
 
 /// Locks a user's row for an update; `Some(erased)` when the user exists.
 async fn lock_user(tx: &mut PgConnection, id: UserId) -> sqlx::Result<Option<bool>> {
-    sqlx::query_scalar("select erased_at is not null from users where id = $1 for no key update")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
+    sqlx::query_scalar!(
+        r#"select erased_at is not null as "erased!" from users where id = $1 for no key update"#,
+        id.get(),
+    )
+    .fetch_optional(&mut *tx)
+    .await
 }
 
 /// Revokes every token of a user at once: bumps `users.token_version` and announces the user
@@ -262,15 +284,19 @@ async fn lock_user(tx: &mut PgConnection, id: UserId) -> sqlx::Result<Option<boo
 /// # Errors
 /// Database errors.
 pub async fn revoke_tokens(tx: &mut PgConnection, id: UserId) -> sqlx::Result<()> {
-    sqlx::query("update users set token_version = token_version + 1 where id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(REVOCATIONS_CHANNEL)
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update users set token_version = token_version + 1 where id = $1",
+        id.get(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"select pg_notify($1, $2) as "notified: ()""#,
+        REVOCATIONS_CHANNEL,
+        id.to_string(),
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -279,17 +305,18 @@ pub async fn revoke_tokens(tx: &mut PgConnection, id: UserId) -> sqlx::Result<()
 /// # Errors
 /// 404 for no such user, 409 `user_erased` or `user_inactive`; database errors.
 pub async fn token_version_for_issue(db: &PgPool, id: UserId) -> Result<i64, ApiError> {
-    let row: Option<(i64, bool, bool)> = sqlx::query_as(
-        "select token_version, is_active, erased_at is not null from users where id = $1",
+    let row = sqlx::query!(
+        r#"select token_version, is_active, erased_at is not null as "erased!"
+           from users where id = $1"#,
+        id.get(),
     )
-    .bind(id)
     .fetch_optional(db)
     .await?;
     match row {
         None => Err(ApiError::NotFound(format!("no user with id {id}"))),
-        Some((_, _, true)) => Err(ApiError::UserErased),
-        Some((_, false, _)) => Err(ApiError::UserInactive),
-        Some((version, true, false)) => Ok(version),
+        Some(r) if r.erased => Err(ApiError::UserErased),
+        Some(r) if !r.is_active => Err(ApiError::UserInactive),
+        Some(r) => Ok(r.token_version),
     }
 }
 
@@ -305,13 +332,13 @@ pub async fn erase_user(tx: &mut PgConnection, id: UserId) -> sqlx::Result<bool>
         return Ok(false);
     };
     if !erased {
-        sqlx::query(
+        sqlx::query!(
             r#"update users set name = $2, email = null, referral_code = null, is_active = false,
                    show_on_leaderboard = false, erased_at = now()
                where id = $1"#,
+            id.get(),
+            ERASED_NAME,
         )
-        .bind(id)
-        .bind(ERASED_NAME)
         .execute(&mut *tx)
         .await?;
         revoke_tokens(tx, id).await?;
@@ -334,11 +361,13 @@ pub async fn set_leaderboard_visibility(
     if erased && visible {
         return Err(ApiError::UserErased);
     }
-    sqlx::query("update users set show_on_leaderboard = $2 where id = $1")
-        .bind(id)
-        .bind(visible)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update users set show_on_leaderboard = $2 where id = $1",
+        id.get(),
+        visible,
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(user(&mut *tx, id).await?)
 }
 
@@ -357,34 +386,38 @@ pub async fn release_referral(
     by_admin: bool,
 ) -> Result<(), ApiError> {
     lock_referral_graph(tx).await?;
-    let row: Option<(i32, bool)> = sqlx::query_as(
+    let row = sqlx::query!(
         r#"select direct_referrals,
                   exists (select 1 from earner_referrals
-                          where user_id = $1 and source_user_id = $2)
+                          where user_id = $1 and source_user_id = $2) as "has_paid!"
            from users
            where id = $2 and referrer_id = $1
            for no key update"#,
+        referrer_id.get(),
+        referral_id.get(),
     )
-    .bind(referrer_id)
-    .bind(referral_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((downline, has_paid)) = row else {
+    let Some(row) = row else {
         return Err(ApiError::NotFound(format!(
             "user {referral_id} is not a direct referral of user {referrer_id}"
         )));
     };
-    if !by_admin && (downline > 0 || has_paid) {
+    if !by_admin && (row.direct_referrals > 0 || row.has_paid) {
         return Err(ApiError::ReferralNotReleasable);
     }
-    sqlx::query("update users set referrer_id = null where id = $1")
-        .bind(referral_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("update users set direct_referrals = direct_referrals - 1 where id = $1")
-        .bind(referrer_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "update users set referrer_id = null where id = $1",
+        referral_id.get(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "update users set direct_referrals = direct_referrals - 1 where id = $1",
+        referrer_id.get(),
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -393,10 +426,12 @@ pub async fn release_referral(
 /// # Errors
 /// Database errors.
 pub async fn user_exists(db: &PgPool, id: UserId) -> sqlx::Result<bool> {
-    sqlx::query_scalar("select exists (select 1 from users where id = $1)")
-        .bind(id)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"select exists (select 1 from users where id = $1) as "exists!""#,
+        id.get(),
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Ids known to belong to users, so that purchase intake checks the buyer without a database
@@ -435,12 +470,12 @@ impl KnownUsers {
 }
 
 /// A purchase as recorded by a worker.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct PurchaseRow {
     pub purchase_id: String,
-    pub status: String,
+    pub status: PurchaseStatus,
     pub reason: Option<String>,
-    pub buyer_id: Option<i64>,
+    pub buyer_id: Option<UserId>,
     pub amount: Option<Decimal>,
     pub currency: Option<String>,
     pub profit: Option<Decimal>,
@@ -449,21 +484,21 @@ pub struct PurchaseRow {
 }
 
 /// One level's outcome of a purchase.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct LevelRow {
-    pub level: i16,
-    pub earner_id: Option<i64>,
-    pub outcome: String,
+    pub level: Level,
+    pub earner_id: Option<UserId>,
+    pub outcome: Outcome,
     pub rate: Decimal,
     pub amount: Decimal,
     pub earning_id: Option<i64>,
 }
 
 /// A later message that reused the purchase id with other content.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct ConflictRow {
     /// `None` once past `privacy.raw_body_retention`.
-    pub body: Option<sqlx::types::Json<serde_json::Value>>,
+    pub body: Option<Json<serde_json::Value>>,
     pub received_at: OffsetDateTime,
 }
 
@@ -475,26 +510,33 @@ pub async fn purchase(
     db: &PgPool,
     id: &str,
 ) -> sqlx::Result<Option<(PurchaseRow, Vec<LevelRow>, Vec<ConflictRow>)>> {
-    let Some(row) = sqlx::query_as::<_, PurchaseRow>(
-        r#"select purchase_id, status, reason, buyer_id, amount, currency, profit, occurred_at, processed_at
+    let Some(row) = sqlx::query_as!(
+        PurchaseRow,
+        r#"select purchase_id, status as "status: PurchaseStatus", reason,
+                  buyer_id as "buyer_id: UserId", amount, currency, profit, occurred_at, processed_at
            from purchases where purchase_id = $1"#,
+        id,
     )
-    .bind(id)
     .fetch_optional(db)
     .await?
     else {
         return Ok(None);
     };
-    let levels = sqlx::query_as(
-        "select level, earner_id, outcome, rate, amount, earning_id from purchase_levels where purchase_id = $1 order by level",
+    let levels = sqlx::query_as!(
+        LevelRow,
+        r#"select level as "level: Level", earner_id as "earner_id: UserId",
+                  outcome as "outcome: Outcome", rate, amount, earning_id
+           from purchase_levels where purchase_id = $1 order by level"#,
+        id,
     )
-    .bind(id)
     .fetch_all(db)
     .await?;
-    let conflicts = sqlx::query_as(
-        "select body, received_at from purchase_conflicts where purchase_id = $1 order by id limit 100",
+    let conflicts = sqlx::query_as!(
+        ConflictRow,
+        r#"select body as "body: Json<serde_json::Value>", received_at
+           from purchase_conflicts where purchase_id = $1 order by id limit 100"#,
+        id,
     )
-    .bind(id)
     .fetch_all(db)
     .await?;
     Ok(Some((row, levels, conflicts)))
@@ -504,23 +546,31 @@ pub async fn purchase(
 ///
 /// # Errors
 /// Database errors.
-pub async fn level_totals(db: &PgPool, user_id: UserId) -> sqlx::Result<Vec<(i16, Decimal, i64)>> {
-    sqlx::query_as(
-        "select level, total, count from earner_levels where user_id = $1 order by level",
+pub async fn level_totals(
+    db: &PgPool,
+    user_id: UserId,
+) -> sqlx::Result<Vec<(Level, Decimal, i64)>> {
+    let rows = sqlx::query!(
+        r#"select level as "level: Level", total, count
+           from earner_levels where user_id = $1 order by level"#,
+        user_id.get(),
     )
-    .bind(user_id)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.level, r.total, r.count))
+        .collect())
 }
 
 /// What each referral (buyer) brought a user, per level, largest first.
-#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReferralEarnings {
     #[schema(value_type = i64)]
     pub source_user_id: UserId,
     pub name: String,
-    #[schema(minimum = 1)]
-    pub level: i16,
+    #[schema(value_type = i16, minimum = 1)]
+    pub level: Level,
     #[serde(serialize_with = "money")]
     #[schema(value_type = crate::openapi::Money)]
     pub total: Decimal,
@@ -536,19 +586,21 @@ pub async fn earnings_by_referral(
     user_id: UserId,
     limit: i64,
 ) -> sqlx::Result<Vec<ReferralEarnings>> {
-    sqlx::query_as(
-        r#"select r.source_user_id, u.name, r.level, r.total, r.count
+    sqlx::query_as!(
+        ReferralEarnings,
+        r#"select r.source_user_id as "source_user_id: UserId", u.name, r.level as "level: Level",
+                  r.total, r.count
            from earner_referrals r join users u on u.id = r.source_user_id
            where r.user_id = $1 order by r.total desc, r.source_user_id, r.level limit $2"#,
+        user_id.get(),
+        limit,
     )
-    .bind(user_id)
-    .bind(limit)
     .fetch_all(db)
     .await
 }
 
 /// A member of someone's downline.
-#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Referral {
     #[schema(value_type = i64)]
     pub id: UserId,
@@ -567,16 +619,19 @@ pub struct Referral {
 /// # Errors
 /// Database errors.
 pub async fn referrals_of(db: &PgPool, ids: &[UserId]) -> sqlx::Result<Vec<Referral>> {
-    sqlx::query_as(
-        "select id, name, is_active, referrer_id, direct_referrals, created_at from users where referrer_id = any($1) order by id",
+    sqlx::query_as!(
+        Referral,
+        r#"select id as "id: UserId", name, is_active, referrer_id as "referrer_id: UserId",
+                  direct_referrals, created_at
+           from users where referrer_id = any($1) order by id"#,
+        &ids.iter().map(|id| id.get()).collect::<Vec<_>>(),
     )
-    .bind(ids)
     .fetch_all(db)
     .await
 }
 
 /// A leaderboard entry; no emails.
-#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Leader {
     #[schema(value_type = i64)]
     pub user_id: UserId,
@@ -591,12 +646,13 @@ pub struct Leader {
 /// # Errors
 /// Database errors.
 pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
-    sqlx::query_as(
-        r#"select id as user_id, name, total_earnings from users
+    sqlx::query_as!(
+        Leader,
+        r#"select id as "user_id: UserId", name, total_earnings from users
            where total_earnings > 0 and show_on_leaderboard
            order by total_earnings desc, id limit $1"#,
+        limit,
     )
-    .bind(limit)
     .fetch_all(db)
     .await
 }

@@ -184,10 +184,10 @@ fn constant_time_eq(presented: &str, key: &SecretString) -> bool {
 /// # Errors
 /// Database errors.
 pub async fn token_is_current(db: impl PgExecutor<'_>, token: &UserToken) -> sqlx::Result<bool> {
-    let current: Option<i64> = sqlx::query_scalar(
+    let current = sqlx::query_scalar!(
         "select token_version from users where id = $1 and is_active and erased_at is null",
+        token.user_id.get()
     )
-    .bind(token.user_id)
     .fetch_optional(db)
     .await?;
     Ok(current == Some(token.version))

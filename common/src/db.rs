@@ -10,6 +10,7 @@ use backon::Retryable;
 use rust_decimal::Decimal;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Postgres};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -127,7 +128,7 @@ pub fn classify(e: &sqlx::Error) -> ErrorClass {
 }
 
 /// A row of `earnings`, convertible to the event of SPEC §4.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct EarningRow {
     pub id: i64,
     pub earner_id: UserId,
@@ -138,7 +139,7 @@ pub struct EarningRow {
     pub rate: Decimal,
     pub amount: Decimal,
     pub currency: String,
-    pub totals: sqlx::types::Json<Totals>,
+    pub totals: Json<Totals>,
     pub created_at: OffsetDateTime,
 }
 
@@ -160,10 +161,6 @@ impl From<EarningRow> for EarningEvent {
     }
 }
 
-/// The columns of [`EarningRow`], for queries that select earnings.
-pub const EARNING_COLUMNS: &str =
-    "id, earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency, totals, created_at";
-
 /// A user's earnings with `seq` greater than `after_seq`, oldest first, at most `limit`.
 ///
 /// # Errors
@@ -174,12 +171,16 @@ pub async fn earnings_after(
     after_seq: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<EarningEvent>> {
-    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
-        "select {EARNING_COLUMNS} from earnings where earner_id = $1 and seq > $2 order by seq limit $3"
-    ))
-    .bind(earner_id)
-    .bind(after_seq)
-    .bind(limit)
+    let rows = sqlx::query_as!(
+        EarningRow,
+        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
+                  purchase_id, level as "level: Level", rate, amount, currency,
+                  totals as "totals: Json<Totals>", created_at
+           from earnings where earner_id = $1 and seq > $2 order by seq limit $3"#,
+        earner_id.get(),
+        after_seq,
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(EarningEvent::from).collect())
@@ -194,11 +195,15 @@ pub async fn recent_earnings(
     earner_id: UserId,
     limit: i64,
 ) -> sqlx::Result<Vec<EarningEvent>> {
-    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
-        "select {EARNING_COLUMNS} from earnings where earner_id = $1 order by seq desc limit $2"
-    ))
-    .bind(earner_id)
-    .bind(limit)
+    let rows = sqlx::query_as!(
+        EarningRow,
+        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
+                  purchase_id, level as "level: Level", rate, amount, currency,
+                  totals as "totals: Json<Totals>", created_at
+           from earnings where earner_id = $1 order by seq desc limit $2"#,
+        earner_id.get(),
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(EarningEvent::from).collect())
@@ -213,11 +218,15 @@ pub async fn all_earnings_after(
     after_id: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<EarningEvent>> {
-    let rows: Vec<EarningRow> = sqlx::query_as(&format!(
-        "select {EARNING_COLUMNS} from earnings where id > $1 order by id limit $2"
-    ))
-    .bind(after_id)
-    .bind(limit)
+    let rows = sqlx::query_as!(
+        EarningRow,
+        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
+                  purchase_id, level as "level: Level", rate, amount, currency,
+                  totals as "totals: Json<Totals>", created_at
+           from earnings where id > $1 order by id limit $2"#,
+        after_id,
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(EarningEvent::from).collect())
@@ -228,8 +237,10 @@ pub async fn all_earnings_after(
 /// # Errors
 /// Database errors.
 pub async fn latest_seq(db: impl PgExecutor<'_>, user_id: UserId) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar("select earnings_seq from users where id = $1")
-        .bind(user_id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_scalar!(
+        "select earnings_seq from users where id = $1",
+        user_id.get()
+    )
+    .fetch_optional(db)
+    .await
 }

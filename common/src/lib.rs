@@ -14,6 +14,7 @@ pub mod events;
 pub mod http;
 pub mod limits;
 pub mod money;
+pub mod protocol;
 pub mod purchase;
 pub mod rules;
 pub mod shutdown;

@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::config::AmqpSettings;
@@ -133,14 +134,12 @@ async fn consume(
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("consumer cancelled by the broker"),
         };
-        match (
-            serde_json::from_slice::<Routing>(&delivery.data),
-            String::from_utf8(delivery.data),
-        ) {
-            (Ok(r), Ok(json)) => {
-                hub.publish(Frame::from_json(r.earner_id, r.seq, r.earning_id, json))
-            }
-            _ => tracing::warn!("ignoring an earning event that is not valid JSON"),
+        // The event's own bytes are forwarded: it is serialised once, by the worker.
+        let event = serde_json::from_slice::<Box<RawValue>>(&delivery.data)
+            .and_then(|json| Ok((serde_json::from_str::<Routing>(json.get())?, json)));
+        match event {
+            Ok((r, json)) => hub.publish(Frame::from_json(r.earner_id, r.seq, r.earning_id, json)),
+            Err(_) => tracing::warn!("ignoring an earning event that is not valid JSON"),
         }
     }
 }

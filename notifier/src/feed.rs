@@ -25,17 +25,10 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use upline_common::auth::UserToken;
+use upline_common::protocol::Target;
 use upline_common::UserId;
 
 use crate::hub::{Frame, Hub, Signal, Subscription};
-
-/// Whose earnings a subscription follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    User(UserId),
-    /// Every earner (admin only); live, without replay.
-    All,
-}
 
 /// Why a feed ended.
 #[derive(Debug, thiserror::Error)]

@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use serde_json::value::RawValue;
 use tokio::sync::broadcast::{
     self,
     error::{RecvError, TryRecvError},
 };
 use upline_common::events::EarningEvent;
+use upline_common::protocol;
 use upline_common::UserId;
 
 /// One earning event, serialised once for every protocol.
@@ -22,25 +24,32 @@ pub struct Frame {
     pub earning_id: i64,
     /// The event of SPEC §4 as JSON (the SSE `data:`).
     pub event_json: String,
-    /// `{"type":"earning","earning":…}` (the WebSocket text frame).
+    /// [`protocol::ServerMessage::Earning`] as text, `{"type":"earning","earning":…}` (the
+    /// WebSocket text frame).
     pub ws_text: String,
 }
 
 impl Frame {
     /// Builds a frame from an event.
     pub fn new(event: &EarningEvent) -> Self {
-        let event_json = serde_json::to_string(event).expect("an EarningEvent always serialises");
+        let event_json =
+            serde_json::value::to_raw_value(event).expect("an EarningEvent always serialises");
         Self::from_json(event.earner_id, event.seq, event.earning_id, event_json)
     }
 
-    /// Builds a frame around an event's JSON text that is already known to be valid.
-    pub fn from_json(earner_id: UserId, seq: i64, earning_id: i64, event_json: String) -> Self {
-        let ws_text = format!(r#"{{"type":"earning","earning":{event_json}}}"#);
+    /// Builds a frame around an event's JSON (as it came from the broker, not re-serialised).
+    pub fn from_json(
+        earner_id: UserId,
+        seq: i64,
+        earning_id: i64,
+        event_json: Box<RawValue>,
+    ) -> Self {
+        let ws_text = protocol::earning_text(&event_json);
         Frame {
             earner_id,
             seq,
             earning_id,
-            event_json,
+            event_json: String::from(Box::<str>::from(event_json)),
             ws_text,
         }
     }
@@ -239,7 +248,8 @@ mod tests {
         let hub = Arc::new(Hub::new(8));
         drop(hub.subscribe(user(7)));
         let mut sub = hub.subscribe(user(7));
-        hub.publish(Frame::from_json(user(7), 1, 1, "{}".to_owned()));
+        let event = RawValue::from_string("{}".to_owned()).expect("JSON");
+        hub.publish(Frame::from_json(user(7), 1, 1, event));
         match sub.try_recv() {
             Ok(Signal::Earning(frame)) => assert_eq!(frame.seq, 1),
             other => panic!("expected the earning, got {other:?}"),

@@ -17,7 +17,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::routing::get;
 use axum::Router;
-use serde_json::Value;
 use sqlx::PgPool;
 use std::net::IpAddr;
 use tokio::net::TcpListener;
@@ -26,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 use upline_common::auth::{Auth, Credential, CredentialError, UserToken};
 use upline_common::http::Probes;
 use upline_common::limits::{Limits, RateLimited};
+use upline_common::protocol::{ErrorCode, InvalidTarget, Target};
 use upline_common::Settings;
 
-use crate::feed::Target;
 use crate::hub::Hub;
 use crate::slots::{Caps, Slots};
 
@@ -81,32 +80,34 @@ pub enum Refused {
 
 impl Refused {
     /// The stable machine code clients see.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Refused::Unauthorized => "unauthorized",
-            Refused::Expired => "token_expired",
-            Refused::Revoked => "token_revoked",
-            Refused::RateLimited(_) => "rate_limited",
-            Refused::Db(_) => "internal_error",
+            Refused::Unauthorized => ErrorCode::Unauthorized,
+            Refused::Expired => ErrorCode::TokenExpired,
+            Refused::Revoked => ErrorCode::TokenRevoked,
+            Refused::RateLimited(_) => ErrorCode::RateLimited,
+            Refused::Db(_) => ErrorCode::InternalError,
         }
     }
 }
 
 impl NotifierState {
-    /// The feed `token` may open for `user_id` (a number, or `"*"` for the admin key). A user
-    /// token must be current ([`upline_common::auth::token_is_current`]) and name `user_id`.
-    /// Failures count against `ip`'s budget (`limits.auth_failures_per_minute`).
+    /// The feed `token` may open for `target` (a user, or every earner for the admin key).
+    /// A user token must be current ([`upline_common::auth::token_is_current`]) and name the
+    /// user. A target that did not parse is refused as [`Refused::Unauthorized`], once the
+    /// token has been checked. Failures count against `ip`'s budget
+    /// (`limits.auth_failures_per_minute`).
     ///
     /// # Errors
     /// [`Refused`], saying why.
     pub async fn authorize(
         &self,
-        user_id: &Value,
+        target: Result<Target, InvalidTarget>,
         token: &str,
         ip: Option<IpAddr>,
     ) -> Result<Authorized, Refused> {
         self.limits.check_auth_allowed(ip)?;
-        let outcome = self.check(user_id, token).await;
+        let outcome = self.check(target, token).await;
         if matches!(
             outcome,
             Err(Refused::Unauthorized | Refused::Expired | Refused::Revoked)
@@ -116,26 +117,22 @@ impl NotifierState {
         outcome
     }
 
-    async fn check(&self, user_id: &Value, token: &str) -> Result<Authorized, Refused> {
+    async fn check(
+        &self,
+        target: Result<Target, InvalidTarget>,
+        token: &str,
+    ) -> Result<Authorized, Refused> {
         let credential = self.auth.identify(token).map_err(|e| match e {
             CredentialError::Expired => Refused::Expired,
             CredentialError::Invalid => Refused::Unauthorized,
         })?;
-        if let (Value::String(s), Credential::Admin) = (user_id, credential) {
-            if s == "*" {
-                return Ok(Authorized {
-                    target: Target::All,
-                    token: None,
-                });
-            }
-        }
-        let id = upline_common::purchase::parse_user_id(user_id).ok_or(Refused::Unauthorized)?;
-        match credential {
-            Credential::Admin => Ok(Authorized {
-                target: Target::User(id),
+        let target = target.map_err(|InvalidTarget| Refused::Unauthorized)?;
+        match (target, credential) {
+            (_, Credential::Admin) => Ok(Authorized {
+                target,
                 token: None,
             }),
-            Credential::User(user) if user.user_id == id => {
+            (Target::User(id), Credential::User(user)) if user.user_id == id => {
                 if upline_common::auth::token_is_current(&self.db, &user).await? {
                     Ok(Authorized {
                         target: Target::User(id),

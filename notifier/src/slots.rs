@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use upline_common::protocol::{CloseCode, ErrorCode};
 use upline_common::UserId;
 
 /// How long a refused client is told to wait (`Retry-After`): a slot frees only when another
@@ -43,11 +44,20 @@ pub enum CapExceeded {
 
 impl CapExceeded {
     /// The stable machine code clients see.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            CapExceeded::User(_) => "too_many_connections_for_user",
-            CapExceeded::Address(_) => "too_many_connections_from_address",
-            CapExceeded::Full => "notifier_full",
+            CapExceeded::User(_) => ErrorCode::TooManyConnectionsForUser,
+            CapExceeded::Address(_) => ErrorCode::TooManyConnectionsFromAddress,
+            CapExceeded::Full => ErrorCode::NotifierFull,
+        }
+    }
+
+    /// The WebSocket close code of the refusal.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            CapExceeded::User(_) => CloseCode::TooManyForUser,
+            CapExceeded::Address(_) => CloseCode::TooManyFromAddress,
+            CapExceeded::Full => CloseCode::TryAgainLater,
         }
     }
 

@@ -13,9 +13,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use upline_common::protocol::{ErrorCode, ErrorMessage, SseEvent, Target, SSE_SUBSCRIBED_COMMENT};
 
-use crate::feed::{Feed, FeedEnd, Target};
+use crate::feed::{Feed, FeedEnd};
 use crate::slots::{CapExceeded, RETRY_AFTER};
 use crate::{Authorized, NotifierState, Refused};
 
@@ -50,19 +50,16 @@ pub async fn events(
     let Some(token) = bearer.or(query.token) else {
         return problem(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "send the token as Authorization: Bearer or ?token=",
         );
     };
-    let user_value = user_id
-        .parse::<i64>()
-        .map_or_else(|_| Value::String(user_id.clone()), |id| json!(id));
-    let Authorized { target, token } = match state.authorize(&user_value, &token, ip).await {
+    let Authorized { target, token } = match state.authorize(user_id.parse(), &token, ip).await {
         Ok(authorized) => authorized,
         Err(Refused::RateLimited(limited)) => {
             let mut response = problem(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 &limited.to_string(),
             );
             if let Ok(value) = HeaderValue::from_str(&limited.retry_after_secs().to_string()) {
@@ -74,7 +71,7 @@ pub async fn events(
             tracing::error!(error = %e, "checking an SSE token");
             return problem(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 "could not check the token; try again",
             );
         }
@@ -90,7 +87,7 @@ pub async fn events(
         );
         return problem(
             StatusCode::FORBIDDEN,
-            "key_in_url",
+            ErrorCode::KeyInUrl,
             "the admin key may not be sent in a URL (?token=), where proxies and browser history keep it; send it as Authorization: Bearer, and rotate it",
         );
     }
@@ -115,7 +112,11 @@ pub async fn events(
         Target::All => None,
     };
     // Ask browsers to reconnect one second after a drop (the EventSource default is ~3 s).
-    let hello = stream::once(async { Ok(Event::default().retry(RECONNECT).comment("subscribed")) });
+    let hello = stream::once(async {
+        Ok(Event::default()
+            .retry(RECONNECT)
+            .comment(SSE_SUBSCRIBED_COMMENT))
+    });
     let feed = match Feed::open(
         &state.hub,
         state.db.clone(),
@@ -131,9 +132,12 @@ pub async fn events(
             // Not a 503: an EventSource gives up for good on any answer but 200. A stream that
             // ends at once makes it come back after `retry`.
             tracing::error!(error = %e, "opening an SSE feed");
-            let unavailable = Event::default().event("feed-error").data(
-                json!({"code": "unavailable", "message": "could not open the feed; reconnecting"})
-                    .to_string(),
+            let unavailable = Event::default().event(SseEvent::FeedError.as_str()).data(
+                ErrorMessage::new(
+                    ErrorCode::Unavailable,
+                    "could not open the feed; reconnecting",
+                )
+                .to_text(),
             );
             let stream = hello.chain(stream::once(async { Ok(unavailable) }));
             return Sse::new(stream).into_response();
@@ -166,7 +170,7 @@ fn feed_events(feed: Feed, target: Target) -> impl Stream<Item = Result<Event, I
         match feed.next().await {
             Ok(frame) => {
                 let event = Event::default()
-                    .event("earning")
+                    .event(SseEvent::Earning.as_str())
                     .data(frame.event_json.clone());
                 let event = match target {
                     Target::User(_) => event.id(frame.seq.to_string()),
@@ -176,18 +180,17 @@ fn feed_events(feed: Feed, target: Target) -> impl Stream<Item = Result<Event, I
             }
             Err(end) => {
                 let code = match end {
-                    FeedEnd::Lagged { .. } => "lagged",
-                    FeedEnd::Closed => "closing",
-                    FeedEnd::Revoked => "token_revoked",
-                    FeedEnd::Expired => "token_expired",
-                    FeedEnd::Db(_) => "internal_error",
+                    FeedEnd::Lagged { .. } => ErrorCode::Lagged,
+                    FeedEnd::Closed => ErrorCode::Closing,
+                    FeedEnd::Revoked => ErrorCode::TokenRevoked,
+                    FeedEnd::Expired => ErrorCode::TokenExpired,
+                    FeedEnd::Db(_) => ErrorCode::InternalError,
                 };
-                let data =
-                    json!({"code": code, "message": end.to_string(), "last_seq": feed.last_seq()});
-                Some((
-                    Ok(Event::default().event("feed-error").data(data.to_string())),
-                    None,
-                ))
+                let data = ErrorMessage::new(code, end.to_string()).last_seq(feed.last_seq());
+                let event = Event::default()
+                    .event(SseEvent::FeedError.as_str())
+                    .data(data.to_text());
+                Some((Ok(event), None))
             }
         }
     })
@@ -218,6 +221,6 @@ fn over_cap(refused: CapExceeded) -> Response {
     response
 }
 
-fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
-    upline_common::http::problem_response(status, code, detail, None)
+fn problem(status: StatusCode, code: ErrorCode, detail: &str) -> Response {
+    upline_common::http::problem_response(status, code.as_str(), detail, None)
 }

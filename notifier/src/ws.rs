@@ -8,48 +8,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use upline_common::protocol::{
+    CloseCode, ErrorCode, ErrorMessage, ServerMessage, Subscribe, Target,
+};
 
-use crate::feed::{Feed, FeedEnd, Target};
+use crate::feed::{Feed, FeedEnd};
 use crate::slots::{CapExceeded, ConnectionSlot, RETRY_AFTER};
 use crate::{Authorized, NotifierState, Refused};
-
-/// Close codes (4000–4999 are the application's own).
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_POLICY: u16 = 1008;
-const CLOSE_LAGGED: u16 = 4001;
-const CLOSE_IDLE: u16 = 4002;
-/// The token was revoked or expired: sign in again (or renew the token) before reconnecting.
-const CLOSE_UNAUTHORIZED: u16 = 4003;
-/// The user has `notifier.max_connections_per_user` streams open already.
-const CLOSE_TOO_MANY_FOR_USER: u16 = 4004;
-/// The client address has `notifier.max_connections_per_address` connections open already.
-const CLOSE_TOO_MANY_FROM_ADDRESS: u16 = 4005;
-/// No `subscribe` message within `notifier.subscribe_timeout_secs`.
-const CLOSE_SUBSCRIBE_TIMEOUT: u16 = 4006;
-/// The notifier is at `notifier.max_connections` (RFC 6455's "Try Again Later").
-const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
-const CLOSE_ERROR: u16 = 1011;
-
-/// The close code of a refusal by a connection cap.
-fn cap_close_code(refused: CapExceeded) -> u16 {
-    match refused {
-        CapExceeded::User(_) => CLOSE_TOO_MANY_FOR_USER,
-        CapExceeded::Address(_) => CLOSE_TOO_MANY_FROM_ADDRESS,
-        CapExceeded::Full => CLOSE_TRY_AGAIN_LATER,
-    }
-}
-
-/// `{"type":"subscribe","user_id":7 | "*","token":"…","since":12}`
-#[derive(Debug, Deserialize)]
-struct Subscribe {
-    #[serde(rename = "type")]
-    kind: String,
-    user_id: Value,
-    token: String,
-    since: Option<i64>,
-}
 
 pub async fn upgrade(
     State(state): State<NotifierState>,
@@ -107,7 +72,10 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
             );
             metrics::counter!("upline_notifier_subscribe_timeouts_total").increment(1);
             socket
-                .reject_with("subscribe_timeout", &message, CLOSE_SUBSCRIBE_TIMEOUT)
+                .reject_with(
+                    ErrorMessage::new(ErrorCode::SubscribeTimeout, message),
+                    CloseCode::SubscribeTimeout,
+                )
                 .await;
             return;
         }
@@ -115,31 +83,24 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
     let sub: Subscribe = match serde_json::from_str(&request) {
         Ok(s) => s,
         Err(e) => {
+            let message =
+                format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}");
             socket
-                .reject(
-                    "bad_request",
-                    &format!("expected {{\"type\":\"subscribe\",\"user_id\":…,\"token\":…}}: {e}"),
-                )
+                .reject(ErrorMessage::new(ErrorCode::BadRequest, message))
                 .await;
             return;
         }
     };
-    if sub.kind != "subscribe" {
-        socket
-            .reject(
-                "bad_request",
-                "the first message must have \"type\":\"subscribe\"",
-            )
-            .await;
-        return;
-    }
-    let Authorized { target, token } = match state.authorize(&sub.user_id, &sub.token, ip).await {
+    let Authorized { target, token } = match state.authorize(Ok(sub.user_id), &sub.token, ip).await
+    {
         Ok(authorized) => authorized,
         Err(refused) => {
             if let Refused::Db(e) = &refused {
                 tracing::error!(error = %e, "checking a token");
             }
-            socket.reject(refused.code(), &refused.to_string()).await;
+            socket
+                .reject(ErrorMessage::new(refused.code(), refused.to_string()))
+                .await;
             return;
         }
     };
@@ -169,20 +130,16 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
         Err(e) => {
             tracing::error!(error = %e, "opening a feed");
             socket
-                .reject("internal_error", "could not open the feed; try again")
+                .reject(ErrorMessage::new(
+                    ErrorCode::InternalError,
+                    "could not open the feed; try again",
+                ))
                 .await;
             return;
         }
     };
-    let user_id = match target {
-        Target::User(id) => json!(id),
-        Target::All => json!("*"),
-    };
-    if socket
-        .send(json!({"type": "subscribed", "user_id": user_id}).to_string())
-        .await
-        .is_err()
-    {
+    let subscribed = ServerMessage::Subscribed { user_id: target };
+    if socket.send(subscribed.to_text()).await.is_err() {
         return;
     }
 
@@ -191,7 +148,7 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
     let mut last_heard = Instant::now();
     let (code, reason) = loop {
         tokio::select! {
-            () = state.shutdown.cancelled() => break (CLOSE_GOING_AWAY, "notifier shutting down; reconnect with since".to_owned()),
+            () = state.shutdown.cancelled() => break (CloseCode::GoingAway, "notifier shutting down; reconnect with since".to_owned()),
             incoming = socket.socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(_)) => last_heard = Instant::now(),
@@ -199,31 +156,33 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
             frame = feed.next() => match frame {
                 Ok(frame) => {
                     if socket.send(frame.ws_text.clone()).await.is_err() {
-                        break (CLOSE_LAGGED, format!("too slow to keep up; resume with since={}", feed.last_seq()));
+                        break (CloseCode::Lagged, format!("too slow to keep up; resume with since={}", feed.last_seq()));
                     }
                 }
                 Err(FeedEnd::Lagged { last_seq }) => {
                     let message = format!("too slow to keep up; resume with since={last_seq}");
-                    let _ = socket.send(json!({"type": "error", "code": "lagged", "message": message, "last_seq": last_seq}).to_string()).await;
+                    let error = ErrorMessage::new(ErrorCode::Lagged, message.clone()).last_seq(last_seq);
+                    let _ = socket.send(ServerMessage::Error(error).to_text()).await;
                     metrics::counter!("upline_notifier_lagged_total").increment(1);
-                    break (CLOSE_LAGGED, message);
+                    break (CloseCode::Lagged, message);
                 }
-                Err(FeedEnd::Closed) => break (CLOSE_GOING_AWAY, "notifier shutting down; reconnect with since".to_owned()),
+                Err(FeedEnd::Closed) => break (CloseCode::GoingAway, "notifier shutting down; reconnect with since".to_owned()),
                 Err(end @ (FeedEnd::Revoked | FeedEnd::Expired)) => {
-                    let code = if matches!(end, FeedEnd::Revoked) { "token_revoked" } else { "token_expired" };
+                    let code = if matches!(end, FeedEnd::Revoked) { ErrorCode::TokenRevoked } else { ErrorCode::TokenExpired };
                     let message = end.to_string();
-                    let _ = socket.send(json!({"type": "error", "code": code, "message": message, "last_seq": feed.last_seq()}).to_string()).await;
-                    metrics::counter!("upline_notifier_auth_closed_total", "reason" => code).increment(1);
-                    break (CLOSE_UNAUTHORIZED, message);
+                    let error = ErrorMessage::new(code, message.clone()).last_seq(feed.last_seq());
+                    let _ = socket.send(ServerMessage::Error(error).to_text()).await;
+                    metrics::counter!("upline_notifier_auth_closed_total", "reason" => code.as_str()).increment(1);
+                    break (CloseCode::Unauthorized, message);
                 }
                 Err(FeedEnd::Db(e)) => {
                     tracing::error!(error = %e, "feed database error");
-                    break (CLOSE_ERROR, format!("internal error; reconnect with since={}", feed.last_seq()));
+                    break (CloseCode::InternalError, format!("internal error; reconnect with since={}", feed.last_seq()));
                 }
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > state.idle_timeout {
-                    break (CLOSE_IDLE, "no answer to pings".to_owned());
+                    break (CloseCode::Idle, "no answer to pings".to_owned());
                 }
                 if socket.send_message(Message::Ping(Default::default())).await.is_err() {
                     return;
@@ -266,42 +225,32 @@ impl Client {
         }
     }
 
-    async fn reject(&mut self, code: &str, message: &str) {
-        self.reject_with(code, message, CLOSE_POLICY).await;
+    /// An error frame, then a close with [`CloseCode::Policy`].
+    async fn reject(&mut self, error: ErrorMessage) {
+        self.reject_with(error, CloseCode::Policy).await;
     }
 
-    /// An error frame, then a close with `close_code`.
-    async fn reject_with(&mut self, code: &str, message: &str, close_code: u16) {
-        let _ = self
-            .send(json!({"type": "error", "code": code, "message": message}).to_string())
-            .await;
-        self.close(close_code, message).await;
+    /// An error frame, then a close with `close_code` and the error's message as reason.
+    async fn reject_with(&mut self, error: ErrorMessage, close_code: CloseCode) {
+        let reason = error.message.clone();
+        let _ = self.send(ServerMessage::Error(error).to_text()).await;
+        self.close(close_code, &reason).await;
     }
 
     /// Refuses a connection over a cap: an error frame with `retry_after` (seconds), then a
     /// close with the cap's own code.
     async fn refuse(&mut self, refused: CapExceeded) {
-        let message = refused.to_string();
-        let _ = self
-            .send(
-                json!({
-                    "type": "error",
-                    "code": refused.code(),
-                    "message": message,
-                    "retry_after": RETRY_AFTER.as_secs(),
-                })
-                .to_string(),
-            )
-            .await;
-        self.close(cap_close_code(refused), &message).await;
+        let error = ErrorMessage::new(refused.code(), refused.to_string())
+            .retry_after(RETRY_AFTER.as_secs());
+        self.reject_with(error, refused.close_code()).await;
     }
 
-    async fn close(&mut self, code: u16, reason: &str) {
+    async fn close(&mut self, code: CloseCode, reason: &str) {
         // Close reasons are limited to 123 bytes.
         let reason: String = reason.chars().take(120).collect();
         let _ = self
             .send_message(Message::Close(Some(CloseFrame {
-                code,
+                code: code.code(),
                 reason: reason.into(),
             })))
             .await;

@@ -220,18 +220,14 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
     app.wait_until_ready().await;
 
     // End to end over REST, with the earning pushed to a WebSocket subscriber.
-    let mut ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
     app.purchase("rest-1", c.id, "2000.00").await;
     let report = app.wait_processed("rest-1").await;
     assert_eq!(report["status"], "processed", "{report}");
     let e = ws.earnings(1).await.remove(0);
     assert_eq!(
-        (
-            e["purchase_id"].as_str(),
-            e["level"].as_i64(),
-            e["amount"].as_str()
-        ),
-        (Some("rest-1"), Some(1), Some("100.00"))
+        (e.purchase_id.as_str(), e.level.get(), e.amount.to_string()),
+        ("rest-1", 1, "100.00".to_owned())
     );
     assert_eq!(app.earnings(a.id).await["total"], "20.00");
 
@@ -256,8 +252,8 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
     assert_eq!(report["status"], "processed", "{report}");
     let e = ws.earnings(1).await.remove(0);
     assert_eq!(
-        (e["purchase_id"].as_str(), e["amount"].as_str()),
-        (Some("queued-1"), Some("75.00"))
+        (e.purchase_id.as_str(), e.amount.to_string()),
+        ("queued-1", "75.00".to_owned())
     );
 
     // ... and nothing else.

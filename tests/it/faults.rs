@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::config::{DatabaseSettings, DEV_ADMIN_TOKEN, DEV_PRODUCER_TOKEN};
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_testkit::client::{Api, NewUser};
 use upline_testkit::oracle;
 use upline_testkit::order::Order;
@@ -564,9 +565,9 @@ async fn follow(
     else {
         return;
     };
-    let subscribe = json!({"type": "subscribe", "user_id": user, "token": token, "since": since});
+    let subscribe = Subscribe::new(Target::from(user_id(user)), token, Some(since));
     if ws
-        .send(Message::Text(subscribe.to_string().into()))
+        .send(Message::Text(subscribe.to_text().into()))
         .await
         .is_err()
     {
@@ -575,16 +576,14 @@ async fn follow(
     connections.fetch_add(1, Ordering::Relaxed);
     while let Some(Ok(msg)) = ws.next().await {
         let Message::Text(text) = msg else { continue };
-        let frame: Value = serde_json::from_str(&text).expect("a JSON frame");
-        match frame["type"].as_str() {
-            Some("earning") => {
-                let seq = frame["earning"]["seq"].as_i64().expect("seq");
-                seqs.lock().expect("seqs lock").push(seq);
+        match crate::harness::server_message(&text) {
+            ServerMessage::Earning { earning } => {
+                seqs.lock().expect("seqs lock").push(earning.seq);
             }
-            Some("subscribed") => {}
+            ServerMessage::Subscribed { .. } => {}
             // lagged, a database error on the notifier's side…: reconnect with since.
-            _ => {
-                eprintln!("subscriber of {user}: {frame}");
+            ServerMessage::Error(error) => {
+                eprintln!("subscriber of {user}: {error:?}");
                 return;
             }
         }

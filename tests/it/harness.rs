@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use lapin::options::BasicGetOptions;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -440,29 +440,66 @@ impl TestApp {
         }
     }
 
-    /// Opens a WebSocket on this app's notifier and subscribes.
-    pub async fn subscribe(&self, user_id: Value, token: &str, since: Option<i64>) -> Ws {
+    /// Opens a WebSocket on this app's notifier and subscribes to `user_id` (a user id, or
+    /// `Target::All`).
+    pub async fn subscribe(
+        &self,
+        user_id: impl SubscribeTarget,
+        token: &str,
+        since: Option<i64>,
+    ) -> Ws {
         subscribe_at(&self.ws_url, user_id, token, since).await
     }
 }
 
+/// What a subscription may name: a test user's id (`i64`, positive), a `UserId`, or a
+/// `Target` (`Target::All` for the admin feed).
+pub trait SubscribeTarget {
+    /// The target of the `subscribe` message.
+    fn target(self) -> upline_common::protocol::Target;
+}
+
+impl SubscribeTarget for i64 {
+    fn target(self) -> upline_common::protocol::Target {
+        upline_common::UserId::new(self)
+            .expect("a positive user id")
+            .into()
+    }
+}
+
+impl SubscribeTarget for upline_common::UserId {
+    fn target(self) -> upline_common::protocol::Target {
+        self.into()
+    }
+}
+
+impl SubscribeTarget for upline_common::protocol::Target {
+    fn target(self) -> upline_common::protocol::Target {
+        self
+    }
+}
+
 /// Opens a WebSocket on a notifier and subscribes; returns the socket after `subscribed`.
-pub async fn subscribe_at(ws_url: &str, user_id: Value, token: &str, since: Option<i64>) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+pub async fn subscribe_at(
+    ws_url: &str,
+    user_id: impl SubscribeTarget,
+    token: &str,
+    since: Option<i64>,
+) -> Ws {
+    use upline_common::protocol::{ServerMessage, Subscribe};
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url)
         .await
         .expect("websocket connects");
-    let mut msg = json!({"type": "subscribe", "user_id": user_id, "token": token});
-    if let Some(since) = since {
-        msg["since"] = json!(since);
-    }
-    ws.send(Message::Text(msg.to_string().into()))
+    let mut ws = Ws(ws);
+    let target = user_id.target();
+    ws.send_text(Subscribe::new(target, token, since).to_text())
         .await
         .expect("send subscribe");
-    let mut ws = Ws(ws);
-    let first = ws.next_json().await;
+    let first = ws.next().await;
     assert_eq!(
-        first["type"], "subscribed",
-        "unexpected first frame: {first}"
+        first,
+        ServerMessage::Subscribed { user_id: target },
+        "unexpected first frame"
     );
     ws
 }
@@ -473,8 +510,30 @@ pub struct Ws(
 );
 
 impl Ws {
-    /// The next JSON text frame (pings answered by the library), waiting up to 15 s.
-    pub async fn next_json(&mut self) -> Value {
+    /// Sends a text frame (a [`upline_common::protocol::Subscribe`] as text, or anything a
+    /// test wants the notifier to read).
+    pub async fn send_text(
+        &mut self,
+        text: String,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.0.send(Message::Text(text.into())).await
+    }
+
+    /// Sends `subscribe` to `user_id` with `token` (and `since`), without waiting for the
+    /// answer.
+    pub async fn send_subscribe(
+        &mut self,
+        user_id: impl SubscribeTarget,
+        token: &str,
+        since: Option<i64>,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let subscribe = upline_common::protocol::Subscribe::new(user_id.target(), token, since);
+        self.send_text(subscribe.to_text()).await
+    }
+
+    /// The next message from the notifier (pings answered by the library), waiting up to
+    /// 15 s; panics on a close or a frame that is not a protocol message.
+    pub async fn next(&mut self) -> upline_common::protocol::ServerMessage {
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(15), self.0.next())
                 .await
@@ -482,7 +541,7 @@ impl Ws {
                 .expect("socket open")
                 .expect("frame");
             match msg {
-                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Text(t) => return server_message(&t),
                 Message::Close(c) => panic!("socket closed: {c:?}"),
                 _ => {}
             }
@@ -490,15 +549,21 @@ impl Ws {
     }
 
     /// The next `n` earning events.
-    pub async fn earnings(&mut self, n: usize) -> Vec<Value> {
+    pub async fn earnings(&mut self, n: usize) -> Vec<upline_common::events::EarningEvent> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let frame = self.next_json().await;
-            assert_eq!(frame["type"], "earning", "unexpected frame {frame}");
-            out.push(frame["earning"].clone());
+            match self.next().await {
+                upline_common::protocol::ServerMessage::Earning { earning } => out.push(earning),
+                other => panic!("unexpected frame {other:?}"),
+            }
         }
         out
     }
+}
+
+/// A text frame of the notifier as a protocol message; panics on anything else.
+pub fn server_message(text: &str) -> upline_common::protocol::ServerMessage {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not a server message ({e}): {text}"))
 }
 
 /// `tests/browser/node_modules`, installed with `npm ci` when missing.
@@ -523,9 +588,14 @@ pub async fn browser_test_dir() -> std::path::PathBuf {
 }
 
 impl Ws {
-    /// Reads until the server closes the socket (waiting up to 15 s): the JSON frames that
+    /// Reads until the server closes the socket (waiting up to 15 s): the messages that
     /// came first, and the close code and reason.
-    pub async fn until_close(&mut self) -> (Vec<Value>, Option<(u16, String)>) {
+    pub async fn until_close(
+        &mut self,
+    ) -> (
+        Vec<upline_common::protocol::ServerMessage>,
+        Option<(u16, String)>,
+    ) {
         let mut frames = Vec::new();
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(15), self.0.next())
@@ -533,9 +603,7 @@ impl Ws {
                 .expect("the server closes within 15 s");
             match msg {
                 None | Some(Err(_)) => return (frames, None),
-                Some(Ok(Message::Text(t))) => {
-                    frames.push(serde_json::from_str(&t).expect("JSON frame"));
-                }
+                Some(Ok(Message::Text(t))) => frames.push(server_message(&t)),
                 Some(Ok(Message::Close(c))) => {
                     return (frames, c.map(|c| (u16::from(c.code), c.reason.to_string())))
                 }
@@ -576,9 +644,14 @@ impl Sse {
         self.response.json().await.expect("problem+json")
     }
 
-    /// Reads events until one named `name` arrives (waiting up to 15 s); returns its data.
-    /// `None` if the stream ended first.
-    pub async fn until_event(&mut self, name: &str) -> Option<Value> {
+    /// Reads events until one named `event` arrives (waiting up to 15 s); returns its data
+    /// (an `EarningEvent` for `earning`, an `ErrorMessage` for `feed-error`). `None` if the
+    /// stream ended first.
+    pub async fn until_event<T: serde::de::DeserializeOwned>(
+        &mut self,
+        event: upline_common::protocol::SseEvent,
+    ) -> Option<T> {
+        let name = event.as_str();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             while let Some(end) = self.buffer.find("\n\n") {
@@ -593,7 +666,9 @@ impl Sse {
                     }
                 }
                 if kind == name {
-                    return Some(serde_json::from_str(&data).expect("JSON data"));
+                    return Some(serde_json::from_str(&data).unwrap_or_else(|e| {
+                        panic!("`{name}` data is not the protocol's ({e}): {data}")
+                    }));
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -1,6 +1,8 @@
 //! Live earnings over WebSocket and SSE (SPEC §5).
 
-use serde_json::{json, Value};
+use serde_json::json;
+use upline_common::events::EarningEvent;
+use upline_common::protocol::{ErrorCode, ServerMessage, Target};
 
 use crate::harness::{TestApp, ADMIN};
 
@@ -8,34 +10,28 @@ use crate::harness::{TestApp, ADMIN};
 async fn a_websocket_subscriber_receives_its_earning() {
     let app = TestApp::spawn().await;
     let (_, b, c) = app.chain_abc().await;
-    let mut ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
     app.purchase("live-1", c.id, "2000.00").await;
-    let e = ws.earnings(1).await.remove(0);
-    assert_eq!(e["earner_id"].as_i64(), Some(b.id));
-    assert_eq!(e["source_user_id"].as_i64(), Some(c.id));
-    assert_eq!(e["purchase_id"], "live-1");
+    // Typed: every field is there with its type (`earning_id` a number, `created_at` an
+    // RFC 3339 time).
+    let e: EarningEvent = ws.earnings(1).await.remove(0);
+    assert_eq!(e.earner_id.get(), b.id);
+    assert_eq!(e.source_user_id.get(), c.id);
+    assert_eq!(e.purchase_id, "live-1");
     assert_eq!(
-        (
-            e["level"].as_i64(),
-            e["rate"].as_str(),
-            e["amount"].as_str()
-        ),
-        (Some(1), Some("0.05"), Some("100.00"))
+        (e.level.get(), e.rate.to_string(), e.amount.to_string()),
+        (1, "0.05".to_owned(), "100.00".to_owned())
     );
+    assert_eq!((e.seq, e.currency.as_str()), (1, "INR"));
     assert_eq!(
-        (e["seq"].as_i64(), e["currency"].as_str()),
-        (Some(1), Some("INR"))
-    );
-    assert_eq!(
-        e["totals"],
+        serde_json::to_value(&e.totals).expect("serialises"),
         json!({"total": "100.00", "level_1": "100.00", "level_2": "0.00"})
     );
-    assert!(e["earning_id"].as_i64().is_some() && e["created_at"].is_string());
     app.purchase("live-2", c.id, "3000.00").await;
     let e = ws.earnings(1).await.remove(0);
     assert_eq!(
-        (e["seq"].as_i64(), e["totals"]["total"].as_str()),
-        (Some(2), Some("250.00"))
+        (e.seq, e.totals.total.to_string()),
+        (2, "250.00".to_owned())
     );
     app.stop().await;
 }
@@ -45,23 +41,15 @@ async fn a_bad_token_or_another_users_token_is_refused() {
     let app = TestApp::spawn().await;
     let (a, b, _) = app.chain_abc().await;
     for token in ["nonsense", a.token.as_str()] {
-        let (mut ws, _) = tokio_tungstenite::connect_async(app.ws_url.as_str())
+        let (ws, _) = tokio_tungstenite::connect_async(app.ws_url.as_str())
             .await
             .expect("connect");
-        use futures_util::SinkExt;
-        ws.send(tokio_tungstenite::tungstenite::Message::Text(
-            json!({"type": "subscribe", "user_id": b.id, "token": token})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .expect("send");
         let mut ws = crate::harness::Ws(ws);
-        let frame = ws.next_json().await;
-        assert_eq!(
-            (frame["type"].as_str(), frame["code"].as_str()),
-            (Some("error"), Some("unauthorized")),
-            "{frame}"
+        ws.send_subscribe(b.id, token, None).await.expect("send");
+        let frame = ws.next().await;
+        assert!(
+            matches!(&frame, ServerMessage::Error(e) if e.code == ErrorCode::Unauthorized),
+            "{frame:?}"
         );
     }
     app.stop().await;
@@ -75,28 +63,22 @@ async fn subscribing_with_since_replays_later_earnings_then_streams_live_ones() 
         app.purchase(&format!("replay-{i}"), c.id, "2000").await;
         app.wait_processed(&format!("replay-{i}")).await;
     }
-    let mut ws = app.subscribe(json!(b.id), &b.token, Some(1)).await;
+    let mut ws = app.subscribe(b.id, &b.token, Some(1)).await;
     let replayed = ws.earnings(2).await;
     assert_eq!(
-        replayed
-            .iter()
-            .map(|e| e["seq"].as_i64())
-            .collect::<Vec<_>>(),
-        vec![Some(2), Some(3)]
+        replayed.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![2, 3]
     );
     app.purchase("replay-live", c.id, "2000").await;
     let live = ws.earnings(1).await.remove(0);
-    assert_eq!(
-        (live["seq"].as_i64(), live["purchase_id"].as_str()),
-        (Some(4), Some("replay-live"))
-    );
+    assert_eq!((live.seq, live.purchase_id.as_str()), (4, "replay-live"));
     // An admin may follow everyone.
-    let mut all = app.subscribe(json!("*"), ADMIN, None).await;
+    let mut all = app.subscribe(Target::All, ADMIN, None).await;
     app.purchase("for-admin", c.id, "2000").await;
-    let mut seen: Vec<Value> = all.earnings(2).await;
-    seen.sort_by_key(|e| e["level"].as_i64());
-    assert_eq!(seen[0]["purchase_id"], "for-admin");
-    assert_eq!(seen[1]["level"], 2);
+    let mut seen: Vec<EarningEvent> = all.earnings(2).await;
+    seen.sort_by_key(|e| e.level);
+    assert_eq!(seen[0].purchase_id, "for-admin");
+    assert_eq!(seen[1].level.get(), 2);
     app.stop().await;
 }
 

@@ -4,17 +4,16 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
+use upline_common::events::EarningEvent;
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
 
-use crate::harness::{subscribe_at, Services, TestApp, ADMIN};
+use crate::harness::{server_message, subscribe_at, Services, SubscribeTarget, TestApp, ADMIN};
 
-fn seqs(events: &[Value]) -> Vec<i64> {
-    events
-        .iter()
-        .map(|e| e["seq"].as_i64().expect("seq"))
-        .collect()
+fn seqs(events: &[EarningEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
 }
 
 #[tokio::test]
@@ -44,7 +43,7 @@ async fn a_replay_racing_live_purchases_has_no_gap_and_no_duplicate_at_the_seam(
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut ws = app.subscribe(json!(b.id), &b.token, Some(0)).await;
+        let mut ws = app.subscribe(b.id, &b.token, Some(0)).await;
         ws.earnings(total).await
     };
     let ((), events) = tokio::join!(publisher, subscriber);
@@ -57,17 +56,17 @@ async fn clients_on_any_of_several_notifiers_get_all_their_events() {
     let mut app = TestApp::spawn().await;
     let second = app.spawn_notifier().await;
     let (a, b, c) = app.chain_abc().await;
-    let mut b_on_first = app.subscribe(json!(b.id), &b.token, None).await;
-    let mut b_on_second = subscribe_at(&second, json!(b.id), &b.token, None).await;
-    let mut a_on_second = subscribe_at(&second, json!(a.id), &a.token, None).await;
-    let mut admin_on_second = subscribe_at(&second, json!("*"), ADMIN, None).await;
+    let mut b_on_first = app.subscribe(b.id, &b.token, None).await;
+    let mut b_on_second = subscribe_at(&second, b.id, &b.token, None).await;
+    let mut a_on_second = subscribe_at(&second, a.id, &a.token, None).await;
+    let mut admin_on_second = subscribe_at(&second, Target::All, ADMIN, None).await;
     app.publish_purchases("multi", c.id, 5).await;
     assert_eq!(seqs(&b_on_first.earnings(5).await), vec![1, 2, 3, 4, 5]);
     assert_eq!(seqs(&b_on_second.earnings(5).await), vec![1, 2, 3, 4, 5]);
     let level_2 = a_on_second.earnings(5).await;
     assert!(level_2
         .iter()
-        .all(|e| e["level"] == 2 && e["amount"] == "20.00"));
+        .all(|e| e.level.get() == 2 && e.amount.to_string() == "20.00"));
     assert_eq!(admin_on_second.earnings(10).await.len(), 10);
     app.stop().await;
 }
@@ -98,14 +97,11 @@ async fn a_client_too_slow_to_keep_up_is_closed_without_slowing_the_others() {
     let (mut slow, _) = tokio_tungstenite::client_async(app.ws_url.as_str(), stream)
         .await
         .expect("handshake");
-    slow.send(Message::Text(
-        json!({"type": "subscribe", "user_id": b.id, "token": b.token, "since": 0})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .expect("subscribe");
-    let mut fast = app.subscribe(json!(b.id), &b.token, Some(0)).await;
+    let subscribe = Subscribe::new(b.id.target(), &b.token, Some(0));
+    slow.send(Message::Text(subscribe.to_text().into()))
+        .await
+        .expect("subscribe");
+    let mut fast = app.subscribe(b.id, &b.token, Some(0)).await;
 
     let total = 2500;
     let (_, fast_events) = tokio::join!(
@@ -124,14 +120,11 @@ async fn a_client_too_slow_to_keep_up_is_closed_without_slowing_the_others() {
     let mut ending = None;
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
         match msg {
-            Ok(Message::Text(t)) => {
-                let v: Value = serde_json::from_str(&t).expect("json");
-                match v["type"].as_str() {
-                    Some("earning") => received += 1,
-                    Some("error") => ending = Some(format!("error frame {}", v["code"])),
-                    _ => {}
-                }
-            }
+            Ok(Message::Text(t)) => match server_message(&t) {
+                ServerMessage::Earning { .. } => received += 1,
+                ServerMessage::Error(e) => ending = Some(format!("error frame \"{}\"", e.code)),
+                ServerMessage::Subscribed { .. } => {}
+            },
             Ok(Message::Close(frame)) => {
                 ending = Some(format!(
                     "close {:?}",
@@ -169,7 +162,7 @@ async fn a_client_that_stops_answering_pings_is_closed() {
     })
     .await;
     let (_, b, _) = app.chain_abc().await;
-    let mut silent = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut silent = app.subscribe(b.id, &b.token, None).await;
     // Not reading means not answering pings.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut close = None;
@@ -186,7 +179,7 @@ async fn a_client_that_stops_answering_pings_is_closed() {
     assert!(close.reason.contains("ping"), "{}", close.reason);
 
     // A client that does read (and so answers pings) stays connected.
-    let mut live = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut live = app.subscribe(b.id, &b.token, None).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(500), live.0.next()).await {
@@ -204,7 +197,7 @@ async fn a_client_that_stops_answering_pings_is_closed() {
 async fn after_broker_loss_the_notifier_reconnects_and_subscribers_miss_nothing() {
     let app = TestApp::spawn().await;
     let (_, b, c) = app.chain_abc().await;
-    let mut ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
     app.purchase("before-loss", c.id, "2000").await;
     assert_eq!(seqs(&ws.earnings(1).await), vec![1]);
 
@@ -215,7 +208,7 @@ async fn after_broker_loss_the_notifier_reconnects_and_subscribers_miss_nothing(
     app.purchase("after-loss", c.id, "2000").await;
     let events = ws.earnings(2).await;
     assert_eq!(seqs(&events), vec![2, 3]);
-    assert_eq!(events[0]["purchase_id"], "during-loss");
+    assert_eq!(events[0].purchase_id, "during-loss");
     app.stop().await;
 }
 

@@ -5,24 +5,23 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use upline_common::events::EarningEvent;
+use upline_common::protocol::{ErrorCode, ServerMessage, SseEvent, Target};
 use upline_common::UserId;
-use upline_notifier::feed::{Feed, Target};
+use upline_notifier::feed::Feed;
 use upline_notifier::hub::{Frame, Hub};
 
-use crate::harness::{service_settings, Services, Sse, TestApp, Ws, ADMIN};
+use crate::harness::{service_settings, Services, Sse, SubscribeTarget, TestApp, Ws, ADMIN};
 
-fn seqs(events: &[Value]) -> Vec<i64> {
-    events
-        .iter()
-        .map(|e| e["seq"].as_i64().expect("seq"))
-        .collect()
+fn seqs(events: &[EarningEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
 }
 
 /// Writes `n` earnings of `earner` (seq after `from_seq`) straight into the ledger, as years of
@@ -78,8 +77,8 @@ async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purch
     let live = 300;
     let total = history as usize + live;
 
-    let mut from_start = app.subscribe(json!(b.id), &b.token, Some(0)).await;
-    let mut from_middle = app.subscribe(json!(b.id), &b.token, Some(1_234)).await;
+    let mut from_start = app.subscribe(b.id, &b.token, Some(0)).await;
+    let mut from_middle = app.subscribe(b.id, &b.token, Some(1_234)).await;
     let (_, all, rest) = tokio::join!(
         app.publish_purchases("during-replay", c.id, live),
         from_start.earnings(total),
@@ -89,7 +88,7 @@ async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purch
     assert_eq!(seqs(&rest), (1_235..=total as i64).collect::<Vec<_>>());
     let live_ones: Vec<_> = all[history as usize..]
         .iter()
-        .map(|e| e["purchase_id"].as_str().unwrap_or_default().to_owned())
+        .map(|e| e.purchase_id.clone())
         .collect();
     assert!(
         live_ones.iter().all(|p| p.starts_with("during-replay-")),
@@ -121,7 +120,11 @@ async fn a_feed_never_holds_more_than_one_page_and_fills_gaps_and_lags_from_the_
     .await
     .expect("feed opens");
     let earner = UserId::new(b.id).expect("positive");
-    let frame = |seq: i64| Frame::from_json(earner, seq, seq, format!(r#"{{"seq":{seq}}}"#));
+    let frame = |seq: i64| {
+        let event = serde_json::value::to_raw_value(&serde_json::json!({ "seq": seq }))
+            .expect("serialises");
+        Frame::from_json(earner, seq, seq, event)
+    };
     let mut got = Vec::new();
     while got.len() < 3_000 {
         got.push(next(&mut feed).await);
@@ -173,36 +176,40 @@ async fn next(feed: &mut Feed) -> i64 {
         .seq
 }
 
-/// How the server ended a WebSocket: the frames it sent first, and the close code and reason.
-type Refusal = (Vec<Value>, Option<(u16, String)>);
+/// How the server ended a WebSocket: the messages it sent first, and the close code and
+/// reason.
+type Refusal = (Vec<ServerMessage>, Option<(u16, String)>);
 
-/// A WebSocket that subscribed, or how the server refused it: the frames it sent, and the
-/// close code and reason.
+/// A WebSocket that subscribed to `user_id`, or how the server refused it: the messages it
+/// sent, and the close code and reason.
 async fn try_subscribe(
     request: impl IntoClientRequest + Unpin,
-    user_id: Value,
+    user_id: impl SubscribeTarget,
     token: &str,
+) -> Result<Ws, Refusal> {
+    let subscribe = upline_common::protocol::Subscribe::new(user_id.target(), token, None);
+    try_subscribe_with(request, subscribe.to_text()).await
+}
+
+/// [`try_subscribe`] with `message` as the subscribe message.
+async fn try_subscribe_with(
+    request: impl IntoClientRequest + Unpin,
+    message: String,
 ) -> Result<Ws, Refusal> {
     let (ws, _) = tokio_tungstenite::connect_async(request)
         .await
         .expect("websocket connects");
     let mut ws = Ws(ws);
     // A refused connection may be closed before this arrives.
-    let _ =
-        ws.0.send(Message::Text(
-            json!({"type": "subscribe", "user_id": user_id, "token": token})
-                .to_string()
-                .into(),
-        ))
-        .await;
+    let _ = ws.send_text(message).await;
     let (frames, close) = loop {
         match tokio::time::timeout(Duration::from_secs(15), ws.0.next())
             .await
             .expect("an answer within 15 s")
         {
             Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).expect("JSON frame");
-                if v["type"] == "subscribed" {
+                let v = crate::harness::server_message(&t);
+                if matches!(v, ServerMessage::Subscribed { .. }) {
                     return Ok(ws);
                 }
                 let (mut rest, close) = ws.until_close().await;
@@ -223,14 +230,16 @@ async fn try_subscribe(
 }
 
 /// Asserts a refusal: one error frame with `code`, then close code `close`.
-fn assert_refused(outcome: Result<Ws, Refusal>, code: &str, close: u16) {
+fn assert_refused(outcome: Result<Ws, Refusal>, code: ErrorCode, close: u16) {
     let Err((frames, closed)) = outcome else {
         panic!("subscribed, but {code} was expected");
     };
     assert_eq!(frames.len(), 1, "{frames:?}");
-    assert_eq!(frames[0]["type"], "error");
-    assert_eq!(frames[0]["code"], code, "{frames:?}");
-    assert!(frames[0]["retry_after"].as_u64().is_some_and(|s| s >= 1));
+    let ServerMessage::Error(error) = &frames[0] else {
+        panic!("an error frame was expected: {frames:?}");
+    };
+    assert_eq!(error.code, code, "{frames:?}");
+    assert!(error.retry_after.is_some_and(|s| s >= 1));
     assert_eq!(closed.map(|c| c.0), Some(close), "{frames:?}");
 }
 
@@ -287,24 +296,24 @@ async fn a_user_with_too_many_streams_is_refused_on_websocket_and_sse_until_one_
     })
     .await;
     let (a, b, c) = app.chain_abc().await;
-    let ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let ws = app.subscribe(b.id, &b.token, None).await;
     let (status, sse) = Sse::open(&app, b.id, &b.token, false).await;
     assert_eq!(status, 200);
     // A third stream of B's, either way, is refused with its own code.
     assert_refused(
-        try_subscribe(app.ws_url.as_str(), json!(b.id), &b.token).await,
-        "too_many_connections_for_user",
+        try_subscribe(app.ws_url.as_str(), b.id, &b.token).await,
+        ErrorCode::TooManyConnectionsForUser,
         4004,
     );
     assert_sse_refused(&app, b.id, &b.token, 429, "too_many_connections_for_user").await;
     // Another user is unaffected, and so is the admin feed of everyone.
-    let mut a_ws = app.subscribe(json!(a.id), &a.token, None).await;
-    let _admin = app.subscribe(json!("*"), ADMIN, None).await;
+    let mut a_ws = app.subscribe(a.id, &a.token, None).await;
+    let _admin = app.subscribe(Target::All, ADMIN, None).await;
 
     // Closing one of B's streams frees its slot.
     close(ws).await;
     let mut again = eventually("a WebSocket slot for B again", || async {
-        try_subscribe(app.ws_url.as_str(), json!(b.id), &b.token)
+        try_subscribe(app.ws_url.as_str(), b.id, &b.token)
             .await
             .ok()
     })
@@ -319,7 +328,10 @@ async fn a_user_with_too_many_streams_is_refused_on_websocket_and_sse_until_one_
     app.purchase("capped-user", c.id, "2000.00").await;
     assert_eq!(seqs(&again.earnings(1).await), vec![1]);
     assert_eq!(
-        sse.until_event("earning").await.expect("an earning")["seq"],
+        sse.until_event::<EarningEvent>(SseEvent::Earning)
+            .await
+            .expect("an earning")
+            .seq,
         1
     );
     assert_eq!(seqs(&a_ws.earnings(1).await), vec![1]);
@@ -355,8 +367,8 @@ async fn an_address_with_too_many_connections_is_refused_subscribed_or_not() {
         idle.push(ws);
     }
     assert_refused(
-        try_subscribe(from_address(&app.ws_url, proxy), json!(b.id), &b.token).await,
-        "too_many_connections_from_address",
+        try_subscribe(from_address(&app.ws_url, proxy), b.id, &b.token).await,
+        ErrorCode::TooManyConnectionsFromAddress,
         4005,
     );
     let refused = app
@@ -380,11 +392,11 @@ async fn an_address_with_too_many_connections_is_refused_subscribed_or_not() {
         "too_many_connections_from_address"
     );
     // Other addresses (here the direct peer, 127.0.0.1) are unaffected.
-    let other = app.subscribe(json!(b.id), &b.token, None).await;
+    let other = app.subscribe(b.id, &b.token, None).await;
     // One idle socket goes: its slot is free again.
     drop(idle.pop());
     let back = eventually("a slot for the address again", || async {
-        try_subscribe(from_address(&app.ws_url, proxy), json!(b.id), &b.token)
+        try_subscribe(from_address(&app.ws_url, proxy), b.id, &b.token)
             .await
             .ok()
     })
@@ -404,19 +416,19 @@ async fn with_abuse_limits_off_only_the_total_cap_holds() {
     })
     .await;
     let (_, b, _) = app.chain_abc().await;
-    let first = app.subscribe(json!(b.id), &b.token, None).await;
-    let _second = app.subscribe(json!(b.id), &b.token, None).await;
+    let first = app.subscribe(b.id, &b.token, None).await;
+    let _second = app.subscribe(b.id, &b.token, None).await;
     let (status, _sse) = Sse::open(&app, b.id, &b.token, false).await;
     assert_eq!(status, 200, "three of one user from one address");
     assert_refused(
-        try_subscribe(app.ws_url.as_str(), json!(b.id), &b.token).await,
-        "notifier_full",
+        try_subscribe(app.ws_url.as_str(), b.id, &b.token).await,
+        ErrorCode::NotifierFull,
         1013,
     );
     assert_sse_refused(&app, b.id, &b.token, 503, "notifier_full").await;
     close(first).await;
     let again = eventually("a slot once one closed", || async {
-        try_subscribe(app.ws_url.as_str(), json!(b.id), &b.token)
+        try_subscribe(app.ws_url.as_str(), b.id, &b.token)
             .await
             .ok()
     })
@@ -439,14 +451,19 @@ async fn slots_are_released_however_a_connection_ends() {
     let (a, b, _) = app.chain_abc().await;
     // Each of these ends one way; each, if its slots leaked, would leave fewer than two.
     // 1. The client closes.
-    close(app.subscribe(json!(b.id), &b.token, Some(0)).await).await;
+    close(app.subscribe(b.id, &b.token, Some(0)).await).await;
     // 2. The client's TCP connection drops without a close frame.
-    drop(app.subscribe(json!(b.id), &b.token, None).await);
+    drop(app.subscribe(b.id, &b.token, None).await);
     // 3. A malformed subscribe message; 4. a token that is not valid.
-    for (user, token) in [(json!("seven"), "x"), (json!(b.id), "nonsense")] {
-        let outcome = try_subscribe(app.ws_url.as_str(), user, token).await;
-        assert!(outcome.is_err());
-    }
+    let malformed = json!({"type": "subscribe", "user_id": "seven", "token": "x"});
+    assert!(
+        try_subscribe_with(app.ws_url.as_str(), malformed.to_string())
+            .await
+            .is_err()
+    );
+    assert!(try_subscribe(app.ws_url.as_str(), b.id, "nonsense")
+        .await
+        .is_err());
     // 5. No subscribe message in time.
     let (ws, _) = tokio_tungstenite::connect_async(app.ws_url.as_str())
         .await
@@ -460,7 +477,7 @@ async fn slots_are_released_however_a_connection_ends() {
     let (status, _) = Sse::open(&app, b.id, "nonsense", false).await;
     assert_eq!(status, 403);
     // 8. The server ends the stream: the user signs out everywhere (4003).
-    let mut revoked = app.subscribe(json!(a.id), &a.token, None).await;
+    let mut revoked = app.subscribe(a.id, &a.token, None).await;
     let r = app
         .http
         .delete(app.url(&format!("/api/users/{}/tokens", a.id)))
@@ -474,8 +491,8 @@ async fn slots_are_released_however_a_connection_ends() {
 
     // Both slots are free again, and B's one stream slot too.
     let (one, two) = eventually("two connections at once", || async {
-        let one = try_subscribe(app.ws_url.as_str(), json!(b.id), &b.token).await;
-        let two = try_subscribe(app.ws_url.as_str(), json!("*"), ADMIN).await;
+        let one = try_subscribe(app.ws_url.as_str(), b.id, &b.token).await;
+        let two = try_subscribe(app.ws_url.as_str(), Target::All, ADMIN).await;
         match (one, two) {
             (Ok(one), Ok(two)) => Some((one, two)),
             (one, two) => {
@@ -506,7 +523,10 @@ async fn a_socket_that_does_not_subscribe_in_time_is_closed_with_a_reason() {
     let (frames, closed) = Ws(ws).until_close().await;
     let waited = started.elapsed();
     assert_eq!(frames.len(), 1, "{frames:?}");
-    assert_eq!(frames[0]["code"], "subscribe_timeout");
+    assert!(
+        matches!(&frames[0], ServerMessage::Error(e) if e.code == ErrorCode::SubscribeTimeout),
+        "{frames:?}"
+    );
     let (code, reason) = closed.expect("a close frame");
     assert_eq!(code, 4006);
     assert!(reason.contains("subscribe"), "{reason}");
@@ -515,7 +535,7 @@ async fn a_socket_that_does_not_subscribe_in_time_is_closed_with_a_reason() {
         "closed after {waited:?}"
     );
     // One that subscribed in time stays open past the timeout.
-    let mut ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     app.purchase("after-the-timeout", c.id, "2000.00").await;
     assert_eq!(seqs(&ws.earnings(1).await), vec![1]);
@@ -546,9 +566,9 @@ async fn a_users_hub_entry_goes_when_its_last_client_disconnects() {
     let before = hub.subscribed_users();
     assert_eq!(before, 0);
 
-    let first = crate::harness::subscribe_at(&ws_url, json!(b.id), &b.token, None).await;
-    let mut second = crate::harness::subscribe_at(&ws_url, json!(b.id), &b.token, Some(0)).await;
-    let admin = crate::harness::subscribe_at(&ws_url, json!("*"), ADMIN, None).await;
+    let first = crate::harness::subscribe_at(&ws_url, b.id, &b.token, None).await;
+    let mut second = crate::harness::subscribe_at(&ws_url, b.id, &b.token, Some(0)).await;
+    let admin = crate::harness::subscribe_at(&ws_url, Target::All, ADMIN, None).await;
     let sse = app
         .http
         .get(format!("{base}/events/{}", a.id))

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::process::Command;
+use upline_common::protocol::{ErrorCode, ErrorMessage, ServerMessage, SseEvent};
 
 use crate::harness::{Services, Sse, TestApp, ADMIN, PRODUCER};
 
@@ -114,7 +115,7 @@ async fn user_tokens_expire_and_are_renewed_before_they_do() {
     let token = first["token"].as_str().expect("token").to_owned();
     let me = |token: String| call(app.http.get(app.url("/api/me")).bearer_auth(token));
     assert_eq!(me(token.clone()).await.0, 200);
-    let mut ws = app.subscribe(json!(a.id), &token, Some(0)).await;
+    let mut ws = app.subscribe(a.id, &token, Some(0)).await;
 
     // Renewed by the user itself, while the token is valid: a new token that lives longer.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -139,8 +140,8 @@ async fn user_tokens_expire_and_are_renewed_before_they_do() {
         "closed with 4003 at expiry: {frames:?}"
     );
     assert_eq!(
-        frames.last().map(|f| f["code"].clone()),
-        Some(json!("token_expired"))
+        frames.last().map(error_code),
+        Some(Some(ErrorCode::TokenExpired))
     );
     let (status, body) = me(token.clone()).await;
     assert_eq!(
@@ -172,11 +173,11 @@ async fn revoking_or_deactivating_a_user_refuses_its_tokens_and_closes_its_strea
         )
     };
     assert_eq!(earnings_of(b.id, b.token.clone()).await.0, 200);
-    let mut ws = app.subscribe(json!(b.id), &b.token, Some(0)).await;
+    let mut ws = app.subscribe(b.id, &b.token, Some(0)).await;
     let (status, mut sse) = Sse::open(&app, b.id, &b.token, true).await;
     assert_eq!(status, 200);
     // A stream the admin opened on B is not B's to lose.
-    let mut admin_ws = app.subscribe(json!(b.id), ADMIN, Some(0)).await;
+    let mut admin_ws = app.subscribe(b.id, ADMIN, Some(0)).await;
 
     // B signs out everywhere.
     let (status, _) = call(
@@ -189,14 +190,14 @@ async fn revoking_or_deactivating_a_user_refuses_its_tokens_and_closes_its_strea
     let (frames, close) = ws.until_close().await;
     assert_eq!(close.map(|c| c.0), Some(4003), "{frames:?}");
     assert_eq!(
-        frames.last().map(|f| f["code"].clone()),
-        Some(json!("token_revoked"))
+        frames.last().map(error_code),
+        Some(Some(ErrorCode::TokenRevoked))
     );
-    let ended = sse
-        .until_event("feed-error")
+    let ended: ErrorMessage = sse
+        .until_event(SseEvent::FeedError)
         .await
         .expect("a feed-error event");
-    assert_eq!(ended["code"], "token_revoked");
+    assert_eq!(ended.code, ErrorCode::TokenRevoked);
     let (status, body) = earnings_of(b.id, b.token.clone()).await;
     assert_eq!(
         (status, body["code"].as_str()),
@@ -208,7 +209,7 @@ async fn revoking_or_deactivating_a_user_refuses_its_tokens_and_closes_its_strea
     // Other users' tokens are unaffected, and the admin's stream goes on.
     assert_eq!(earnings_of(a.id, a.token.clone()).await.0, 200);
     app.purchase("after-revoke", c.id, "2000.00").await;
-    assert_eq!(admin_ws.earnings(1).await[0]["earner_id"], b.id);
+    assert_eq!(admin_ws.earnings(1).await[0].earner_id.get(), b.id);
 
     // A new token from the admin works; deactivation revokes it in turn.
     let (_, issued) = call(
@@ -219,7 +220,7 @@ async fn revoking_or_deactivating_a_user_refuses_its_tokens_and_closes_its_strea
     .await;
     let fresh = issued["token"].as_str().expect("token").to_owned();
     assert_eq!(earnings_of(b.id, fresh.clone()).await.0, 200);
-    let mut ws = app.subscribe(json!(b.id), &fresh, None).await;
+    let mut ws = app.subscribe(b.id, &fresh, None).await;
     let (status, _) = call(
         app.http
             .post(app.url(&format!("/api/users/{}/deactivate", b.id)))
@@ -448,7 +449,7 @@ async fn erasing_a_user_removes_its_personal_data_and_keeps_the_ledger_exact() {
     app.purchase("by-c-before", c.id, "2000.00").await; // B 100.00, A 20.00
     app.wait_processed("before-erasure").await;
     app.wait_processed("by-c-before").await;
-    let mut ws = app.subscribe(json!(b.id), &b.token, None).await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
 
     // B erases itself.
     let (status, _) = call(
@@ -613,7 +614,7 @@ async fn raw_message_bodies_are_kept_only_for_the_retention_period() {
 #[tokio::test]
 async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
     use crate::harness::{free_port, sandbox, unique};
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
 
     let http = reqwest::Client::builder()
@@ -703,17 +704,13 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
             .0,
         200
     );
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{notifier_port}/ws"))
-            .await
-            .expect("websocket");
-    ws.send(tokio_tungstenite::tungstenite::Message::Text(
-        json!({"type": "subscribe", "user_id": referrer_id, "token": referrer_token})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .expect("subscribe");
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{notifier_port}/ws"))
+        .await
+        .expect("websocket");
+    let mut ws = crate::harness::Ws(ws);
+    ws.send_subscribe(referrer_id, &referrer_token, None)
+        .await
+        .expect("subscribe");
     let sse = http
         .get(format!(
             "{notifier}/events/{referrer_id}?token={referrer_token}"
@@ -737,19 +734,18 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
     assert_eq!(status, 202);
     // The earning reaches the socket: the whole pipeline ran with logging on.
     let earning = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        let frame = tokio::time::timeout(Duration::from_secs(20), ws.0.next())
             .await
             .expect("an earning within 20 s")
             .expect("open")
             .expect("frame");
         if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
-            let v: Value = serde_json::from_str(&t).expect("json");
-            if v["type"] == "earning" {
-                break v;
+            if let ServerMessage::Earning { earning } = crate::harness::server_message(&t) {
+                break earning;
             }
         }
     };
-    assert_eq!(earning["earning"]["amount"], "100.00");
+    assert_eq!(earning.amount.to_string(), "100.00");
     let (status, _) = call(
         http.delete(format!("{api}/api/users/{referrer_id}/tokens"))
             .bearer_auth(&buyer_token),
@@ -794,4 +790,12 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
     );
 
     sandbox.destroy().await.expect("drop test database");
+}
+
+/// The code of an error message; `None` for any other message.
+fn error_code(message: &ServerMessage) -> Option<ErrorCode> {
+    match message {
+        ServerMessage::Error(e) => Some(e.code),
+        _ => None,
+    }
 }

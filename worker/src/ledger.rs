@@ -9,17 +9,20 @@
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
 //! statement over arrays (`unnest`).
 
-use std::collections::{BTreeMap, HashMap};
+mod plan;
+
+use std::collections::HashMap;
 
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
-use upline_common::events::Totals;
 use upline_common::money::Money;
 use upline_common::purchase::{Purchase, PurchaseId};
-use upline_common::rules::{self, Rules, UplineMember};
-use upline_common::UserId;
+use upline_common::rules::Rules;
+use upline_common::{Level, PurchaseStatus, UserId};
+
+use plan::{Decision, Earner, LevelOutcome, NewEarning, Plan, Upline};
 
 /// What recording a purchase came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +158,7 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
         bodies.push(Value::Object(item.body.clone()).to_string());
         match &item.incoming {
             Incoming::Valid(p) => {
-                statuses.push("processed");
+                statuses.push(PurchaseStatus::Processed.as_str().to_owned());
                 reasons.push(None);
                 buyers.push(Some(p.buyer_id.get()));
                 amounts.push(Some(p.amount.as_decimal()));
@@ -164,7 +167,7 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
                 occurred.push(p.occurred_at);
             }
             Incoming::Invalid { reason, .. } => {
-                statuses.push("rejected");
+                statuses.push(PurchaseStatus::Rejected.as_str().to_owned());
                 reasons.push(Some(reason.clone()));
                 buyers.push(None);
                 amounts.push(None);
@@ -174,7 +177,8 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
             }
         }
     }
-    let inserted: Vec<String> = sqlx::query_scalar(
+    // Arrays with NULL elements (`as &[Option<_>]`) are beyond the macro's type check.
+    let inserted = sqlx::query_scalar!(
         r#"insert into purchases (purchase_id, status, reason, buyer_id, amount, currency, profit, occurred_at, fingerprint, body)
            select id, status, reason, buyer, amount, currency, profit, coalesce(occurred, now()), fingerprint, body::jsonb
            from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::numeric[], $6::text[], $7::numeric[],
@@ -183,17 +187,17 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
            order by id
            on conflict (purchase_id) do nothing
            returning purchase_id"#,
+        &ids,
+        &statuses,
+        &reasons as &[Option<String>],
+        &buyers as &[Option<i64>],
+        &amounts as &[Option<Decimal>],
+        &currencies as &[Option<String>],
+        &profits as &[Option<Decimal>],
+        &occurred as &[Option<OffsetDateTime>],
+        &fingerprints,
+        &bodies,
     )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&buyers)
-    .bind(&amounts)
-    .bind(&currencies)
-    .bind(&profits)
-    .bind(&occurred)
-    .bind(&fingerprints)
-    .bind(&bodies)
     .fetch_all(&mut *tx)
     .await?;
     let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
@@ -209,13 +213,14 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
             .iter()
             .map(|&i| batch.items[i].incoming.purchase_id().as_str().to_owned())
             .collect();
-        let stored: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
+        let stored: HashMap<String, String> = sqlx::query!(
             "select purchase_id, fingerprint from purchases where purchase_id = any($1)",
+            &lookup,
         )
-        .bind(&lookup)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
+        .map(|r| (r.purchase_id, r.fingerprint))
         .collect();
         let mut conflict_ids = Vec::new();
         let mut conflict_bodies = Vec::new();
@@ -235,11 +240,11 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
             }
         }
         if !conflict_ids.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "insert into purchase_conflicts (purchase_id, body) select id, body::jsonb from unnest($1::text[], $2::text[]) as t(id, body)",
+                &conflict_ids,
+                &conflict_bodies,
             )
-            .bind(&conflict_ids)
-            .bind(&conflict_bodies)
             .execute(&mut *tx)
             .await?;
         }
@@ -258,250 +263,146 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
     Ok(claimed)
 }
 
-/// A locked earner: the row of `users` plus its per-level totals, updated in memory as the
-/// batch is applied.
-struct Earner {
-    is_active: bool,
-    seq: i64,
-    total: Money,
-    levels: Vec<Money>,
-    changed: bool,
-}
-
-/// One earning row to insert.
-struct NewEarning {
-    earner_id: UserId,
-    seq: i64,
-    source_user_id: UserId,
-    purchase_id: String,
-    level: i16,
-    rate: Decimal,
-    amount: Decimal,
-    currency: String,
-    totals: String,
-}
-
-/// One row of `purchase_levels` to insert.
-struct LevelOutcome {
-    purchase_id: String,
-    level: i16,
-    earner_id: Option<UserId>,
-    outcome: &'static str,
-    rate: Decimal,
-    amount: Decimal,
-    /// Index into the batch's new earnings, when this level credited one.
-    earning: Option<usize>,
-}
-
-/// Credits the uplines of the claimed valid purchases.
+/// Credits the uplines of the claimed valid purchases, in named steps: load the buyers'
+/// uplines, lock and load their earners, [`plan::plan`] the shares (the pure middle), then
+/// write the plan.
 async fn credit(
     tx: &mut PgConnection,
     rules: &Rules,
     batch: &mut Batch<'_>,
     claimed: &[usize],
 ) -> sqlx::Result<()> {
-    let purchases: Vec<(usize, &Purchase)> = claimed
+    let (indexes, purchases): (Vec<usize>, Vec<&Purchase>) = claimed
         .iter()
         .filter_map(|&i| match &batch.items[i].incoming {
             Incoming::Valid(p) => Some((i, p)),
             Incoming::Invalid { .. } => None,
         })
-        .collect();
+        .unzip();
     if purchases.is_empty() {
         return Ok(());
     }
-    let levels = i32::try_from(rules.rates.len()).expect("at most 10 levels");
-    let mut buyers: Vec<UserId> = purchases.iter().map(|(_, p)| p.buyer_id).collect();
+    let uplines = load_uplines(tx, &purchases, rules.rates.len()).await?;
+    let earners = lock_earners(tx, &uplines, rules.rates.len()).await?;
+    let plan = plan::plan(rules, &purchases, &uplines, earners);
+    write_rejections(tx, &purchases, &plan.decisions).await?;
+    let earning_ids = insert_earnings(tx, &plan.earnings).await?;
+    update_aggregates(tx, &plan).await?;
+    insert_levels(tx, &plan.levels, &earning_ids).await?;
+    for (i, decision) in indexes.into_iter().zip(plan.decisions) {
+        batch.results[i] = Some(match decision {
+            Decision::Processed { earnings } => Recorded::Processed { earnings },
+            Decision::UnknownBuyer { reason } => Recorded::Rejected { reason },
+        });
+    }
+    Ok(())
+}
+
+/// Each buyer's upline, up to `levels` ancestors; a buyer that is not a user has no entry.
+/// The referral graph is a forest, so the walk ends.
+async fn load_uplines(
+    tx: &mut PgConnection,
+    purchases: &[&Purchase],
+    levels: usize,
+) -> sqlx::Result<HashMap<UserId, Upline>> {
+    let mut buyers: Vec<i64> = purchases.iter().map(|p| p.buyer_id.get()).collect();
     buyers.sort_unstable();
     buyers.dedup();
-    // Each buyer (level 0) and up to `levels` ancestors. The referral graph is a forest.
-    let rows = sqlx::query(
+    // Each buyer (level 0) and up to `levels` ancestors, nearest first.
+    let rows = sqlx::query!(
         r#"with recursive up (buyer, level, id, referrer_id) as (
                select u.id, 0, u.id, u.referrer_id from users u where u.id = any($1)
                union all
                select up.buyer, up.level + 1, u.id, u.referrer_id from users u join up on u.id = up.referrer_id
                where up.level < $2
            )
-           select buyer, level, id from up"#,
+           select buyer as "buyer!: UserId", level as "level!", id as "id!: UserId"
+           from up order by buyer, level"#,
+        &buyers,
+        i32::try_from(levels).expect("at most 10 levels"),
     )
-    .bind(&buyers)
-    .bind(levels)
     .fetch_all(&mut *tx)
     .await?;
-    let mut uplines: HashMap<UserId, BTreeMap<i32, UserId>> = HashMap::new();
+    let mut uplines: HashMap<UserId, Upline> = HashMap::new();
     for row in rows {
-        uplines
-            .entry(row.get("buyer"))
-            .or_default()
-            .insert(row.get("level"), row.get("id"));
-    }
-
-    // Unknown buyers: the purchase is rejected.
-    let mut rejected_ids = Vec::new();
-    let mut rejected_reasons = Vec::new();
-    for &(i, p) in &purchases {
-        if !uplines.contains_key(&p.buyer_id) {
-            let reason = format!("buyer_id: no user with id {}", p.buyer_id);
-            rejected_ids.push(p.purchase_id.as_str().to_owned());
-            rejected_reasons.push(reason.clone());
-            batch.results[i] = Some(Recorded::Rejected { reason });
+        let upline = uplines.entry(row.buyer).or_default();
+        if row.level > 0 {
+            upline.push(row.id);
         }
     }
-    if !rejected_ids.is_empty() {
-        sqlx::query(
-            r#"update purchases p set status = 'rejected', reason = t.reason
-               from unnest($1::text[], $2::text[]) as t(id, reason) where p.purchase_id = t.id"#,
-        )
-        .bind(&rejected_ids)
-        .bind(&rejected_reasons)
-        .execute(&mut *tx)
-        .await?;
-    }
+    Ok(uplines)
+}
 
-    // Lock every earner of the batch at once, in id order: the same order in every worker.
-    // `for no key update` is enough (ids never change) and does not block readers' key locks.
-    let mut earner_ids: Vec<UserId> = uplines
-        .values()
-        .flat_map(|u| u.iter().filter(|(l, _)| **l > 0).map(|(_, id)| *id))
-        .collect();
-    earner_ids.sort_unstable();
-    earner_ids.dedup();
-    let mut earners: HashMap<UserId, Earner> = HashMap::new();
-    if !earner_ids.is_empty() {
-        let rows = sqlx::query("select id, is_active, earnings_seq, total_earnings from users where id = any($1) order by id for no key update")
-            .bind(&earner_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in rows {
-            earners.insert(
-                row.get("id"),
-                Earner {
-                    is_active: row.get("is_active"),
-                    seq: row.get("earnings_seq"),
-                    total: Money::from_total(row.get("total_earnings")),
-                    levels: vec![Money::ZERO; rules.rates.len()],
-                    changed: false,
-                },
-            );
-        }
-        let rows =
-            sqlx::query("select user_id, level, total from earner_levels where user_id = any($1)")
-                .bind(&earner_ids)
-                .fetch_all(&mut *tx)
-                .await?;
-        for row in rows {
-            let level: i16 = row.get("level");
-            if let (Some(e), Ok(index)) = (
-                earners.get_mut(&row.get::<UserId, _>("user_id")),
-                usize::try_from(level - 1),
-            ) {
-                if let Some(slot) = e.levels.get_mut(index) {
-                    *slot = Money::from_total(row.get("total"));
-                }
-            }
-        }
+/// Locks every earner of the batch at once, in id order: the same order in every worker.
+/// `for no key update` is enough (ids never change) and does not block readers' key locks.
+/// Returns them with their per-level totals for the first `levels` levels.
+async fn lock_earners(
+    tx: &mut PgConnection,
+    uplines: &HashMap<UserId, Upline>,
+    levels: usize,
+) -> sqlx::Result<HashMap<UserId, Earner>> {
+    let mut ids: Vec<i64> = uplines.values().flatten().map(|id| id.get()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut earners = HashMap::new();
+    if ids.is_empty() {
+        return Ok(earners);
     }
-
-    // Apply the rules purchase by purchase, in batch order.
-    let mut new_earnings: Vec<NewEarning> = Vec::new();
-    let mut outcomes: Vec<LevelOutcome> = Vec::new();
-    for &(i, p) in &purchases {
-        let Some(upline) = uplines.get(&p.buyer_id) else {
-            continue;
-        };
-        let members: Vec<UplineMember> = upline
-            .iter()
-            .filter(|(level, _)| **level > 0)
-            .map(|(level, id)| {
-                let e = earners.get(id);
-                let index = usize::try_from(*level - 1).expect("levels above the buyer start at 1");
-                UplineMember {
-                    user_id: *id,
-                    is_active: e.is_some_and(|e| e.is_active),
-                    earned_at_level: e
-                        .and_then(|e| e.levels.get(index).copied())
-                        .unwrap_or(Money::ZERO),
-                }
-            })
-            .collect();
-        let shares = rules::shares(rules, p.amount, p.commission_base(), &members);
-        let mut credited = 0;
-        for share in &shares {
-            let level = i16::from(share.level);
-            let earning = match (
-                share.outcome.credits(),
-                share.earner_id.and_then(|id| earners.get_mut(&id)),
-            ) {
-                (true, Some(earner)) => {
-                    earner.seq += 1;
-                    earner.total += share.amount;
-                    earner.levels[share.level.index()] += share.amount;
-                    earner.changed = true;
-                    let totals = Totals {
-                        total: earner.total,
-                        levels: earner.levels.clone(),
-                    };
-                    new_earnings.push(NewEarning {
-                        earner_id: share.earner_id.expect("a crediting share names its earner"),
-                        seq: earner.seq,
-                        source_user_id: p.buyer_id,
-                        purchase_id: p.purchase_id.as_str().to_owned(),
-                        level,
-                        rate: share.rate,
-                        amount: share.amount.as_decimal(),
-                        currency: p.currency.clone(),
-                        totals: serde_json::to_string(&totals).expect("totals serialise"),
-                    });
-                    credited += 1;
-                    Some(new_earnings.len() - 1)
-                }
-                _ => None,
-            };
-            outcomes.push(LevelOutcome {
-                purchase_id: p.purchase_id.as_str().to_owned(),
-                level,
-                earner_id: share.earner_id,
-                outcome: share.outcome.as_str(),
-                rate: share.rate,
-                amount: share.amount.as_decimal(),
-                earning,
-            });
-        }
-        batch.results[i] = Some(Recorded::Processed { earnings: credited });
-    }
-
-    let earning_ids = insert_earnings(tx, &new_earnings).await?;
-    update_aggregates(tx, &new_earnings, &earners).await?;
-
-    let (
-        mut l_ids,
-        mut l_levels,
-        mut l_earners,
-        mut l_outcomes,
-        mut l_rates,
-        mut l_amounts,
-        mut l_earnings,
-    ) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for o in outcomes {
-        l_ids.push(o.purchase_id);
-        l_levels.push(o.level);
-        l_earners.push(o.earner_id);
-        l_outcomes.push(o.outcome);
-        l_rates.push(o.rate);
-        l_amounts.push(o.amount);
-        l_earnings.push(o.earning.map(|e| earning_ids[e]));
-    }
-    sqlx::query(
-        r#"insert into purchase_levels (purchase_id, level, earner_id, outcome, rate, amount, earning_id)
-           select * from unnest($1::text[], $2::int2[], $3::int8[], $4::text[], $5::numeric[], $6::numeric[], $7::int8[])"#,
+    let rows = sqlx::query!(
+        r#"select id as "id: UserId", is_active, earnings_seq, total_earnings
+           from users where id = any($1) order by id for no key update"#,
+        &ids,
     )
-    .bind(&l_ids)
-    .bind(&l_levels)
-    .bind(&l_earners)
-    .bind(&l_outcomes)
-    .bind(&l_rates)
-    .bind(&l_amounts)
-    .bind(&l_earnings)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        let total = Money::from_total(row.total_earnings);
+        let earner = Earner::new(row.is_active, row.earnings_seq, total, levels);
+        earners.insert(row.id, earner);
+    }
+    let rows = sqlx::query!(
+        r#"select user_id as "user_id: UserId", level as "level: Level", total
+           from earner_levels where user_id = any($1)"#,
+        &ids,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        if let Some(slot) = earners
+            .get_mut(&row.user_id)
+            .and_then(|e| e.levels.get_mut(row.level.index()))
+        {
+            *slot = Money::from_total(row.total);
+        }
+    }
+    Ok(earners)
+}
+
+/// Marks the purchases of unknown buyers rejected, with the reason.
+async fn write_rejections(
+    tx: &mut PgConnection,
+    purchases: &[&Purchase],
+    decisions: &[Decision],
+) -> sqlx::Result<()> {
+    let (ids, reasons): (Vec<String>, Vec<String>) = purchases
+        .iter()
+        .zip(decisions)
+        .filter_map(|(p, d)| match d {
+            Decision::UnknownBuyer { reason } => {
+                Some((p.purchase_id.as_str().to_owned(), reason.clone()))
+            }
+            Decision::Processed { .. } => None,
+        })
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        r#"update purchases p set status = 'rejected', reason = t.reason
+           from unnest($1::text[], $2::text[]) as t(id, reason) where p.purchase_id = t.id"#,
+        &ids,
+        &reasons,
+    )
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -512,7 +413,7 @@ async fn insert_earnings(tx: &mut PgConnection, earnings: &[NewEarning]) -> sqlx
     if earnings.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<(i32, i64)> = sqlx::query_as(
+    let rows = sqlx::query!(
         r#"with new as (
                insert into earnings (earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency, totals)
                select earner, seq, source, purchase, level, rate, amount, currency, totals::jsonb
@@ -524,84 +425,103 @@ async fn insert_earnings(tx: &mut PgConnection, earnings: &[NewEarning]) -> sqlx
            ), queued as (
                insert into earning_outbox (earning_id) select id from new
            )
-           select t.n::int4, new.id
+           select t.n::int4 as "n!", new.id as "id!"
            from new join unnest($1::int8[], $2::int8[]) with ordinality as t(earner, seq, n)
              on new.earner_id = t.earner and new.seq = t.seq"#,
+        &earnings.iter().map(|e| e.earner_id.get()).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.source_user_id.get()).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.purchase_id.clone()).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| i16::from(e.level)).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.rate).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.amount.as_decimal()).collect::<Vec<_>>(),
+        &earnings.iter().map(|e| e.currency.clone()).collect::<Vec<_>>(),
+        &earnings
+            .iter()
+            .map(|e| serde_json::to_string(&e.totals).expect("totals serialise"))
+            .collect::<Vec<_>>(),
     )
-    .bind(earnings.iter().map(|e| e.earner_id).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.seq).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.source_user_id).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.purchase_id.clone()).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.level).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.rate).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.amount).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.currency.clone()).collect::<Vec<_>>())
-    .bind(earnings.iter().map(|e| e.totals.clone()).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
     let mut by_position = vec![0i64; earnings.len()];
-    for (n, id) in ids {
-        by_position[usize::try_from(n - 1).expect("ordinality starts at 1")] = id;
+    for row in rows {
+        by_position[usize::try_from(row.n - 1).expect("ordinality starts at 1")] = row.id;
     }
     Ok(by_position)
 }
 
 /// Updates `users` (seq, total), `earner_levels` and `earner_referrals` for what the batch
 /// credited: one statement each, with the batch's sums per row.
-async fn update_aggregates(
-    tx: &mut PgConnection,
-    earnings: &[NewEarning],
-    earners: &HashMap<UserId, Earner>,
-) -> sqlx::Result<()> {
-    if earnings.is_empty() {
+async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<()> {
+    if plan.earnings.is_empty() {
         return Ok(());
     }
-    let changed: Vec<(&UserId, &Earner)> = earners.iter().filter(|(_, e)| e.changed).collect();
-    sqlx::query(
+    let changed: Vec<(UserId, &Earner)> = plan.changed_earners().collect();
+    sqlx::query!(
         r#"update users u set earnings_seq = t.seq, total_earnings = t.total
            from unnest($1::int8[], $2::int8[], $3::numeric[]) as t(id, seq, total) where u.id = t.id"#,
+        &changed.iter().map(|(id, _)| id.get()).collect::<Vec<_>>(),
+        &changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
+        &changed.iter().map(|(_, e)| e.total.as_decimal()).collect::<Vec<_>>(),
     )
-    .bind(changed.iter().map(|(id, _)| **id).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, e)| e.total.as_decimal()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
 
-    let mut per_level: BTreeMap<(UserId, i16), (Decimal, i64)> = BTreeMap::new();
-    let mut per_referral: BTreeMap<(UserId, UserId, i16), (Decimal, i64)> = BTreeMap::new();
-    for e in earnings {
-        let l = per_level.entry((e.earner_id, e.level)).or_default();
-        l.0 += e.amount;
-        l.1 += 1;
-        let r = per_referral
-            .entry((e.earner_id, e.source_user_id, e.level))
-            .or_default();
-        r.0 += e.amount;
-        r.1 += 1;
-    }
-    sqlx::query(
+    let per_level = plan.level_sums();
+    sqlx::query!(
         r#"insert into earner_levels (user_id, level, total, count)
            select * from unnest($1::int8[], $2::int2[], $3::numeric[], $4::int8[])
            on conflict (user_id, level)
            do update set total = earner_levels.total + excluded.total, count = earner_levels.count + excluded.count"#,
+        &per_level.keys().map(|k| k.0.get()).collect::<Vec<_>>(),
+        &per_level.keys().map(|k| i16::from(k.1)).collect::<Vec<_>>(),
+        &per_level.values().map(|v| v.0).collect::<Vec<_>>(),
+        &per_level.values().map(|v| v.1).collect::<Vec<_>>(),
     )
-    .bind(per_level.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(per_level.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(per_level.values().map(|v| v.0).collect::<Vec<_>>())
-    .bind(per_level.values().map(|v| v.1).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    let per_referral = plan.referral_sums();
+    sqlx::query!(
         r#"insert into earner_referrals (user_id, source_user_id, level, total, count)
            select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::numeric[], $5::int8[])
            on conflict (user_id, source_user_id, level)
            do update set total = earner_referrals.total + excluded.total, count = earner_referrals.count + excluded.count"#,
+        &per_referral.keys().map(|k| k.0.get()).collect::<Vec<_>>(),
+        &per_referral.keys().map(|k| k.1.get()).collect::<Vec<_>>(),
+        &per_referral.keys().map(|k| i16::from(k.2)).collect::<Vec<_>>(),
+        &per_referral.values().map(|v| v.0).collect::<Vec<_>>(),
+        &per_referral.values().map(|v| v.1).collect::<Vec<_>>(),
     )
-    .bind(per_referral.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(per_referral.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(per_referral.keys().map(|k| k.2).collect::<Vec<_>>())
-    .bind(per_referral.values().map(|v| v.0).collect::<Vec<_>>())
-    .bind(per_referral.values().map(|v| v.1).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Inserts the `purchase_levels` rows; `earning_ids` are the ids of the plan's earnings.
+async fn insert_levels(
+    tx: &mut PgConnection,
+    levels: &[LevelOutcome],
+    earning_ids: &[i64],
+) -> sqlx::Result<()> {
+    let earnings: Vec<Option<i64>> = levels
+        .iter()
+        .map(|o| o.earning.map(|e| earning_ids[e]))
+        .collect();
+    let earners: Vec<Option<i64>> = levels
+        .iter()
+        .map(|o| o.earner_id.map(UserId::get))
+        .collect();
+    sqlx::query!(
+        r#"insert into purchase_levels (purchase_id, level, earner_id, outcome, rate, amount, earning_id)
+           select * from unnest($1::text[], $2::int2[], $3::int8[], $4::text[], $5::numeric[], $6::numeric[], $7::int8[])"#,
+        &levels.iter().map(|o| o.purchase_id.clone()).collect::<Vec<_>>(),
+        &levels.iter().map(|o| i16::from(o.level)).collect::<Vec<_>>(),
+        &earners as &[Option<i64>],
+        &levels.iter().map(|o| o.outcome.as_str().to_owned()).collect::<Vec<_>>(),
+        &levels.iter().map(|o| o.rate).collect::<Vec<_>>(),
+        &levels.iter().map(|o| o.amount.as_decimal()).collect::<Vec<_>>(),
+        &earnings as &[Option<i64>],
+    )
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -29,12 +29,14 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::PublisherConfirm;
 use lapin::{Channel, Connection};
+use sqlx::types::Json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
-use upline_common::db::{EarningRow, EARNING_COLUMNS};
-use upline_common::events::EarningEvent;
+use upline_common::db::EarningRow;
+use upline_common::events::{EarningEvent, Totals};
+use upline_common::{Level, UserId};
 
 /// Most earnings leased and published at once.
 const BATCH: i64 = 500;
@@ -281,7 +283,8 @@ async fn relay_batch(
 /// Leases up to [`BATCH`] rows nobody holds, oldest first, in one committed statement; returns
 /// their earnings.
 async fn claim(db: &PgPool, relay_id: &str, lease: Duration) -> sqlx::Result<Vec<EarningRow>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as!(
+        EarningRow,
         r#"with claimed as (
                update earning_outbox
                set claimed_by = $2, claimed_until = now() + make_interval(secs => $3)
@@ -292,12 +295,15 @@ async fn claim(db: &PgPool, relay_id: &str, lease: Duration) -> sqlx::Result<Vec
                )
                returning earning_id
            )
-           select {EARNING_COLUMNS} from earnings
-           where id in (select earning_id from claimed) order by id"#
-    ))
-    .bind(BATCH)
-    .bind(relay_id)
-    .bind(lease.as_secs_f64())
+           select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
+                  purchase_id, level as "level: Level", rate, amount, currency,
+                  totals as "totals: Json<Totals>", created_at
+           from earnings
+           where id in (select earning_id from claimed) order by id"#,
+        BATCH,
+        relay_id,
+        lease.as_secs_f64(),
+    )
     .fetch_all(db)
     .await
 }
@@ -307,11 +313,10 @@ async fn delete(db: &PgPool, ids: &[i64]) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     // Forgetting a delete in a crash only means publishing again (at least once, duplicates are
     // dropped by seq downstream), so this transaction need not wait for its WAL flush.
-    sqlx::query("set local synchronous_commit = off")
+    sqlx::query!("set local synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("delete from earning_outbox where earning_id = any($1)")
-        .bind(ids)
+    sqlx::query!("delete from earning_outbox where earning_id = any($1)", ids)
         .execute(&mut *tx)
         .await?;
     tx.commit().await
@@ -319,12 +324,12 @@ async fn delete(db: &PgPool, ids: &[i64]) -> sqlx::Result<()> {
 
 /// Gives rows back (still held by this relay) for any relay to take at once.
 async fn release(db: &PgPool, relay_id: &str, ids: &[i64]) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update earning_outbox set claimed_by = null, claimed_until = null \
          where earning_id = any($1) and claimed_by = $2",
+        ids,
+        relay_id,
     )
-    .bind(ids)
-    .bind(relay_id)
     .execute(db)
     .await
     .map(drop)
@@ -332,10 +337,10 @@ async fn release(db: &PgPool, relay_id: &str, ids: &[i64]) -> sqlx::Result<()> {
 
 /// Gives back every row this relay still holds.
 async fn release_all(db: &PgPool, relay_id: &str) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "update earning_outbox set claimed_by = null, claimed_until = null where claimed_by = $1",
+        relay_id,
     )
-    .bind(relay_id)
     .execute(db)
     .await
     .map(drop)
@@ -344,14 +349,14 @@ async fn release_all(db: &PgPool, relay_id: &str) -> sqlx::Result<()> {
 /// Rows in the outbox: exact up to [`BACKLOG_EXACT_UP_TO`] (an index-only scan that stops
 /// there), the planner's estimate above.
 async fn backlog(db: &PgPool) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        r#"select case when c.n <= $1 then c.n
+    sqlx::query_scalar!(
+        r#"select case when c.n <= $1::int8 then c.n
                        else greatest(c.n, (select reltuples::int8 from pg_class
                                            where oid = 'earning_outbox'::regclass))
-                  end
-           from (select count(*) as n from (select 1 from earning_outbox limit $1 + 1) t) c"#,
+                  end as "rows!"
+           from (select count(*) as n from (select 1 from earning_outbox limit $1::int8 + 1) t) c"#,
+        BACKLOG_EXACT_UP_TO,
     )
-    .bind(BACKLOG_EXACT_UP_TO)
     .fetch_one(db)
     .await
 }

@@ -4,8 +4,10 @@
 //! are taken with `for update skip locked`, so several workers share the work without waiting
 //! on each other, and a sweep missed during downtime is caught up by the next.
 
+use std::future::Future;
 use std::time::Duration;
 
+use sqlx::postgres::PgQueryResult;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -47,32 +49,49 @@ pub async fn drop_raw_bodies(
     retention: Duration,
     cancel: &CancellationToken,
 ) -> sqlx::Result<u64> {
-    let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    let secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX) as f64;
+    let purchases = in_chunks(cancel, || {
+        sqlx::query!(
+            r#"update purchases set body = null
+               where purchase_id in (
+                   select purchase_id from purchases
+                   where body is not null and processed_at < now() - make_interval(secs => $1)
+                   limit $2 for update skip locked)"#,
+            secs,
+            CHUNK,
+        )
+        .execute(db)
+    })
+    .await?;
+    let conflicts = in_chunks(cancel, || {
+        sqlx::query!(
+            r#"update purchase_conflicts set body = null
+               where id in (
+                   select id from purchase_conflicts
+                   where body is not null and received_at < now() - make_interval(secs => $1)
+                   limit $2 for update skip locked)"#,
+            secs,
+            CHUNK,
+        )
+        .execute(db)
+    })
+    .await?;
+    Ok(purchases + conflicts)
+}
+
+/// Runs `clear` (one statement clearing at most [`CHUNK`] rows) until a run clears fewer, or
+/// `cancel` fires; returns how many rows were cleared.
+async fn in_chunks<F, Fut>(cancel: &CancellationToken, mut clear: F) -> sqlx::Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<PgQueryResult>>,
+{
     let mut cleared = 0;
-    for statement in [
-        r#"update purchases set body = null
-           where purchase_id in (
-               select purchase_id from purchases
-               where body is not null and processed_at < now() - make_interval(secs => $1)
-               limit $2 for update skip locked)"#,
-        r#"update purchase_conflicts set body = null
-           where id in (
-               select id from purchase_conflicts
-               where body is not null and received_at < now() - make_interval(secs => $1)
-               limit $2 for update skip locked)"#,
-    ] {
-        loop {
-            let n = sqlx::query(statement)
-                .bind(retention_secs as f64)
-                .bind(CHUNK)
-                .execute(db)
-                .await?
-                .rows_affected();
-            cleared += n;
-            if n < CHUNK as u64 || cancel.is_cancelled() {
-                break;
-            }
+    loop {
+        let n = clear().await?.rows_affected();
+        cleared += n;
+        if n < CHUNK as u64 || cancel.is_cancelled() {
+            return Ok(cleared);
         }
     }
-    Ok(cleared)
 }
