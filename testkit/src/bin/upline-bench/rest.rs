@@ -10,8 +10,8 @@ use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_common::UserId;
 use upline_testkit::client::Api;
 use upline_testkit::oracle;
@@ -87,8 +87,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop_observer.clone());
         let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
         ws.send(Message::Text(
-            json!({"type": "subscribe", "user_id": "*", "token": admin})
-                .to_string()
+            Subscribe::new(Target::All, admin.as_str(), None)
+                .to_text()
                 .into(),
         ))
         .await?;
@@ -108,29 +108,20 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                     }
                     continue;
                 };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                let Ok(ServerMessage::Earning { earning }) = serde_json::from_str(&text) else {
                     continue;
                 };
-                if v["type"] != "earning" {
-                    continue;
-                }
                 delivered.fetch_add(1, Ordering::Relaxed);
-                if v["earning"]["level"] == 1 {
-                    let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
-                    if let Some((t, wall)) = sent.lock().expect("not poisoned").remove(id) {
+                if earning.level.get() == 1 {
+                    let sent_at = sent
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&earning.purchase_id);
+                    if let Some((t, wall)) = sent_at {
                         latency.record(t.elapsed());
-                        let created = v["earning"]["created_at"].as_str().and_then(|c| {
-                            time::OffsetDateTime::parse(
-                                c,
-                                &time::format_description::well_known::Rfc3339,
-                            )
-                            .ok()
-                        });
-                        if let Some(created) = created {
-                            let now = time::OffsetDateTime::now_utc();
-                            to_ledger.record((created - wall).try_into().unwrap_or_default());
-                            from_ledger.record((now - created).try_into().unwrap_or_default());
-                        }
+                        let (created, now) = (earning.created_at, time::OffsetDateTime::now_utc());
+                        to_ledger.record((created - wall).try_into().unwrap_or_default());
+                        from_ledger.record((now - created).try_into().unwrap_or_default());
                     }
                 }
             }

@@ -11,11 +11,11 @@ use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use rand::Rng;
 use rust_decimal::Decimal;
-use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
 use upline_common::auth::Auth;
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_common::UserId;
 use upline_testkit::order::Order;
 
@@ -72,22 +72,23 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     // Open the connections, 256 handshakes at a time.
     let sockets: Vec<anyhow::Result<_>> = stream::iter(0..args.subscribers)
         .map(|i| {
-            let user = (i as i64 % args.users) + 1;
-            let (url, token, connected) = (
-                ws_url.clone(),
-                auth.issue(UserId::new(user).expect("positive"), 0).token,
-                connected.clone(),
-            );
+            let user = UserId::new((i as i64 % args.users) + 1).expect("positive");
+            let (url, token, connected) =
+                (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
                 ws.send(Message::Text(
-                    json!({"type": "subscribe", "user_id": user, "token": token})
-                        .to_string()
+                    Subscribe::new(Target::User(user), token, None)
+                        .to_text()
                         .into(),
                 ))
                 .await?;
                 match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.contains("subscribed") => {}
+                    Some(Ok(Message::Text(t)))
+                        if matches!(
+                            serde_json::from_str(&t),
+                            Ok(ServerMessage::Subscribed { .. })
+                        ) => {}
                     other => bail!("subscription refused: {other:?}"),
                 }
                 let n = connected.fetch_add(1, Ordering::Relaxed) + 1;
@@ -114,15 +115,14 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
                 };
                 match msg {
                     Some(Ok(Message::Text(t))) => {
-                        let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                        let Ok(ServerMessage::Earning { earning }) = serde_json::from_str(&t)
+                        else {
                             continue;
                         };
-                        if v["type"] == "earning" {
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                            let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
-                            if let Some(t0) = sent.lock().expect("not poisoned").get(id) {
-                                latency.record(t0.elapsed());
-                            }
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        let sent = sent.lock().expect("not poisoned");
+                        if let Some(t0) = sent.get(&earning.purchase_id) {
+                            latency.record(t0.elapsed());
                         }
                     }
                     Some(Ok(_)) => {}
