@@ -7,6 +7,7 @@
 //! - [`sandbox::Sandbox`]: a fresh database and vhost of their own, settings pointing at them,
 //!   dropped afterwards.
 //! - [`spawn`]: the services (`upline api|worker|notifier`) as child processes.
+//! - [`pipeline`]: what the pipeline has recorded (purchases, outbox), read from its database.
 //! - [`oracle`]: an independent recomputation of commissions (SPEC §2), compared with the
 //!   ledger.
 //! - [`client::Api`]: a small typed REST client (register, deactivate, purchases, reports), and
@@ -20,6 +21,7 @@ pub mod client;
 pub mod local;
 pub mod oracle;
 pub mod order;
+pub mod pipeline;
 pub mod rabbit;
 pub mod sandbox;
 pub mod spawn;

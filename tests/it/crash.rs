@@ -4,9 +4,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
-use upline_testkit::oracle;
 use upline_testkit::order::Order;
 use upline_testkit::spawn::{Service, ServiceCommand};
+use upline_testkit::{oracle, pipeline};
 
 use crate::harness::{user_id, Services, TestApp};
 
@@ -24,10 +24,7 @@ fn spawn_worker(app: &TestApp) -> Service {
 }
 
 async fn processed(app: &TestApp) -> i64 {
-    sqlx::query_scalar("select count(*) from purchases")
-        .fetch_one(&app.db)
-        .await
-        .expect("count")
+    pipeline::purchases(&app.db).await.expect("count")
 }
 
 #[tokio::test]
@@ -96,21 +93,9 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
     // and any earnings it committed but did not publish.
     let mut worker = spawn_worker(&app);
     app.wait_purchase_count(400, Duration::from_secs(90)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
-            .fetch_one(&app.db)
-            .await
-            .expect("count");
-        if pending == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pending} earnings never left the outbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    pipeline::wait_outbox_empty(&app.db, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     worker.kill().await;
 
     let actual: Vec<(i64, Decimal, i64, i64)> = sqlx::query_as(

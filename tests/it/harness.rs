@@ -345,8 +345,7 @@ impl TestApp {
     pub async fn wait_purchase_count(&self, count: i64, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let n: i64 = sqlx::query_scalar("select count(*) from purchases")
-                .fetch_one(&self.db)
+            let n = upline_testkit::pipeline::purchases(&self.db)
                 .await
                 .expect("count");
             if n >= count {

@@ -13,8 +13,8 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use upline_common::amqp::Publisher;
 use upline_common::UserId;
-use upline_testkit::oracle;
 use upline_testkit::order::{self, Order};
+use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
 use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
@@ -198,9 +198,7 @@ async fn drain(
         env.start("worker", extra).await?;
     }
     loop {
-        let n: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let n = pipeline::purchases(&env.db).await?;
         let secs = started.elapsed().as_secs_f64();
         progress(&format!(
             "{workers} worker(s): {n}/{} processed, {:.0}/s",
@@ -219,15 +217,7 @@ async fn drain(
     progress_done();
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
     // Events: wait for the outbox to empty (all earning events confirmed by the broker).
-    loop {
-        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
-            .fetch_one(&env.db)
-            .await?;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pipeline::wait_outbox_empty(&env.db, Duration::from_secs(1800)).await?;
     let with_events = started.elapsed().as_secs_f64();
     println!(
         "{workers} worker(s): drained {} purchases in {secs:.1} s = {:.0}/s (all earning events published after {with_events:.1} s); CPU (cores) {cpu}",

@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_common::UserId;
 use upline_testkit::client::Api;
-use upline_testkit::oracle;
 use upline_testkit::order::Order;
+use upline_testkit::{oracle, pipeline};
 
 use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
@@ -215,9 +215,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     // Drain: every accepted purchase processed, every earning delivered.
     let drain_deadline = Instant::now() + Duration::from_secs(300);
     let (processed, earnings) = loop {
-        let processed: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let processed = pipeline::purchases(&env.db).await?;
         let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
             .fetch_one(&env.db)
             .await?;

@@ -201,9 +201,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             .iter()
             .map(|&(earner, n)| n as u64 * subscribers_of(args, earner))
             .sum();
-        let processed: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let processed = upline_testkit::pipeline::purchases(&env.db).await?;
         let got = delivered.load(Ordering::Relaxed);
         progress(&format!(
             "processed {processed}/{total}, delivered {got}/{expected}"
