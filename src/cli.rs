@@ -23,14 +23,15 @@ pub enum Command {
     /// Create the database if missing and apply pending migrations.
     Migrate,
     /// Drive a realistic referral forest and purchase stream through the running pipeline and
-    /// check what was paid against an independent recomputation.
-    Demo(crate::demo::DemoArgs),
+    /// check what was paid (runs the development tool `upline-demo`, which a checkout builds
+    /// with `scripts/demo`; it is not part of this binary). Arguments go to `upline-demo`.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Inspect and replay dead-lettered purchase messages (`upline.purchases.dead`).
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
-    /// Measure throughput and latency (build with --release); see README "Performance".
-    #[command(subcommand)]
-    Bench(crate::bench::Scenario),
     /// Run only the api (same as `upline-api`).
     Api,
     /// Run only a worker (same as `upline-worker`).
@@ -44,19 +45,16 @@ pub enum Command {
 /// # Errors
 /// Configuration, start-up or service errors, with context.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo { args } = &cli.command {
+        return run_demo(args);
+    }
     let mut settings = Settings::load()?;
-    if matches!(
-        cli.command,
-        Command::Bench(_) | Command::Demo(_) | Command::Dlq(_)
-    ) {
-        // The operator's commands print their own report; only warnings from the libraries.
+    if matches!(cli.command, Command::Dlq(_)) {
+        // The operator's command prints its own report; only warnings from the libraries.
         settings.log.level = "warn,sqlx=error".into();
     }
     upline_common::telemetry::init_tracing(&settings.log);
-    if !matches!(
-        cli.command,
-        Command::Migrate | Command::Demo(_) | Command::Bench(_) | Command::Dlq(_)
-    ) {
+    if !matches!(cli.command, Command::Migrate | Command::Dlq(_)) {
         upline_common::telemetry::warn_on_development_secrets(&settings);
     }
     let shutdown = upline_common::shutdown::signal();
@@ -71,9 +69,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             println!("database ready: {applied} migration(s) applied");
             Ok(())
         }
-        Command::Demo(args) => crate::demo::run(&settings, args, shutdown).await,
-        Command::Bench(scenario) => crate::bench::run(&settings, scenario).await,
         Command::Dlq(command) => crate::dlq::run(&settings, command).await,
+        Command::Demo { .. } => unreachable!("handled before the settings are loaded"),
         Command::Api => {
             let listener = bind(settings.api.bind, "api.bind").await?;
             upline_api::run(settings, listener, shutdown).await
@@ -87,6 +84,33 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             upline_notifier::run(settings, listener, shutdown).await
         }
     }
+}
+
+/// Runs `upline-demo` from beside this binary (or from `PATH`) with `args`, as `git` runs its
+/// external commands: the demo lives in the development test kit, which this binary does not
+/// contain (README "Layout").
+///
+/// # Errors
+/// `upline-demo` cannot be found or started, or it exits unsuccessfully.
+fn run_demo(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    const DEMO: &str = "upline-demo";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(DEMO)))
+        .filter(|path| path.is_file());
+    let program = beside.map_or_else(|| DEMO.into(), std::path::PathBuf::into_os_string);
+    let status = std::process::Command::new(&program)
+        .args(args)
+        .status()
+        .with_context(|| {
+            format!(
+                "running {DEMO}: it is a development tool, not part of this binary; from a \
+                 checkout run scripts/demo, or build it with \
+                 `cargo build --release -p upline-testkit --bin {DEMO}`"
+            )
+        })?;
+    anyhow::ensure!(status.success(), "{DEMO} failed ({status})");
+    Ok(())
 }
 
 async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {

@@ -12,9 +12,7 @@
 
 use anyhow::{bail, Context};
 use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -215,19 +213,10 @@ async fn replay(channel: &Channel, depth: usize, selected: &[usize]) -> anyhow::
             kept.push(dead);
             continue;
         }
-        let confirm = channel
-            .basic_publish(
-                amqp::PURCHASES_EXCHANGE,
-                amqp::PURCHASE_ROUTING_KEY,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &dead.message.data,
-                replay_properties(&dead),
-            )
-            .await?
-            .await?;
+        let confirm =
+            amqp::publish_mandatory(channel, &dead.message.data, replay_properties(&dead))
+                .await?
+                .await?;
         if !matches!(confirm, Confirmation::Ack(None)) {
             kept.push(dead);
             give_back(channel, &kept).await?;

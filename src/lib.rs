@@ -1,10 +1,7 @@
 //! The `upline` launcher: every service in one process for a single machine, and the
-//! operator's commands. The services themselves live in `upline-api`, `upline-worker` and
-//! `upline-notifier`; this crate only wires them together.
+//! operator's commands (`migrate`, `dlq`). The services themselves live in `upline-api`,
+//! `upline-worker` and `upline-notifier`; this crate only wires them together. Benchmarks and
+//! the demo are dev binaries of `upline-testkit`, not part of this one.
 
-pub mod bench;
-pub mod check;
 pub mod cli;
-pub mod demo;
 pub mod dlq;
-pub mod rabbit_admin;

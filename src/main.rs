@@ -1,5 +1,5 @@
 //! `upline`: runs the whole pipeline in one process (`upline run`) and carries the operator's
-//! commands (`upline migrate`, `upline demo`). See `upline --help`.
+//! commands (`upline migrate`, `upline dlq`). See `upline --help`.
 
 use clap::Parser;
 

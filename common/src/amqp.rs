@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpSettings;
 
+pub mod publisher;
+pub use publisher::{PublishError, Publisher};
+
 /// Direct exchange where producers publish purchases, routing key [`PURCHASE_ROUTING_KEY`].
 pub const PURCHASES_EXCHANGE: &str = "upline.purchases";
 /// Quorum queue the workers consume.
@@ -282,12 +285,15 @@ pub async fn declare_topology_if_allowed(
     Ok(channel)
 }
 
-/// Publishes one purchase message body to `upline.purchases` (persistent JSON, routing key
-/// `purchase`), as any producer does; await the returned confirm for the broker's answer.
+/// Publishes raw bytes to `upline.purchases` (persistent JSON properties, routing key
+/// `purchase`, neither `mandatory` nor a `message_id`), as a careless external producer might:
+/// for tests and tools that need a body no [`Publisher`] would send (not JSON, invalid, too
+/// large). Purchases are published with [`Publisher::publish`]. Await the returned confirm for
+/// the broker's answer.
 ///
 /// # Errors
 /// The channel is closed.
-pub async fn publish_purchase(
+pub async fn publish_raw(
     channel: &Channel,
     body: &[u8],
 ) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {
@@ -298,6 +304,32 @@ pub async fn publish_purchase(
             lapin::options::BasicPublishOptions::default(),
             body,
             persistent_json(),
+        )
+        .await
+}
+
+/// Publishes one message to `upline.purchases` (routing key `purchase`) as `mandatory`, so
+/// that an unroutable message comes back as `Ack(Some(message))` instead of being dropped,
+/// with `properties` as given. The [`Publisher`] and `upline dlq replay` publish through it.
+/// Await the returned confirm for the broker's answer.
+///
+/// # Errors
+/// The channel is closed.
+pub async fn publish_mandatory(
+    channel: &Channel,
+    body: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {
+    channel
+        .basic_publish(
+            PURCHASES_EXCHANGE,
+            PURCHASE_ROUTING_KEY,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
         )
         .await
 }

@@ -15,6 +15,7 @@ use lapin::ExchangeKind;
 use rand::Rng;
 use serde_json::{json, Value};
 use upline_common::amqp;
+use upline_testkit::rabbit::RabbitAdmin;
 
 use crate::harness::{Services, TestApp, RABBIT_MANAGEMENT, SERVICE};
 
@@ -157,21 +158,6 @@ async fn assert_cannot_consume_or_purge(user: &str, conn: &lapin::Connection) {
     );
 }
 
-/// Whether an exchange exists in `vhost` (management API).
-async fn exchange_exists(http: &reqwest::Client, vhost: &str, name: &str) -> bool {
-    let r = http
-        .get(format!("{RABBIT_MANAGEMENT}/api/exchanges/{vhost}/{name}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .expect("management API answers");
-    match r.status().as_u16() {
-        200 => true,
-        404 => false,
-        other => panic!("management API: {other}"),
-    }
-}
-
 #[tokio::test]
 async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_only_publish() {
     let users = BrokerUsers::new();
@@ -221,7 +207,10 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
     assert_eq!(problem["code"], "broker_unavailable");
     for exchange in [amqp::PURCHASES_EXCHANGE, amqp::EARNINGS_EXCHANGE] {
         assert!(
-            !exchange_exists(&app.http, &vhost, exchange).await,
+            !RabbitAdmin::local()
+                .exchange_exists(&vhost, exchange)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}")),
             "{exchange} was declared before the worker started"
         );
     }

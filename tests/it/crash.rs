@@ -1,59 +1,30 @@
 //! A worker killed with SIGKILL in the middle of a stream loses and doubles nothing.
 
-use std::collections::HashMap;
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rust_decimal::{Decimal, RoundingStrategy};
-use secrecy::ExposeSecret;
-use serde_json::json;
-use tokio::process::{Child, Command};
+use rust_decimal::Decimal;
+use upline_testkit::order::Order;
+use upline_testkit::spawn::{Service, ServiceCommand};
+use upline_testkit::{oracle, pipeline};
 
-use crate::harness::{Services, TestApp};
+use crate::harness::{user_id, Services, TestApp};
 
 /// Starts `upline worker` as a separate process against the app's database and vhost.
-fn spawn_worker(app: &TestApp) -> Child {
-    let s = &app.settings;
-    Command::new(env!("CARGO_BIN_EXE_upline"))
-        .arg("worker")
-        .env("DATABASE_URL", &s.database.url)
-        .env("AMQP_URL", &s.amqp.url)
-        .env("UPLINE__WORKER__BIND", "127.0.0.1:0")
+fn spawn_worker(app: &TestApp) -> Service {
+    ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), "worker")
+        .settings(&app.settings)
         .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
         // Small batches, so that the stream takes many transactions and the kill lands
         // between (or inside) them rather than after one big batch.
         .env("UPLINE__WORKER__BATCH_SIZE", "16")
         .env("UPLINE__WORKER__PREFETCH", "32")
-        .env(
-            "UPLINE__AUTH__TOKEN_SECRET",
-            s.auth.token_secret.expose_secret(),
-        )
-        .env(
-            "UPLINE__AUTH__ADMIN_TOKEN",
-            s.auth.admin_token.expose_secret(),
-        )
-        .env(
-            "UPLINE__AUTH__PRODUCER_TOKEN",
-            s.auth.producer_token.expose_secret(),
-        )
-        .env("UPLINE__APP__ENVIRONMENT", "development")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .expect("the upline binary starts")
 }
 
 async fn processed(app: &TestApp) -> i64 {
-    sqlx::query_scalar("select count(*) from purchases")
-        .fetch_one(&app.db)
-        .await
-        .expect("count")
-}
-
-fn commission(base: Decimal, rate: Decimal) -> Decimal {
-    (base * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven)
+    pipeline::purchases(&app.db).await.expect("count")
 }
 
 #[tokio::test]
@@ -80,28 +51,26 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
     }
     let mut buyers = Vec::new();
     for i in 0..8 {
-        buyers.push((
+        buyers.push(
             app.register(&format!("Buyer {i}"), Some(mids[i % 4].id))
                 .await,
-            i % 4,
-        ));
+        );
     }
 
     // 400 purchases straight onto the queue before any worker runs.
-    let mut expected: HashMap<i64, Decimal> = HashMap::new();
-    let mut bodies = Vec::new();
-    for i in 0..400i64 {
-        let (buyer, mid) = &buyers[(i % 8) as usize];
-        let amount = Decimal::new(90_000 + (i * 3_701) % 400_000, 2); // 900.00 … 4899.99
-        if amount > Decimal::new(100_000, 2) {
-            *expected.entry(mids[*mid].id).or_default() += commission(amount, Decimal::new(5, 2));
-            *expected.entry(roots[*mid % 2].id).or_default() +=
-                commission(amount, Decimal::new(1, 2));
-        }
-        let body = json!({"purchase_id": format!("kill-{i}"), "buyer_id": buyer.id, "amount": amount.to_string()});
-        bodies.push(body.to_string().into_bytes());
-    }
-    app.publish_all(bodies).await;
+    let orders: Vec<Order> = (0..400i64)
+        .map(|i| {
+            let buyer = &buyers[(i % 8) as usize];
+            let amount = Decimal::new(90_000 + (i * 3_701) % 400_000, 2); // 900.00 … 4899.99
+            Order::new(format!("kill-{i}"), user_id(buyer.id), amount)
+        })
+        .collect();
+    let rules = app.settings.commission.rules().expect("rules");
+    let expected = oracle::recompute(&app.db, &orders, &rules)
+        .await
+        .expect("recompute")
+        .by_earner;
+    app.publish_all(orders).await;
 
     // Kill the first worker with SIGKILL once it is well into the stream.
     let mut worker = spawn_worker(&app);
@@ -113,8 +82,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    worker.start_kill().expect("SIGKILL");
-    worker.wait().await.expect("the killed worker is reaped");
+    worker.kill().await; // SIGKILL, and reaped
     let at_kill = processed(&app).await;
     assert!(
         at_kill < 400,
@@ -125,23 +93,10 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
     // and any earnings it committed but did not publish.
     let mut worker = spawn_worker(&app);
     app.wait_purchase_count(400, Duration::from_secs(90)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
-            .fetch_one(&app.db)
-            .await
-            .expect("count");
-        if pending == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pending} earnings never left the outbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    worker.start_kill().expect("stop worker");
-    let _ = worker.wait().await;
+    pipeline::wait_outbox_empty(&app.db, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    worker.kill().await;
 
     let actual: Vec<(i64, Decimal, i64, i64)> = sqlx::query_as(
         "select earner_id, sum(amount), count(*), max(seq) from earnings group by 1",

@@ -152,14 +152,7 @@ async fn the_dashboard_shows_earnings_live_in_a_real_browser() {
     let dev = app.register("Dev", Some(b.id)).await;
     app.register("Farid", Some(dev.id)).await;
     let gita = app.register("Gita", Some(b.id)).await;
-    let r = app
-        .http
-        .post(app.url(&format!("/api/users/{}/deactivate", gita.id)))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("deactivate");
-    assert_eq!(r.status(), 200);
+    app.deactivate(gita.id).await;
     let screenshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
     run_node_script(
         &dir,

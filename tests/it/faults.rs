@@ -4,7 +4,7 @@
 //! over REST while it breaks something, and ends with
 //!
 //! (a) every purchase recorded exactly once and every earner's total equal to an independent
-//!     recomputation (`upline::check`: SPEC §2 written out over the users as stored), each
+//!     recomputation (`upline_testkit::oracle`: SPEC §2 written out over the users as stored), each
 //!     earner's `seq` gap-free and its running total equal to its earnings;
 //! (b) WebSocket subscribers, kept connected (or reconnected with `since` when their
 //!     connection dropped), holding every `seq` of their earner exactly once.
@@ -14,8 +14,7 @@
 //! logs are printed).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,16 +27,17 @@ use lapin::types::{AMQPValue, FieldTable};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use upline::check::{self, Sent};
+use upline_common::amqp;
 use upline_common::config::{DatabaseSettings, DEV_ADMIN_TOKEN, DEV_PRODUCER_TOKEN};
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
-use upline_common::UserId;
-use upline_common::{amqp, Settings};
+use upline_testkit::client::{Api, NewUser};
+use upline_testkit::oracle;
+use upline_testkit::order::Order;
+use upline_testkit::spawn::{self, Output, ServiceCommand};
 
-use crate::harness::free_port;
+use crate::harness::user_id;
 use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// The longest any one phase (start-up, a stream, a drain) may take.
@@ -49,80 +49,36 @@ const PHASE: Duration = Duration::from_secs(90);
 /// One of the services, as a child process of the `upline` binary on a fixed port (kept across
 /// restarts, so clients find it again). Killed (SIGKILL) on drop if still running.
 struct Service {
-    kind: &'static str,
-    port: u16,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
+    command: ServiceCommand,
+    running: Option<spawn::Service>,
 }
 
 impl Service {
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.command.base()
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open the service log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_upline"));
-        cmd.arg(self.kind)
-            .env("UPLINE__APP__ENVIRONMENT", "development")
-            .env("UPLINE__LIMITS__ENABLED", "false")
-            .env(
-                format!("UPLINE__{}__BIND", self.kind.to_uppercase()),
-                format!("127.0.0.1:{}", self.port),
-            )
-            .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
-            .env("UPLINE__DATABASE__MAX_CONNECTIONS", "8")
-            .env("RUST_LOG", "info,sqlx=warn,lapin=warn")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .kill_on_drop(true);
-        self.child = Some(cmd.spawn().expect("the upline binary starts"));
+        self.running = Some(self.command.spawn().expect("the upline binary starts"));
     }
 
     /// Waits (bounded) until `/readyz` answers 200.
     async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + PHASE;
-        loop {
-            if let Ok(r) = http.get(format!("{}/readyz", self.base())).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("{} exited ({status}) before it was ready", self.kind);
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {PHASE:?}",
-                self.kind
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.running
+            .as_mut()
+            .expect("the service was started")
+            .wait_ready(http, PHASE)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// Sends SIGTERM and waits (up to 30 s) for the process to exit; its exit status.
     async fn sigterm(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("the service is running");
-        let pid = child.id().expect("a running child has a pid");
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
+        let mut running = self.running.take().expect("the service is running");
+        running
+            .sigterm(Duration::from_secs(30))
             .await
-            .expect("kill runs");
-        assert!(sent.success(), "kill -TERM {pid}");
-        tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} still running 30 s after SIGTERM", self.kind))
-            .expect("wait for the child")
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
@@ -135,6 +91,8 @@ struct Stack {
     notifier: Service,
     db: PgPool,
     http: reqwest::Client,
+    /// The api, with the development keys.
+    client: Api,
     pg: PgCluster,
     rabbit: RabbitNode,
     dir: TempDir,
@@ -164,37 +122,46 @@ impl Stack {
         .expect("PostgreSQL answers in time")
         .expect("the test database is created and migrated");
         let service = |kind: &'static str, extra: &[(&str, &str)]| {
-            let mut env = vec![
-                ("DATABASE_URL".to_owned(), database_url.clone()),
-                ("AMQP_URL".to_owned(), rabbit.amqp_url()),
-            ];
-            env.extend(
-                extra
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-            );
+            let mut command = ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), kind)
+                .env("UPLINE__APP__ENVIRONMENT", "development")
+                .env("UPLINE__LIMITS__ENABLED", "false")
+                .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
+                .env("UPLINE__DATABASE__MAX_CONNECTIONS", "8")
+                .env("RUST_LOG", "info,sqlx=warn,lapin=warn")
+                .env("DATABASE_URL", database_url.clone())
+                .env("AMQP_URL", rabbit.amqp_url())
+                .output(Output::File(dir.path().join(format!("{kind}.log"))));
+            for (k, v) in extra {
+                command = command.env(k, *v);
+            }
             Service {
-                kind,
-                port: free_port(),
-                env,
-                log: dir.path().join(format!("{kind}.log")),
-                child: None,
+                command,
+                running: None,
             }
         };
         let mut worker_env = worker_env.to_vec();
         // Its sessions are told apart in pg_stat_activity.
         let worker_url = pg.url("upline", "application_name=upline-worker");
         worker_env.push(("DATABASE_URL", &worker_url));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let api = service("api", &[]);
+        let client = Api::new(
+            http.clone(),
+            &api.base(),
+            DEV_ADMIN_TOKEN,
+            DEV_PRODUCER_TOKEN,
+        );
         let mut stack = Stack {
             label,
-            api: service("api", &[]),
+            api,
             worker: service("worker", &worker_env),
             notifier: service("notifier", &[]),
             db,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("client"),
+            http,
+            client,
             pg,
             rabbit,
             dir,
@@ -210,7 +177,7 @@ impl Stack {
     }
 
     fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.notifier.port)
+        format!("ws://127.0.0.1:{}/ws", self.notifier.command.port())
     }
 
     /// Registers a user over REST with the admin key; its id and token.
@@ -220,20 +187,13 @@ impl Stack {
             name.to_lowercase().replace(' ', "."),
             self.label
         );
+        let user = NewUser::new(name, email, referrer.map(user_id));
         let r = self
-            .http
-            .post(format!("{}/api/users", self.api.base()))
-            .bearer_auth(DEV_ADMIN_TOKEN)
-            .json(&json!({"name": name, "email": email, "referrer_id": referrer}))
-            .send()
+            .client
+            .register(&user)
             .await
-            .expect("register");
-        assert_eq!(r.status(), 201, "registering {name}");
-        let v: Value = r.json().await.expect("json");
-        (
-            v["id"].as_i64().expect("id"),
-            v["token"].as_str().expect("token").to_owned(),
-        )
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        (r.id.get(), r.token)
     }
 
     /// A referral forest: 2 roots, 4 in the middle (one of them deactivated: its level-1
@@ -253,17 +213,10 @@ impl Stack {
             buyers.push(self.register(&format!("Buyer {i}"), Some(referrer)).await.0);
         }
         let inactive = users[5].0;
-        let r = self
-            .http
-            .post(format!(
-                "{}/api/users/{inactive}/deactivate",
-                self.api.base()
-            ))
-            .bearer_auth(DEV_ADMIN_TOKEN)
-            .send()
+        self.client
+            .deactivate(user_id(inactive))
             .await
-            .expect("deactivate");
-        assert!(r.status().is_success(), "deactivate: {}", r.status());
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Forest {
             // A root and a middle earner are watched live.
             watched: vec![users[0].clone(), users[2].clone()],
@@ -294,13 +247,12 @@ impl Stack {
 
     /// (a): each purchase id once, all processed, each earner's total equal to the
     /// recomputation; returns (earnings, earners).
-    async fn check_ledger(&self, plan: &[Planned]) -> (usize, usize) {
-        let sent: Vec<Sent> = plan.iter().map(Planned::sent).collect();
-        self.check_subset(&sent).await
+    async fn check_ledger(&self, plan: &[Order]) -> (usize, usize) {
+        self.check_subset(plan).await
     }
 
     /// The ledger holds exactly what `sent` should have paid, no more.
-    async fn check_subset(&self, sent: &[Sent]) -> (usize, usize) {
+    async fn check_subset(&self, sent: &[Order]) -> (usize, usize) {
         let statuses: Vec<(String, i64)> =
             sqlx::query_as("select status, count(*) from purchases group by 1 order by 1")
                 .fetch_all(&self.db)
@@ -311,21 +263,12 @@ impl Stack {
             vec![("processed".to_owned(), sent.len() as i64)],
             "every purchase recorded once, as processed"
         );
-        let settings = Settings::load_with_overrides(
-            std::path::Path::new("/nonexistent/upline.toml"),
-            &[("app.environment", "development")],
-        )
-        .expect("defaults load");
+        let settings = upline_testkit::local::settings(&[]).expect("defaults load");
         let rules = settings.commission.rules().expect("default rules");
-        let expected = check::recompute(
-            &self.db,
-            sent,
-            &rules.rates,
-            rules.min_purchase.as_decimal(),
-        )
-        .await
-        .expect("recompute");
-        let differences = check::compare(&self.db, "", &expected)
+        let expected = oracle::recompute(&self.db, sent, &rules)
+            .await
+            .expect("recompute");
+        let differences = oracle::compare(&self.db, "", &expected)
             .await
             .expect("compare");
         assert!(differences.is_empty(), "ledger differs: {differences:#?}");
@@ -388,42 +331,10 @@ struct Forest {
 // ---------------------------------------------------------------------------------------------
 // Purchases
 
-/// A purchase to send.
-#[derive(Clone)]
-struct Planned {
-    purchase_id: String,
-    buyer_id: i64,
-    amount: Decimal,
-    profit: Option<Decimal>,
-}
-
-impl Planned {
-    fn body(&self) -> Value {
-        let mut body = json!({
-            "purchase_id": self.purchase_id,
-            "buyer_id": self.buyer_id,
-            "amount": self.amount.to_string(),
-        });
-        if let Some(profit) = self.profit {
-            body["profit"] = json!(profit.to_string());
-        }
-        body
-    }
-
-    fn sent(&self) -> Sent {
-        Sent {
-            purchase_id: self.purchase_id.clone(),
-            buyer_id: self.buyer_id,
-            amount: self.amount,
-            profit: self.profit,
-        }
-    }
-}
-
 /// `n` purchases numbered from `from`, spread over the buyers, of every class: about a fifth
 /// at or below the Rs 1000 threshold (exactly 1000.00 among them), a fifth with a profit,
 /// amounts with paise that round half to even.
-fn plan(forest: &Forest, prefix: &str, from: usize, n: usize) -> Vec<Planned> {
+fn plan(forest: &Forest, prefix: &str, from: usize, n: usize) -> Vec<Order> {
     (from..from + n)
         .map(|i| {
             let amount = match i % 10 {
@@ -432,9 +343,9 @@ fn plan(forest: &Forest, prefix: &str, from: usize, n: usize) -> Vec<Planned> {
                 _ => Decimal::new(100_001 + (i as i64 * 37_813) % 4_900_000, 2),
             };
             let profit = (i % 5 == 3).then(|| Decimal::new(1_050 + (i as i64 * 311) % 50_000, 2));
-            Planned {
+            Order {
                 purchase_id: format!("{prefix}-{i}"),
-                buyer_id: forest.buyers[i % forest.buyers.len()],
+                buyer_id: user_id(forest.buyers[i % forest.buyers.len()]),
                 amount,
                 profit,
             }
@@ -474,7 +385,7 @@ impl StreamStats {
 /// same `purchase_id`, with backoff, until 202. `accepted` counts the 202s as they come.
 fn stream(
     api: String,
-    purchases: Vec<Planned>,
+    purchases: Vec<Order>,
     clients: usize,
     pace: Duration,
     accepted: Arc<AtomicUsize>,
@@ -484,12 +395,12 @@ fn stream(
             .timeout(Duration::from_secs(10))
             .build()
             .expect("client");
+        let api = Api::new(http, &api, DEV_ADMIN_TOKEN, DEV_PRODUCER_TOKEN);
         let purchases = Arc::new(purchases);
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let (http, api, purchases, next, accepted) = (
-                http.clone(),
+            let (api, purchases, next, accepted) = (
                 api.clone(),
                 purchases.clone(),
                 next.clone(),
@@ -503,12 +414,7 @@ fn stream(
                     let deadline = Instant::now() + PHASE;
                     let mut attempt = 0u32;
                     loop {
-                        let answer = http
-                            .post(format!("{api}/api/purchases"))
-                            .bearer_auth(DEV_PRODUCER_TOKEN)
-                            .json(&p.body())
-                            .send()
-                            .await;
+                        let answer = api.post_purchase(p).await;
                         let status = answer.map_or(0, |r| r.status().as_u16());
                         if status == 202 {
                             break;
@@ -659,11 +565,7 @@ async fn follow(
     else {
         return;
     };
-    let subscribe = Subscribe::new(
-        Target::from(UserId::new(user).expect("a positive user id")),
-        token,
-        Some(since),
-    );
+    let subscribe = Subscribe::new(Target::from(user_id(user)), token, Some(since));
     if ws
         .send(Message::Text(subscribe.to_text().into()))
         .await
@@ -863,10 +765,10 @@ async fn sigterm_to_every_service_under_load_then_restart_and_drain() {
         .await
         .expect("recorded ids");
     let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
-    let subset: Vec<Sent> = purchases
+    let subset: Vec<Order> = purchases
         .iter()
         .filter(|p| recorded.contains(&p.purchase_id))
-        .map(Planned::sent)
+        .cloned()
         .collect();
     assert_eq!(
         subset.len(),
@@ -1136,7 +1038,7 @@ async fn broker_memory_alarm_blocks_the_relay_without_holding_a_transaction() {
     }
     let ready_after = alarm.elapsed() - alarm_lasted;
 
-    let all: Vec<Planned> = first.into_iter().chain(second).collect();
+    let all: Vec<Order> = first.into_iter().chain(second).collect();
     stack.drain(all.len()).await;
     let (earnings, earners) = stack.check_ledger(&all).await;
     let live = finish_all(&stack, subscribers).await;

@@ -1,24 +1,27 @@
-//! `TestApp`: api, worker and notifier running in this process on ephemeral ports, over a
-//! fresh database and a fresh RabbitMQ vhost.
+//! `TestApp`: api, worker and notifier running in this process on ephemeral ports, in a
+//! sandbox of its own (fresh database and RabbitMQ vhost, `upline_testkit::sandbox`).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use lapin::options::BasicGetOptions;
-use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use upline_common::{amqp, Settings};
+use upline_common::amqp::Publisher;
+use upline_common::{amqp, Settings, UserId};
+use upline_testkit::client::{Api, NewUser};
+use upline_testkit::order::{self, Order};
+use upline_testkit::rabbit::RabbitAdmin;
+use upline_testkit::sandbox::Sandbox;
 
-/// PostgreSQL server the tests create their databases on.
-pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-/// RabbitMQ management API, used to create and delete vhosts.
-pub const RABBIT_MANAGEMENT: &str = upline::rabbit_admin::MANAGEMENT;
+pub use upline_testkit::local::RABBIT_MANAGEMENT;
+pub use upline_testkit::spawn::free_port;
+pub use upline_testkit::unique;
+
 pub const ADMIN: &str = "test-admin-key";
 pub const PRODUCER: &str = "test-producer-key";
 
@@ -48,10 +51,11 @@ pub struct TestApp {
     pub db: PgPool,
     pub settings: Settings,
     pub http: reqwest::Client,
+    /// The api as a typed client, with the test keys.
+    pub client: Api,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    db_name: String,
-    vhost: String,
+    sandbox: Sandbox,
 }
 
 /// A registered user.
@@ -62,26 +66,20 @@ pub struct User {
     pub referral_code: String,
 }
 
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::thread_rng().gen::<u64>())
+/// A test's user id as the domain type (test users are registered, so positive).
+pub fn user_id(id: i64) -> UserId {
+    UserId::new(id).expect("a positive user id")
 }
 
-/// Settings for a fresh database and vhost, everything bound to 127.0.0.1:0.
-pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
+/// Settings for this machine's servers (a [`Sandbox`] points them at its own database and
+/// vhost), everything bound to 127.0.0.1:0.
+pub fn test_settings() -> Settings {
     // Development, explicitly (the default is production, which refuses the short test keys);
     // abuse limits off: every test client comes from 127.0.0.1 (tests of the limits turn them
     // back on).
-    let mut s = Settings::load_with_overrides(
-        Path::new("/nonexistent/upline.toml"),
-        &[
-            ("app.environment", "development"),
-            ("limits.enabled", "false"),
-        ],
-    )
-    .expect("built-in defaults load");
-    s.database.url = format!("{PG_SERVER}/{db_name}");
+    let mut s = upline_testkit::local::settings(&[("limits.enabled", "false")])
+        .expect("built-in defaults load");
     s.database.max_connections = 5;
-    s.amqp.url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
     s.api.bind = "127.0.0.1:0".parse().expect("valid address");
     s.worker.bind = "127.0.0.1:0".parse().expect("valid address");
     s.notifier.bind = "127.0.0.1:0".parse().expect("valid address");
@@ -93,15 +91,11 @@ pub fn test_settings(db_name: &str, vhost: &str) -> Settings {
     s
 }
 
-/// Creates a vhost for one test app (see `upline::rabbit_admin`).
-pub async fn create_vhost(http: &reqwest::Client, vhost: &str) {
-    upline::rabbit_admin::create_vhost(http, vhost)
+/// A fresh sandbox for a test on this machine's servers, with [`test_settings`].
+pub async fn sandbox() -> Sandbox {
+    Sandbox::create(&test_settings(), &RabbitAdmin::local(), "upline_test")
         .await
-        .expect("creating a test vhost");
-}
-
-pub async fn delete_vhost(http: &reqwest::Client, vhost: &str) {
-    upline::rabbit_admin::delete_vhost(http, vhost).await;
+        .expect("creating a test sandbox")
 }
 
 impl TestApp {
@@ -115,16 +109,12 @@ impl TestApp {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client");
-        let db_name = unique("upline_test");
-        let vhost = unique("upline_test");
-        create_vhost(&http, &vhost).await;
-        let mut settings = test_settings(&db_name, &vhost);
-        configure(&mut settings);
-        let shutdown = CancellationToken::new();
+        let mut sandbox = sandbox().await;
+        configure(&mut sandbox.settings);
         // Migrate once before the services start.
-        let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown)
-            .await
-            .expect("database ready");
+        let db = sandbox.migrate().await.expect("database ready");
+        let mut settings = sandbox.settings.clone();
+        let shutdown = CancellationToken::new();
 
         let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let notifier_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -157,6 +147,7 @@ impl TestApp {
                 shutdown.clone(),
             )));
         }
+        let client = Api::new(http.clone(), &api, ADMIN, PRODUCER);
         let app = TestApp {
             api,
             notifier: format!("http://{notifier_addr}"),
@@ -165,10 +156,10 @@ impl TestApp {
             db,
             settings,
             http,
+            client,
             shutdown,
             tasks,
-            db_name,
-            vhost,
+            sandbox,
         };
         let probe = if services.broker {
             "/readyz"
@@ -205,17 +196,7 @@ impl TestApp {
             }
         }
         self.db.close().await;
-        let admin = PgPool::connect(&format!("{PG_SERVER}/postgres"))
-            .await
-            .expect("connect");
-        sqlx::query(&format!(
-            r#"drop database if exists "{}" with (force)"#,
-            self.db_name
-        ))
-        .execute(&admin)
-        .await
-        .expect("drop test database");
-        delete_vhost(&self.http, &self.vhost).await;
+        self.sandbox.destroy().await.expect("drop test database");
     }
 
     /// Starts one more notifier on this app's database and vhost; returns its WebSocket URL.
@@ -265,42 +246,22 @@ impl TestApp {
     /// The management API lists connections with a few seconds' delay, so this waits (up to
     /// 20 s) until at least one shows. Returns how many were closed.
     pub async fn kill_broker_connections(&self, name: &str) -> usize {
+        let rabbit = self.sandbox.rabbit();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let list: Vec<Value> = self
-                .http
-                .get(format!(
-                    "{RABBIT_MANAGEMENT}/api/vhosts/{}/connections",
-                    self.vhost
-                ))
-                .basic_auth("guest", Some("guest"))
-                .send()
+            let list = rabbit
+                .connections(self.vhost())
                 .await
-                .expect("management API answers")
-                .json()
-                .await
-                .expect("json");
+                .unwrap_or_else(|e| panic!("{e:?}"));
             let mut closed = 0;
             for c in list {
-                if c["client_properties"]["connection_name"].as_str() != Some(name) {
+                if c.client_properties.connection_name.as_deref() != Some(name) {
                     continue;
                 }
-                let id = c["name"].as_str().expect("connection name");
-                let r = self
-                    .http
-                    .delete(format!(
-                        "{RABBIT_MANAGEMENT}/api/connections/{}",
-                        urlencode(id)
-                    ))
-                    .basic_auth("guest", Some("guest"))
-                    .send()
+                rabbit
+                    .close_connection(&c.name)
                     .await
-                    .expect("management API answers");
-                assert!(
-                    r.status().is_success() || r.status() == 404,
-                    "closing connection {id}: {}",
-                    r.status()
-                );
+                    .unwrap_or_else(|e| panic!("{e:#}"));
                 closed += 1;
             }
             if closed > 0 {
@@ -326,24 +287,14 @@ impl TestApp {
         );
         // Naming the referrer by id takes the admin key (README "Security").
         let r = self
-            .http
-            .post(self.url("/api/users"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": name, "email": email, "referrer_id": referrer}))
-            .send()
+            .client
+            .register(&NewUser::new(name, email, referrer.map(user_id)))
             .await
-            .expect("request");
-        assert_eq!(
-            r.status(),
-            201,
-            "registering {name}: {}",
-            r.text().await.unwrap_or_default()
-        );
-        let v: Value = r.json().await.expect("json");
+            .unwrap_or_else(|e| panic!("{e:#}"));
         User {
-            id: v["id"].as_i64().expect("id"),
-            token: v["token"].as_str().expect("token").to_owned(),
-            referral_code: v["referral_code"].as_str().expect("code").to_owned(),
+            id: r.id.get(),
+            token: r.token,
+            referral_code: r.referral_code,
         }
     }
 
@@ -355,70 +306,46 @@ impl TestApp {
         (a, b, c)
     }
 
+    /// Deactivates a user with the admin key, requiring 200.
+    pub async fn deactivate(&self, user_id: i64) {
+        self.client
+            .deactivate(self::user_id(user_id))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// POST /api/purchases as the producer.
     pub async fn post_purchase(&self, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.url("/api/purchases"))
-            .bearer_auth(PRODUCER)
-            .json(&body)
-            .send()
-            .await
-            .expect("request")
+        self.client.post_purchase(&body).await.expect("request")
     }
 
     /// POST a purchase and require 202.
     pub async fn purchase(&self, purchase_id: &str, buyer_id: i64, amount: &str) {
-        let r = self
-            .post_purchase(
-                json!({"purchase_id": purchase_id, "buyer_id": buyer_id, "amount": amount}),
-            )
-            .await;
-        assert_eq!(
-            r.status(),
-            202,
-            "posting {purchase_id}: {}",
-            r.text().await.unwrap_or_default()
-        );
+        let amount = amount.parse().expect("a decimal amount");
+        self.client
+            .purchase(&Order::new(purchase_id, user_id(buyer_id), amount))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// GET with the admin key.
     pub async fn admin_get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.client.admin_get(path).await.expect("request")
     }
 
     /// Waits (up to 20 s) until a worker has recorded the purchase; returns its report.
     pub async fn wait_processed(&self, purchase_id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, body) = self
-                .admin_get(&format!("/api/purchases/{purchase_id}"))
-                .await;
-            if status == 200 {
-                return body;
-            }
-            assert_eq!(status, 404, "unexpected answer for {purchase_id}: {body}");
-            assert!(
-                Instant::now() < deadline,
-                "purchase {purchase_id} was not processed within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.client
+            .wait_processed(purchase_id, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Waits until `count` purchases are recorded.
     pub async fn wait_purchase_count(&self, count: i64, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let n: i64 = sqlx::query_scalar("select count(*) from purchases")
-                .fetch_one(&self.db)
+            let n = upline_testkit::pipeline::purchases(&self.db)
                 .await
                 .expect("count");
             if n >= count {
@@ -448,33 +375,46 @@ impl TestApp {
             .expect("connect to RabbitMQ")
     }
 
-    /// Publishes raw bytes onto `upline.purchases` (like an external producer) and waits for
-    /// the broker's confirm.
+    /// Publishes raw bytes onto `upline.purchases` (like a careless external producer: not
+    /// mandatory, no message id) and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8]) {
-        self.publish_all([body.to_vec()]).await;
-    }
-
-    /// Publishes message bodies onto `upline.purchases` over one connection, in order, with
-    /// pipelined confirms, and waits until the broker confirmed them all.
-    pub async fn publish_all(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
         let conn = self.amqp().await;
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(Default::default())
             .await
             .expect("confirms");
-        let mut confirms = Vec::new();
-        for body in bodies {
-            confirms.push(
-                upline_common::amqp::publish_purchase(&channel, &body)
-                    .await
-                    .expect("publish"),
-            );
-        }
-        for confirm in confirms {
-            assert!(confirm.await.expect("confirm").is_ack());
-        }
+        let confirm = amqp::publish_raw(&channel, body)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
         conn.close(200, "done").await.expect("close");
+    }
+
+    /// Publishes purchases onto `upline.purchases` through the api's own publisher
+    /// (mandatory, message id = purchase id), in order, pipelined, and waits until the broker
+    /// confirmed them all.
+    pub async fn publish_all(&self, orders: impl IntoIterator<Item = Order>) {
+        let orders: Vec<Order> = orders.into_iter().collect();
+        let publisher = Publisher::new(self.settings.amqp.clone(), Default::default())
+            .with_connection_name("upline-test");
+        let currency = self.settings.commission.rules().expect("rules").currency;
+        order::publish(&publisher, &orders, &currency)
+            .await
+            .unwrap_or_else(|e| panic!("publishing purchases: {e:#}"));
+        publisher.close().await;
+    }
+
+    /// Publishes `n` purchases of 2000.00 by `buyer`, ids `<prefix>-0` …, straight onto the
+    /// queue ([`TestApp::publish_all`]).
+    pub async fn publish_purchases(&self, prefix: &str, buyer: i64, n: usize) {
+        let amount = rust_decimal::Decimal::new(200_000, 2);
+        self.publish_all(
+            (0..n).map(|i| Order::new(format!("{prefix}-{i}"), user_id(buyer), amount)),
+        )
+        .await;
     }
 
     /// Takes one message from the dead-letter queue, waiting up to 10 s.
@@ -561,12 +501,6 @@ pub async fn subscribe_at(
         "unexpected first frame"
     );
     ws
-}
-
-fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
 }
 
 /// A WebSocket client.
@@ -767,17 +701,8 @@ impl TestApp {
 
     /// This app's RabbitMQ vhost.
     pub fn vhost(&self) -> &str {
-        &self.vhost
+        self.sandbox.name()
     }
-}
-
-/// A free port on 127.0.0.1 (bound, then released for a service or server to take).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
 }
 
 /// Runs `node <dir>/<script> <args>` (a browser test in `tests/browser/`) and fails the test,

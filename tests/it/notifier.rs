@@ -12,16 +12,6 @@ use upline_common::protocol::{ServerMessage, Subscribe, Target};
 
 use crate::harness::{server_message, subscribe_at, Services, SubscribeTarget, TestApp, ADMIN};
 
-/// Publishes `n` purchases of 2000.00 by `buyer` straight onto the queue.
-async fn publish_purchases(app: &TestApp, prefix: &str, buyer: i64, n: usize) {
-    let bodies = (0..n).map(|i| {
-        json!({"purchase_id": format!("{prefix}-{i}"), "buyer_id": buyer, "amount": "2000.00"})
-            .to_string()
-            .into_bytes()
-    });
-    app.publish_all(bodies).await;
-}
-
 fn seqs(events: &[EarningEvent]) -> Vec<i64> {
     events.iter().map(|e| e.seq).collect()
 }
@@ -33,7 +23,7 @@ async fn a_replay_racing_live_purchases_has_no_gap_and_no_duplicate_at_the_seam(
     let total = 150;
     let publisher = {
         let app_ref = &app;
-        publish_purchases(app_ref, "race", c.id, total)
+        app_ref.publish_purchases("race", c.id, total)
     };
     let subscriber = async {
         // Join mid-stream: some earnings are in the database already, others still coming.
@@ -70,7 +60,7 @@ async fn clients_on_any_of_several_notifiers_get_all_their_events() {
     let mut b_on_second = subscribe_at(&second, b.id, &b.token, None).await;
     let mut a_on_second = subscribe_at(&second, a.id, &a.token, None).await;
     let mut admin_on_second = subscribe_at(&second, Target::All, ADMIN, None).await;
-    publish_purchases(&app, "multi", c.id, 5).await;
+    app.publish_purchases("multi", c.id, 5).await;
     assert_eq!(seqs(&b_on_first.earnings(5).await), vec![1, 2, 3, 4, 5]);
     assert_eq!(seqs(&b_on_second.earnings(5).await), vec![1, 2, 3, 4, 5]);
     let level_2 = a_on_second.earnings(5).await;
@@ -115,7 +105,7 @@ async fn a_client_too_slow_to_keep_up_is_closed_without_slowing_the_others() {
 
     let total = 2500;
     let (_, fast_events) = tokio::join!(
-        publish_purchases(&app, "slow", c.id, total),
+        app.publish_purchases("slow", c.id, total),
         fast.earnings(total)
     );
     assert_eq!(

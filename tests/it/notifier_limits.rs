@@ -63,16 +63,6 @@ async fn insert_history(app: &TestApp, earner: i64, source: i64, from_seq: i64, 
     tx.commit().await.expect("commit");
 }
 
-/// Publishes `n` purchases of 2000.00 by `buyer` straight onto the queue.
-async fn publish_purchases(app: &TestApp, prefix: &str, buyer: i64, n: usize) {
-    let bodies = (0..n).map(|i| {
-        json!({"purchase_id": format!("{prefix}-{i}"), "buyer_id": buyer, "amount": "2000.00"})
-            .to_string()
-            .into_bytes()
-    });
-    app.publish_all(bodies).await;
-}
-
 #[tokio::test]
 async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purchases_arrive() {
     // Pages of 64 and a hub buffer of 16: the live channel lags many times during the replay.
@@ -90,7 +80,7 @@ async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purch
     let mut from_start = app.subscribe(b.id, &b.token, Some(0)).await;
     let mut from_middle = app.subscribe(b.id, &b.token, Some(1_234)).await;
     let (_, all, rest) = tokio::join!(
-        publish_purchases(&app, "during-replay", c.id, live),
+        app.publish_purchases("during-replay", c.id, live),
         from_start.earnings(total),
         from_middle.earnings(total - 1_234),
     );

@@ -199,23 +199,9 @@ async fn the_idempotency_key_header_names_the_purchase() {
 async fn inactive_earners_are_skipped_and_the_level_above_still_pays() {
     let app = TestApp::spawn().await;
     let (a, b, c) = app.chain_abc().await;
-    let r = app
-        .http
-        .post(app.url(&format!("/api/users/{}/deactivate", b.id)))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
+    app.deactivate(b.id).await;
     // An inactive buyer still pays its active upline.
-    let r = app
-        .http
-        .post(app.url(&format!("/api/users/{}/deactivate", c.id)))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
+    app.deactivate(c.id).await;
     app.purchase("p-inactive", c.id, "2000").await;
     let report = app.wait_processed("p-inactive").await;
     assert_eq!(level(&report, 1), ("inactive".into(), "0.00".into()));

@@ -122,14 +122,7 @@ async fn registration_enforces_every_referral_rule_with_clear_errors() {
         (404, Some("referrer_not_found"))
     );
     let asha_id = asha["id"].as_i64().expect("id");
-    let r = app
-        .http
-        .post(app.url(&format!("/api/users/{asha_id}/deactivate")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
+    app.deactivate(asha_id).await;
     let (status, body, _) = post(
         json!({"name": "X", "email": "x3@example.com", "referral_code": asha["referral_code"]}),
     )

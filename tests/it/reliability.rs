@@ -3,17 +3,16 @@
 //! purchases, and the api's bounds (body size, request time, connection pool) — each against
 //! the real servers.
 
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
-use upline_common::amqp;
+use tokio::process::Command;
+use upline_common::{amqp, Settings};
+use upline_testkit::spawn::{Output, Service, ServiceCommand};
 
-use crate::harness::{
-    create_vhost, delete_vhost, free_port, unique, Services, TestApp, ADMIN, PG_SERVER,
-};
+use crate::harness::{sandbox, Services, TestApp, ADMIN};
 
 /// How many messages wait in `upline.purchases.dead`.
 async fn dead_letters(app: &TestApp) -> u32 {
@@ -240,25 +239,15 @@ async fn an_exhausted_pool_and_a_slow_request_answer_503_with_retry_after() {
     app.stop().await;
 }
 
-/// `upline <service>` as a child process on `port`, against `database_url` and `vhost`.
-fn spawn_service(service: &str, port: u16, database_url: &str, vhost: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_upline"))
-        .arg(service)
-        .env("DATABASE_URL", database_url)
-        .env(
-            "AMQP_URL",
-            format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
-        )
-        .env(
-            format!("UPLINE__{}__BIND", service.to_uppercase()),
-            format!("127.0.0.1:{port}"),
-        )
+/// `upline <service>` as a child process on a port of its own, against the database and
+/// vhost of `settings` (development keys, abuse limits off).
+fn spawn_service(service: &str, settings: &Settings) -> Service {
+    ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), service)
+        .env("DATABASE_URL", &settings.database.url)
+        .env("AMQP_URL", &settings.amqp.url)
         .env("UPLINE__APP__ENVIRONMENT", "development")
         .env("UPLINE__LIMITS__ENABLED", "false")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .output(Output::PipedStderr)
         .spawn()
         .expect("the upline binary starts")
 }
@@ -269,38 +258,27 @@ async fn every_service_started_at_once_against_an_empty_server_comes_up() {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client");
-    let admin = PgPool::connect(&format!("{PG_SERVER}/postgres"))
-        .await
-        .expect("connect");
     // Three cold starts, each with a database and a vhost that do not exist yet: the api, two
     // workers and the notifier at the same moment, as a fresh deployment starts them.
     for round in 0..3 {
-        let name = unique("upline_test");
-        create_vhost(&http, &name).await;
-        let database_url = format!("{PG_SERVER}/{name}");
-        let services = [
-            ("api", free_port()),
-            ("worker", free_port()),
-            ("worker", free_port()),
-            ("notifier", free_port()),
-        ];
-        let mut children: Vec<Child> = services
-            .iter()
-            .map(|(service, port)| spawn_service(service, *port, &database_url, &name))
+        let sandbox = sandbox().await;
+        let mut children: Vec<(&str, Service)> = ["api", "worker", "worker", "notifier"]
+            .into_iter()
+            .map(|service| (service, spawn_service(service, &sandbox.settings)))
             .collect();
         let deadline = Instant::now() + Duration::from_secs(60);
-        for (i, (service, port)) in services.iter().enumerate() {
+        for (service, child) in &mut children {
             loop {
-                if let Ok(Some(status)) = children[i].try_wait() {
+                if let Ok(Some(status)) = child.child().try_wait() {
                     let mut stderr = String::new();
-                    if let Some(mut err) = children[i].stderr.take() {
+                    if let Some(mut err) = child.child().stderr.take() {
                         use tokio::io::AsyncReadExt;
                         let _ = err.read_to_string(&mut stderr).await;
                     }
                     panic!("round {round}: {service} exited ({status}):\n{stderr}");
                 }
                 let ready = http
-                    .get(format!("http://127.0.0.1:{port}/readyz"))
+                    .get(format!("{}/readyz", child.base()))
                     .send()
                     .await
                     .is_ok_and(|r| r.status() == 200);
@@ -309,21 +287,17 @@ async fn every_service_started_at_once_against_an_empty_server_comes_up() {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "round {round}: {service} on {port} never became ready"
+                    "round {round}: {service} at {} never became ready",
+                    child.base()
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         println!("cold start round {round}: api, 2 workers and notifier all ready");
-        for child in &mut children {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        for (_, child) in &mut children {
+            child.kill().await;
         }
-        sqlx::query(&format!(r#"drop database if exists "{name}" with (force)"#))
-            .execute(&admin)
-            .await
-            .expect("drop test database");
-        delete_vhost(&http, &name).await;
+        sandbox.destroy().await.expect("drop test database");
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{TestApp, ADMIN};
+use crate::harness::TestApp;
 
 #[tokio::test]
 async fn referrals_show_two_levels_with_active_flags() {
@@ -10,14 +10,7 @@ async fn referrals_show_two_levels_with_active_flags() {
     let (a, b, c) = app.chain_abc().await;
     let d = app.register("Dev", Some(a.id)).await;
     let e = app.register("Esha", Some(c.id)).await;
-    let r = app
-        .http
-        .post(app.url(&format!("/api/users/{}/deactivate", c.id)))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
+    app.deactivate(c.id).await;
     let r = app
         .http
         .get(app.url(&format!("/api/users/{}/referrals", a.id)))

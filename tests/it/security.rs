@@ -613,7 +613,7 @@ async fn raw_message_bodies_are_kept_only_for_the_retention_period() {
 
 #[tokio::test]
 async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
-    use crate::harness::{create_vhost, delete_vhost, free_port, unique, PG_SERVER};
+    use crate::harness::{free_port, sandbox, unique};
     use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
 
@@ -621,8 +621,7 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
-    let name = unique("upline_test");
-    create_vhost(&http, &name).await;
+    let sandbox = sandbox().await;
     let (api_port, notifier_port, worker_port) = (free_port(), free_port(), free_port());
     let secret = format!("token-secret-{}", unique("never-logged"));
     let admin = format!("admin-key-{}", unique("never-logged"));
@@ -632,11 +631,8 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
     // A production deployment with real secrets, logging everything, as JSON.
     let mut child = Command::new(env!("CARGO_BIN_EXE_upline"))
         .arg("run")
-        .env("DATABASE_URL", format!("{PG_SERVER}/{name}"))
-        .env(
-            "AMQP_URL",
-            format!("amqp://guest:guest@127.0.0.1:5672/{name}"),
-        )
+        .env("DATABASE_URL", &sandbox.settings.database.url)
+        .env("AMQP_URL", &sandbox.settings.amqp.url)
         .env("UPLINE__API__BIND", format!("127.0.0.1:{api_port}"))
         .env(
             "UPLINE__NOTIFIER__BIND",
@@ -793,14 +789,7 @@ async fn tokens_keys_and_emails_never_appear_in_the_logs_even_at_trace_level() {
         "too few TRACE lines: logging was not fully on"
     );
 
-    let admin_db = sqlx::PgPool::connect(&format!("{PG_SERVER}/postgres"))
-        .await
-        .expect("connect");
-    sqlx::query(&format!(r#"drop database if exists "{name}" with (force)"#))
-        .execute(&admin_db)
-        .await
-        .expect("drop test database");
-    delete_vhost(&http, &name).await;
+    sandbox.destroy().await.expect("drop test database");
 }
 
 /// The code of an error message; `None` for any other message.

@@ -271,7 +271,7 @@ async fn rabbitmq_over_tls_trusts_amqp_tls_ca_file_and_refuses_other_certificate
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");
-    let confirmation = amqp::publish_purchase(&channel, br#"{"tls":true}"#)
+    let confirmation = amqp::publish_raw(&channel, br#"{"tls":true}"#)
         .await
         .expect("publish")
         .await

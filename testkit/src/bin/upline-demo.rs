@@ -1,27 +1,34 @@
-//! `upline demo`: builds a realistic referral forest through the running api, drives a stream
-//! of purchases (half over REST, half published straight onto `upline.purchases`), waits
-//! until every purchase is processed, prints what was paid by level, and checks it against an
-//! independent recomputation from the database.
+//! `upline-demo`: builds a realistic referral forest through the running api, drives a stream
+//! of purchases (half over REST, half published straight onto `upline.purchases` through the
+//! api's own publisher), waits until every purchase is processed, prints what was paid by
+//! level, and checks it against the commission oracle (`upline_testkit::oracle`).
+//!
+//! It reads the same configuration as `upline` (`config/upline.toml`, `UPLINE__…`,
+//! `DATABASE_URL`, `AMQP_URL`): the database, the broker and the admin and producer keys of the
+//! pipeline it drives. Run it with `scripts/demo` against a pipeline started by `scripts/run`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::Parser;
 use futures_util::stream::{self, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use upline_common::{amqp, Settings};
+use upline_common::amqp::Publisher;
+use upline_common::{Settings, UserId};
+use upline_testkit::client::{Api, NewUser};
+use upline_testkit::oracle;
+use upline_testkit::order::{self, Order};
 
-use crate::check::{self, Sent};
-
-/// Options of `upline demo`.
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
+/// upline-demo: drive a realistic referral forest and purchase stream through the running
+/// pipeline and check what was paid against an independent recomputation.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct DemoArgs {
     /// Base URL of the running api.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub api: String,
@@ -45,7 +52,7 @@ struct PlannedUser {
     depth: usize,
 }
 
-/// A planned purchase.
+/// A planned purchase: the index of its buyer in the plan.
 struct PlannedPurchase {
     id: String,
     buyer: usize,
@@ -53,25 +60,33 @@ struct PlannedPurchase {
     profit: Option<Decimal>,
 }
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = DemoArgs::parse();
+    let settings = upline_testkit::tool_settings()?;
+    run(&settings, args, upline_common::shutdown::signal()).await
+}
+
 /// Runs the demo.
 ///
 /// # Errors
 /// The pipeline is not running, a request fails, or the check finds a difference.
-pub async fn run(
-    settings: &Settings,
-    args: DemoArgs,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
+async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let api = args.api.trim_end_matches('/').to_owned();
-    let ready = http.get(format!("{api}/readyz")).send().await;
-    if !matches!(&ready, Ok(r) if r.status().is_success()) {
-        bail!("the pipeline is not answering at {api}/readyz; start it first with `upline run`");
+    let api = Api::new(
+        http,
+        &args.api,
+        settings.auth.admin_token.expose_secret(),
+        settings.auth.producer_token.expose_secret(),
+    );
+    if !api.is_ready().await {
+        bail!(
+            "the pipeline is not answering at {}; start it first with `scripts/run`",
+            api.url("/readyz")
+        );
     }
-    let admin = settings.auth.admin_token.expose_secret().to_owned();
-    let producer = settings.auth.producer_token.expose_secret().to_owned();
     let rules = settings.commission.rules()?;
     let db = upline_common::db::connect_and_migrate(&settings.database, &cancel).await?;
     let mut rng = StdRng::seed_from_u64(args.seed);
@@ -83,7 +98,7 @@ pub async fn run(
     //    at max_direct.
     let plan = plan_forest(&mut rng, args.users, max_direct);
     let started = Instant::now();
-    let ids = register(&http, &api, &admin, &run_id, &plan, args.concurrency).await?;
+    let ids = register(&api, &run_id, &plan, args.concurrency).await?;
     let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
     let roots = plan.iter().filter(|u| u.referrer.is_none()).count();
     println!(
@@ -96,12 +111,7 @@ pub async fn run(
     let mut inactive = 0;
     for &id in &ids {
         if rng.gen_bool(0.03) {
-            let r = http
-                .post(format!("{api}/api/users/{id}/deactivate"))
-                .bearer_auth(&admin)
-                .send()
-                .await?;
-            ensure_ok(r, "deactivating a user").await?;
+            api.deactivate(id).await?;
             inactive += 1;
         }
     }
@@ -130,60 +140,57 @@ pub async fn run(
             }
         })
         .collect();
-    let conn = amqp::connect(&settings.amqp, "upline-demo")
-        .await
-        .context("connecting to RabbitMQ")?;
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(Default::default()).await?;
+    let orders: Vec<Order> = purchases
+        .iter()
+        .map(|p| Order {
+            purchase_id: p.id.clone(),
+            buyer_id: ids[p.buyer],
+            amount: p.amount,
+            profit: p.profit,
+        })
+        .collect();
+    let publisher = Publisher::new(settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-demo");
     let started = Instant::now();
-    let (rest, queue): (Vec<_>, Vec<_>) =
-        purchases.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-    let ids = Arc::new(ids);
+    let (rest, queue): (Vec<_>, Vec<_>) = orders.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let rest: Vec<Order> = rest.into_iter().map(|(_, o)| o.clone()).collect();
     let rest_task = {
-        let (http, api, ids) = (http.clone(), api.clone(), ids.clone());
-        let bodies: Vec<Value> = rest.iter().map(|(_, p)| body(p, &ids)).collect();
+        let api = api.clone();
         let concurrency = args.concurrency;
         tokio::spawn(async move {
-            let results: Vec<anyhow::Result<()>> = stream::iter(bodies)
-                .map(|b| {
-                    let (http, api, producer) = (http.clone(), api.clone(), producer.clone());
-                    async move {
-                        let r = http
-                            .post(format!("{api}/api/purchases"))
-                            .bearer_auth(&producer)
-                            .json(&b)
-                            .send()
-                            .await?;
-                        ensure_ok(r, "posting a purchase").await
-                    }
+            let results: Vec<anyhow::Result<()>> = stream::iter(rest)
+                .map(|o| {
+                    let api = api.clone();
+                    async move { api.purchase(&o).await }
                 })
                 .buffer_unordered(concurrency)
                 .collect()
                 .await;
-            results.into_iter().collect::<anyhow::Result<Vec<()>>>()
+            results
+                .into_iter()
+                .collect::<anyhow::Result<Vec<()>>>()
+                .map(|sent| sent.len())
         })
     };
     // A few producers retry: 5 % of the queued purchases are published twice; they must pay once.
-    let republished: Vec<_> = queue.iter().filter(|(i, _)| i % 40 == 1).collect();
-    let mut confirms = Vec::with_capacity(queue.len() + republished.len());
-    for (_, p) in queue.iter().chain(republished.iter().copied()) {
-        let payload = serde_json::to_vec(&body(p, &ids))?;
-        confirms.push(amqp::publish_purchase(&channel, &payload).await?);
-    }
+    let republished: Vec<Order> = queue
+        .iter()
+        .filter(|(i, _)| i % 40 == 1)
+        .map(|(_, o)| (*o).clone())
+        .collect();
+    let mut queued: Vec<Order> = queue.iter().map(|(_, o)| (*o).clone()).collect();
+    queued.extend(republished.iter().cloned());
+    order::publish(&publisher, &queued, &rules.currency)
+        .await
+        .context("publishing onto upline.purchases")?;
     let republished = republished.len();
-    for c in confirms {
-        if !c.await?.is_ack() {
-            bail!("RabbitMQ refused a purchase");
-        }
-    }
-    rest_task.await.context("REST producer task")??;
-    let _ = conn.close(200, "demo done").await;
+    let rest_sent = rest_task.await.context("REST producer task")??;
+    publisher.close().await;
     let sent = started.elapsed();
     println!(
-        "sent {} purchases in {:.1}s: {} over REST, {} straight onto the queue (+{republished} republished duplicates)",
+        "sent {} purchases in {:.1}s: {rest_sent} over REST, {} straight onto the queue (+{republished} republished duplicates)",
         purchases.len(),
         sent.as_secs_f64(),
-        rest.len(),
         queue.len()
     );
 
@@ -264,18 +271,8 @@ pub async fn run(
         println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
         return Ok(());
     }
-    let sent: Vec<Sent> = purchases
-        .iter()
-        .map(|p| Sent {
-            purchase_id: p.id.clone(),
-            buyer_id: ids[p.buyer],
-            amount: p.amount,
-            profit: p.profit,
-        })
-        .collect();
-    let expected =
-        check::recompute(&db, &sent, &rules.rates, rules.min_purchase.as_decimal()).await?;
-    let mut differences = check::compare(&db, &format!("demo-{run_id}-"), &expected).await?;
+    let expected = oracle::recompute(&db, &orders, &rules).await?;
+    let mut differences = oracle::compare(&db, &format!("demo-{run_id}-"), &expected).await?;
     for (level, want) in &expected.by_level {
         let got = paid_by_level.get(level).copied().unwrap_or_default();
         if got != *want {
@@ -303,19 +300,6 @@ pub async fn run(
 
 fn paise(rng: &mut StdRng, low: i64, high: i64) -> Decimal {
     Decimal::new(rng.gen_range(low..=high), 2)
-}
-
-fn body(p: &PlannedPurchase, ids: &[i64]) -> Value {
-    let mut b = json!({
-        "purchase_id": p.id,
-        "buyer_id": ids[p.buyer],
-        "amount": p.amount.to_string(),
-        "currency": "INR",
-    });
-    if let Some(profit) = p.profit {
-        b["profit"] = json!(profit.to_string());
-    }
-    b
 }
 
 fn plan_forest(rng: &mut StdRng, users: usize, max_direct: usize) -> Vec<PlannedUser> {
@@ -354,62 +338,40 @@ fn plan_forest(rng: &mut StdRng, users: usize, max_direct: usize) -> Vec<Planned
 /// Registers the planned forest with the admin key: it names referrers by id (anonymous
 /// sign-ups use referral codes) and is not rate-limited.
 async fn register(
-    http: &reqwest::Client,
-    api: &str,
-    admin: &str,
+    api: &Api,
     run_id: &str,
     plan: &[PlannedUser],
     concurrency: usize,
-) -> anyhow::Result<Vec<i64>> {
-    let mut ids = vec![0i64; plan.len()];
+) -> anyhow::Result<Vec<UserId>> {
+    let mut ids: Vec<Option<UserId>> = vec![None; plan.len()];
     let deepest = plan.iter().map(|u| u.depth).max().unwrap_or(0);
     // Depth by depth, so that every referrer exists before its referrals.
     for depth in 0..=deepest {
-        let wave: Vec<(usize, Option<i64>)> = plan
+        let wave: Vec<(usize, Option<UserId>)> = plan
             .iter()
             .enumerate()
             .filter(|(_, u)| u.depth == depth)
-            .map(|(i, u)| (i, u.referrer.map(|r| ids[r])))
+            .map(|(i, u)| (i, u.referrer.and_then(|r| ids[r])))
             .collect();
-        let created: Vec<anyhow::Result<(usize, i64)>> = stream::iter(wave)
-            .map(|(i, referrer)| async move {
-                let body = json!({
-                    "name": format!("Demo User {i}"),
-                    "email": format!("demo-{run_id}-{i}@example.com"),
-                    "referrer_id": referrer,
-                });
-                let r = http
-                    .post(format!("{api}/api/users"))
-                    .bearer_auth(admin)
-                    .json(&body)
-                    .send()
-                    .await?;
-                let status = r.status();
-                let v: Value = r.json().await?;
-                if !status.is_success() {
-                    bail!("registering user {i}: {status} {v}");
-                }
-                Ok((
-                    i,
-                    v["id"].as_i64().context("registration answer without id")?,
-                ))
+        let created: Vec<anyhow::Result<(usize, UserId)>> = stream::iter(wave)
+            .map(|(i, referrer_id)| async move {
+                let user = NewUser {
+                    name: format!("Demo User {i}"),
+                    email: format!("demo-{run_id}-{i}@example.com"),
+                    referrer_id,
+                };
+                Ok((i, api.register(&user).await?.id))
             })
             .buffer_unordered(concurrency)
             .collect()
             .await;
         for c in created {
             let (i, id) = c?;
-            ids[i] = id;
+            ids[i] = Some(id);
         }
     }
-    Ok(ids)
-}
-
-async fn ensure_ok(r: reqwest::Response, what: &str) -> anyhow::Result<()> {
-    let status = r.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let text = r.text().await.unwrap_or_default();
-    bail!("{what}: {status} {text}")
+    Ok(ids
+        .into_iter()
+        .map(|id| id.expect("every planned user registered"))
+        .collect())
 }

@@ -5,22 +5,20 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use upline_common::UserId;
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
-use serde_json::json;
-use upline_common::money::Money;
-use upline_common::purchase::{Purchase, PurchaseId};
-use upline_common::{amqp, Settings};
+use upline_common::amqp::Publisher;
+use upline_common::UserId;
+use upline_testkit::order::{self, Order};
+use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
-use super::env::{cpu_report, seed_tree, BenchEnv};
+use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done};
-use crate::check::{self, Sent};
 
 #[derive(Debug, clap::Args)]
 pub struct DrainArgs {
@@ -49,19 +47,21 @@ pub struct DrainArgs {
     keep: bool,
 }
 
-fn purchases(n: usize, users: i64) -> Vec<Sent> {
+fn purchases(n: usize, users: i64) -> Vec<Order> {
     let mut rng = StdRng::seed_from_u64(7);
     (0..n)
-        .map(|i| Sent {
-            purchase_id: format!("d{i}"),
-            buyer_id: rng.gen_range(10..=users),
-            amount: Decimal::new(rng.gen_range(50_000..500_000), 2),
-            profit: None,
+        .map(|i| {
+            Order::new(
+                format!("d{i}"),
+                UserId::new(rng.gen_range(10..=users)).expect("a positive id"),
+                Decimal::new(rng.gen_range(50_000..500_000), 2),
+            )
         })
         .collect()
 }
 
-pub async fn run(settings: &Settings, args: DrainArgs) -> anyhow::Result<()> {
+pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
+    let settings = bench.settings;
     let batch_size = args.batch_size.unwrap_or(settings.worker.batch_size);
     let consumers = args.consumers.unwrap_or(settings.worker.consumers);
     let prefetch = args.prefetch.unwrap_or(settings.worker.prefetch);
@@ -72,7 +72,7 @@ pub async fn run(settings: &Settings, args: DrainArgs) -> anyhow::Result<()> {
     let sent = purchases(args.purchases, args.users);
     let mut rows = Vec::new();
     if !args.no_baseline {
-        let mut env = BenchEnv::new(settings, "baseline", args.keep).await?;
+        let mut env = BenchEnv::new(bench, "baseline", args.keep).await?;
         let r = baseline(
             &mut env,
             &sent,
@@ -88,7 +88,7 @@ pub async fn run(settings: &Settings, args: DrainArgs) -> anyhow::Result<()> {
         ));
     }
     for &workers in &args.workers {
-        let mut env = BenchEnv::new(settings, "drain", args.keep).await?;
+        let mut env = BenchEnv::new(bench, "drain", args.keep).await?;
         let extra = [
             ("UPLINE__WORKER__CONSUMERS", consumers.to_string()),
             ("UPLINE__WORKER__BATCH_SIZE", batch_size.to_string()),
@@ -109,7 +109,7 @@ pub async fn run(settings: &Settings, args: DrainArgs) -> anyhow::Result<()> {
 /// Applies the purchases with the ledger directly; returns (purchases/s, seconds).
 async fn baseline(
     env: &mut BenchEnv,
-    sent: &[Sent],
+    sent: &[Order],
     users: i64,
     batch_size: usize,
     concurrency: usize,
@@ -119,19 +119,16 @@ async fn baseline(
     let items: Vec<Item> = sent
         .iter()
         .map(|s| {
-            let purchase = Purchase {
-                purchase_id: PurchaseId::parse(&s.purchase_id).expect("valid id"),
-                buyer_id: UserId::new(s.buyer_id).expect("positive"),
-                amount: Money::from_decimal(s.amount).expect("valid amount"),
-                currency: rules.currency.clone(),
-                profit: None,
-                occurred_at: None,
+            let purchase = s.to_purchase(&rules.currency)?;
+            let serde_json::Value::Object(body) = serde_json::to_value(s)? else {
+                unreachable!("an order serialises as an object")
             };
-            let body = json!({"purchase_id": s.purchase_id, "buyer_id": s.buyer_id, "amount": s.amount.to_string()});
-            let serde_json::Value::Object(body) = body else { unreachable!("an object literal") };
-            Item { incoming: Incoming::Valid(purchase), body }
+            Ok(Item {
+                incoming: Incoming::Valid(purchase),
+                body,
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let done = Arc::new(AtomicU64::new(0));
     let cpu_before = env.cpu();
     let started = Instant::now();
@@ -168,27 +165,18 @@ async fn baseline(
 /// Publishes the backlog, then times `workers` worker processes draining it.
 async fn drain(
     env: &mut BenchEnv,
-    sent: &[Sent],
+    sent: &[Order],
     users: i64,
     workers: usize,
     extra: &[(&str, String)],
 ) -> anyhow::Result<(f64, f64)> {
     seed_tree(&env.db, users).await?;
-    let conn = amqp::connect(&env.settings.amqp, "upline-bench").await?;
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(Default::default()).await?;
+    let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-bench");
+    let currency = env.settings.commission.rules()?.currency;
     let started = Instant::now();
     for (i, window) in sent.chunks(2000).enumerate() {
-        let mut confirms = Vec::with_capacity(window.len());
-        for s in window {
-            let body = json!({"purchase_id": s.purchase_id, "buyer_id": s.buyer_id, "amount": s.amount.to_string()});
-            confirms.push(amqp::publish_purchase(&channel, body.to_string().as_bytes()).await?);
-        }
-        for c in confirms {
-            if !c.await?.is_ack() {
-                bail!("the broker refused a purchase");
-            }
-        }
+        order::publish(&publisher, window, &currency).await?;
         progress(&format!(
             "publishing the backlog: {}/{}",
             ((i + 1) * 2000).min(sent.len()),
@@ -202,7 +190,7 @@ async fn drain(
         sent.len(),
         sent.len() as f64 / publish
     );
-    conn.close(200, "published").await?;
+    publisher.close().await;
 
     let cpu_before = env.cpu();
     let started = Instant::now();
@@ -210,9 +198,7 @@ async fn drain(
         env.start("worker", extra).await?;
     }
     loop {
-        let n: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let n = pipeline::purchases(&env.db).await?;
         let secs = started.elapsed().as_secs_f64();
         progress(&format!(
             "{workers} worker(s): {n}/{} processed, {:.0}/s",
@@ -231,15 +217,7 @@ async fn drain(
     progress_done();
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
     // Events: wait for the outbox to empty (all earning events confirmed by the broker).
-    loop {
-        let pending: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
-            .fetch_one(&env.db)
-            .await?;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pipeline::wait_outbox_empty(&env.db, Duration::from_secs(1800)).await?;
     let with_events = started.elapsed().as_secs_f64();
     println!(
         "{workers} worker(s): drained {} purchases in {secs:.1} s = {:.0}/s (all earning events published after {with_events:.1} s); CPU (cores) {cpu}",
@@ -250,11 +228,10 @@ async fn drain(
     Ok((sent.len() as f64 / secs, secs))
 }
 
-async fn verify(env: &BenchEnv, sent: &[Sent]) -> anyhow::Result<()> {
+async fn verify(env: &BenchEnv, sent: &[Order]) -> anyhow::Result<()> {
     let rules = env.settings.commission.rules()?;
-    let expected =
-        check::recompute(&env.db, sent, &rules.rates, rules.min_purchase.as_decimal()).await?;
-    let differences = check::compare(&env.db, "d", &expected).await?;
+    let expected = oracle::recompute(&env.db, sent, &rules).await?;
+    let differences = oracle::compare(&env.db, "d", &expected).await?;
     let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
         .fetch_one(&env.db)
         .await?;

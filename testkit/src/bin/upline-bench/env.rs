@@ -1,19 +1,25 @@
-//! A benchmark's environment: its own database and RabbitMQ vhost, services started as
-//! separate processes of this binary (so each one's CPU can be measured), and CPU sampling
-//! from `/proc`.
+//! A benchmark's environment: its own sandbox (database and RabbitMQ vhost), services started
+//! as separate processes of the `upline` binary (so each one's CPU can be measured), and CPU
+//! sampling from `/proc`.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use rand::Rng;
-use secrecy::ExposeSecret;
+use anyhow::Context;
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 use upline_common::Settings;
+use upline_testkit::rabbit::RabbitAdmin;
+use upline_testkit::sandbox::Sandbox;
+use upline_testkit::spawn::{self, ServiceCommand};
 
-use crate::rabbit_admin;
+/// What every scenario starts from: the configured settings (servers, secrets, rules) and the
+/// RabbitMQ management API its vhost is made with.
+#[derive(Clone, Copy)]
+pub struct Bench<'a> {
+    pub settings: &'a Settings,
+    pub rabbit: &'a RabbitAdmin,
+}
 
 /// A service process started by a benchmark.
 pub struct Service {
@@ -21,7 +27,7 @@ pub struct Service {
     pub pid: u32,
     /// `http://127.0.0.1:<port>` (health, metrics; the api's and notifier's own endpoints).
     pub base: String,
-    child: Child,
+    process: spawn::Service,
 }
 
 /// A fresh database and vhost, and the services running on them.
@@ -30,50 +36,39 @@ pub struct BenchEnv {
     pub db: PgPool,
     pub http: reqwest::Client,
     pub services: Vec<Service>,
-    db_name: String,
-    vhost: String,
+    sandbox: Sandbox,
+    binary: PathBuf,
     keep: bool,
 }
 
 impl BenchEnv {
-    /// Creates database `upline_bench_<label>_<random>` and a vhost of the same name, migrated
-    /// and with the topology declared.
+    /// Creates database and vhost `upline_bench_<label>_<random>`, migrated and with the
+    /// topology declared.
     ///
     /// # Errors
-    /// PostgreSQL or RabbitMQ unreachable.
-    pub async fn new(base: &Settings, label: &str, keep: bool) -> anyhow::Result<Self> {
-        let name = format!(
-            "upline_bench_{label}_{:08x}",
-            rand::thread_rng().gen::<u32>()
-        );
+    /// PostgreSQL or RabbitMQ unreachable, or no `upline` binary next to this one.
+    pub async fn new(bench: Bench<'_>, label: &str, keep: bool) -> anyhow::Result<Self> {
+        let binary = spawn::upline_binary()?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build()?;
-        rabbit_admin::create_vhost(&http, &name)
-            .await
-            .context("creating the benchmark's vhost (is RabbitMQ running?)")?;
-        let mut settings = base.clone();
-        // The same server and parameters (`?sslmode=…`), another database.
-        let mut url = url::Url::parse(&settings.database.url).context("database.url")?;
-        url.set_path(&name);
-        settings.database.url = url.to_string();
-        settings.database.max_connections = 32;
-        settings.amqp.url = rabbit_admin::vhost_url(&base.amqp.url, &name);
-        let db =
-            upline_common::db::connect_and_migrate(&settings.database, &CancellationToken::new())
-                .await?;
-        let conn = upline_common::amqp::connect(&settings.amqp, "upline-bench").await?;
-        let channel = conn.create_channel().await?;
-        upline_common::amqp::declare_topology(&channel).await?;
-        conn.close(200, "topology declared").await?;
+        let mut sandbox = Sandbox::create(
+            bench.settings,
+            bench.rabbit,
+            &format!("upline_bench_{label}"),
+        )
+        .await?;
+        sandbox.settings.database.max_connections = 32;
+        let db = sandbox.migrate().await?;
+        sandbox.declare_topology().await?;
         Ok(BenchEnv {
-            settings,
+            settings: sandbox.settings.clone(),
             db,
             http,
             services: Vec::new(),
-            db_name: name.clone(),
-            vhost: name,
+            sandbox,
+            binary,
             keep,
         })
     }
@@ -88,53 +83,19 @@ impl BenchEnv {
         kind: &str,
         extra: &[(&str, String)],
     ) -> anyhow::Result<&Service> {
-        let port = free_port()?;
-        let s = &self.settings;
-        let bind_key = format!("UPLINE__{}__BIND", kind.to_uppercase());
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg(kind)
-            .env("DATABASE_URL", &s.database.url)
-            .env("AMQP_URL", &s.amqp.url)
-            .env("UPLINE__AMQP__TLS_CA_FILE", &s.amqp.tls_ca_file)
-            .env(bind_key, format!("127.0.0.1:{port}"))
-            .env(
-                "UPLINE__AUTH__TOKEN_SECRET",
-                s.auth.token_secret.expose_secret(),
-            )
-            .env(
-                "UPLINE__AUTH__ADMIN_TOKEN",
-                s.auth.admin_token.expose_secret(),
-            )
-            .env(
-                "UPLINE__AUTH__PRODUCER_TOKEN",
-                s.auth.producer_token.expose_secret(),
-            )
-            .env("UPLINE__APP__ENVIRONMENT", &s.app.environment)
+        let mut command = ServiceCommand::new(&self.binary, kind)
+            .settings(&self.settings)
             // Abuse limits off: the load comes from one address on purpose.
-            .env("UPLINE__LIMITS__ENABLED", "false")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::null());
+            .env("UPLINE__LIMITS__ENABLED", "false");
         for (k, v) in extra {
-            cmd.env(k, v);
+            command = command.env(k, v.clone());
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting upline {kind}"))?;
-        let pid = child.id().context("the child has a pid")?;
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("upline {kind} did not become ready");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let mut process = command.spawn()?;
+        let pid = process.pid().context("the child has a pid")?;
+        process
+            .wait_ready(&self.http, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("upline {kind}"))?;
         let n = self
             .services
             .iter()
@@ -143,8 +104,8 @@ impl BenchEnv {
         self.services.push(Service {
             name: format!("{kind}-{}", n + 1),
             pid,
-            base,
-            child,
+            base: process.base(),
+            process,
         });
         Ok(self.services.last().expect("just pushed"))
     }
@@ -169,48 +130,17 @@ impl BenchEnv {
     /// Stops the services (SIGTERM) and removes the database and vhost unless kept.
     pub async fn finish(mut self) {
         for s in &mut self.services {
-            if let Some(pid) = s.child.id() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
-            }
-            if tokio::time::timeout(Duration::from_secs(15), s.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = s.child.kill().await;
-            }
+            s.process.stop(Duration::from_secs(15)).await;
         }
         self.db.close().await;
         if self.keep {
-            println!("kept database and vhost {}", self.db_name);
+            println!("kept database and vhost {}", self.sandbox.name());
             return;
         }
-        let server = self
-            .settings
-            .database
-            .url
-            .rsplit_once('/')
-            .map_or("", |(s, _)| s)
-            .to_owned();
-        if let Ok(admin) = PgPool::connect(&format!("{server}/postgres")).await {
-            let _ = sqlx::query(&format!(
-                r#"drop database if exists "{}" with (force)"#,
-                self.db_name
-            ))
-            .execute(&admin)
-            .await;
+        if let Err(e) = self.sandbox.destroy().await {
+            eprintln!("{e:#}");
         }
-        rabbit_admin::delete_vhost(&self.http, &self.vhost).await;
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).

@@ -5,19 +5,21 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use upline_common::UserId;
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use rand::Rng;
-use serde_json::{json, Value};
+use rust_decimal::Decimal;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use upline_common::amqp::Publisher;
 use upline_common::auth::Auth;
-use upline_common::{amqp, Settings};
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
+use upline_common::UserId;
+use upline_testkit::order::Order;
 
-use super::env::{cpu_report, rss_bytes, seed_tree, BenchEnv};
+use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -38,8 +40,8 @@ pub struct WsArgs {
     keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: WsArgs) -> anyhow::Result<()> {
-    let mut env = BenchEnv::new(settings, "ws", args.keep).await?;
+pub async fn run(bench: Bench<'_>, args: WsArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(bench, "ws", args.keep).await?;
     let result = scenario(&mut env, &args).await;
     env.finish().await;
     result
@@ -70,22 +72,23 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     // Open the connections, 256 handshakes at a time.
     let sockets: Vec<anyhow::Result<_>> = stream::iter(0..args.subscribers)
         .map(|i| {
-            let user = (i as i64 % args.users) + 1;
-            let (url, token, connected) = (
-                ws_url.clone(),
-                auth.issue(UserId::new(user).expect("positive"), 0).token,
-                connected.clone(),
-            );
+            let user = UserId::new((i as i64 % args.users) + 1).expect("positive");
+            let (url, token, connected) =
+                (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
                 ws.send(Message::Text(
-                    json!({"type": "subscribe", "user_id": user, "token": token})
-                        .to_string()
+                    Subscribe::new(Target::User(user), token, None)
+                        .to_text()
                         .into(),
                 ))
                 .await?;
                 match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.contains("subscribed") => {}
+                    Some(Ok(Message::Text(t)))
+                        if matches!(
+                            serde_json::from_str(&t),
+                            Ok(ServerMessage::Subscribed { .. })
+                        ) => {}
                     other => bail!("subscription refused: {other:?}"),
                 }
                 let n = connected.fetch_add(1, Ordering::Relaxed) + 1;
@@ -112,15 +115,14 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
                 };
                 match msg {
                     Some(Ok(Message::Text(t))) => {
-                        let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                        let Ok(ServerMessage::Earning { earning }) = serde_json::from_str(&t)
+                        else {
                             continue;
                         };
-                        if v["type"] == "earning" {
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                            let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
-                            if let Some(t0) = sent.lock().expect("not poisoned").get(id) {
-                                latency.record(t0.elapsed());
-                            }
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        let sent = sent.lock().expect("not poisoned");
+                        if let Some(t0) = sent.get(&earning.purchase_id) {
+                            latency.record(t0.elapsed());
                         }
                     }
                     Some(Ok(_)) => {}
@@ -143,9 +145,9 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     );
 
     // Drive purchases straight onto the queue at a steady rate.
-    let conn = amqp::connect(&env.settings.amqp, "upline-bench").await?;
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(Default::default()).await?;
+    let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-bench");
+    let currency = env.settings.commission.rules()?.currency;
     let cpu_before = env.cpu();
     let load_started = Instant::now();
     let total = args.rate * args.duration;
@@ -161,11 +163,19 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             owed -= 1.0;
             let buyer = rand::thread_rng().gen_range(2..=tree);
             let id = format!("w{published}");
-            let body = json!({"purchase_id": id, "buyer_id": buyer, "amount": "2000.00"});
+            let purchase = Order::new(
+                id.clone(),
+                UserId::new(buyer).expect("a positive id"),
+                Decimal::new(200_000, 2),
+            )
+            .to_purchase(&currency)?;
             sent.lock()
                 .expect("not poisoned")
                 .insert(id, Instant::now());
-            confirms.push(amqp::publish_purchase(&channel, body.to_string().as_bytes()).await?);
+            let publisher = publisher.clone();
+            confirms.push(tokio::spawn(
+                async move { publisher.publish(&purchase).await },
+            ));
             published += 1;
         }
         if published.is_multiple_of(args.rate.max(1)) {
@@ -176,7 +186,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
         }
     }
     for c in confirms {
-        c.await?;
+        c.await??;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     let expected = loop {
@@ -191,9 +201,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             .iter()
             .map(|&(earner, n)| n as u64 * subscribers_of(args, earner))
             .sum();
-        let processed: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let processed = upline_testkit::pipeline::purchases(&env.db).await?;
         let got = delivered.load(Ordering::Relaxed);
         progress(&format!(
             "processed {processed}/{total}, delivered {got}/{expected}"
@@ -215,7 +223,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
     for r in readers {
         latency.add(&r.await?);
     }
-    let _ = conn.close(200, "done").await;
+    publisher.close().await;
     println!(
         "delivered {expected} events to {} subscribers in {:.1} s = {:.0} events/s",
         args.subscribers,

@@ -10,13 +10,15 @@ use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use upline_common::Settings;
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
+use upline_common::UserId;
+use upline_testkit::client::Api;
+use upline_testkit::order::Order;
+use upline_testkit::{oracle, pipeline};
 
-use super::env::{cpu_report, seed_tree, BenchEnv};
+use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
-use crate::check::{self, Sent};
 
 #[derive(Debug, clap::Args)]
 pub struct RestArgs {
@@ -40,8 +42,8 @@ pub struct RestArgs {
     keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: RestArgs) -> anyhow::Result<()> {
-    let mut env = BenchEnv::new(settings, "rest", args.keep).await?;
+pub async fn run(bench: Bench<'_>, args: RestArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(bench, "rest", args.keep).await?;
     let result = scenario(&mut env, &args).await;
     env.finish().await;
     result
@@ -75,6 +77,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     );
     let admin = env.settings.auth.admin_token.expose_secret().to_owned();
     let producer = env.settings.auth.producer_token.expose_secret().to_owned();
+    let client = Api::new(env.http.clone(), &api, &admin, &producer);
 
     // The observer: one admin subscription to every earning.
     let sent: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
@@ -84,8 +87,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop_observer.clone());
         let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
         ws.send(Message::Text(
-            json!({"type": "subscribe", "user_id": "*", "token": admin})
-                .to_string()
+            Subscribe::new(Target::All, admin.as_str(), None)
+                .to_text()
                 .into(),
         ))
         .await?;
@@ -105,29 +108,20 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                     }
                     continue;
                 };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                let Ok(ServerMessage::Earning { earning }) = serde_json::from_str(&text) else {
                     continue;
                 };
-                if v["type"] != "earning" {
-                    continue;
-                }
                 delivered.fetch_add(1, Ordering::Relaxed);
-                if v["earning"]["level"] == 1 {
-                    let id = v["earning"]["purchase_id"].as_str().unwrap_or_default();
-                    if let Some((t, wall)) = sent.lock().expect("not poisoned").remove(id) {
+                if earning.level.get() == 1 {
+                    let sent_at = sent
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&earning.purchase_id);
+                    if let Some((t, wall)) = sent_at {
                         latency.record(t.elapsed());
-                        let created = v["earning"]["created_at"].as_str().and_then(|c| {
-                            time::OffsetDateTime::parse(
-                                c,
-                                &time::format_description::well_known::Rfc3339,
-                            )
-                            .ok()
-                        });
-                        if let Some(created) = created {
-                            let now = time::OffsetDateTime::now_utc();
-                            to_ledger.record((created - wall).try_into().unwrap_or_default());
-                            from_ledger.record((now - created).try_into().unwrap_or_default());
-                        }
+                        let (created, now) = (earning.created_at, time::OffsetDateTime::now_utc());
+                        to_ledger.record((created - wall).try_into().unwrap_or_default());
+                        from_ledger.record((now - created).try_into().unwrap_or_default());
                     }
                 }
             }
@@ -142,10 +136,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let cpu_before = env.cpu();
     let mut tasks = Vec::new();
     for task in 0..args.connections {
-        let (http, api, producer, sent, accepted, failed) = (
-            env.http.clone(),
-            api.clone(),
-            producer.clone(),
+        let (client, sent, accepted, failed) = (
+            client.clone(),
             sent.clone(),
             accepted.clone(),
             failed.clone(),
@@ -170,23 +162,25 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 let (buyer, amount) = {
                     let mut rng = rand::thread_rng();
                     // Users from 10 on have two levels above them.
-                    (rng.gen_range(10..=users), Decimal::new(rng.gen_range(50_000..500_000), 2))
+                    (
+                        rng.gen_range(10..=users),
+                        Decimal::new(rng.gen_range(50_000..500_000), 2),
+                    )
                 };
                 let id = format!("r{task}-{n}");
                 n += 1;
                 let t0 = Instant::now();
-                sent.lock().expect("not poisoned").insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
-                let r = http
-                    .post(format!("{api}/api/purchases"))
-                    .bearer_auth(&producer)
-                    .json(&json!({"purchase_id": id, "buyer_id": buyer, "amount": amount.to_string()}))
-                    .send()
-                    .await;
+                sent.lock()
+                    .expect("not poisoned")
+                    .insert(id.clone(), (t0, time::OffsetDateTime::now_utc()));
+                let buyer = UserId::new(buyer).expect("a positive id");
+                let order = Order::new(id.clone(), buyer, amount);
+                let r = client.post_purchase(&order).await;
                 latency.record(t0.elapsed());
                 match r {
                     Ok(r) if r.status().as_u16() == 202 => {
                         accepted.fetch_add(1, Ordering::Relaxed);
-                        sent_list.push(Sent { purchase_id: id, buyer_id: buyer, amount, profit: None });
+                        sent_list.push(order);
                     }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -221,9 +215,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     // Drain: every accepted purchase processed, every earning delivered.
     let drain_deadline = Instant::now() + Duration::from_secs(300);
     let (processed, earnings) = loop {
-        let processed: i64 = sqlx::query_scalar("select count(*) from purchases")
-            .fetch_one(&env.db)
-            .await?;
+        let processed = pipeline::purchases(&env.db).await?;
         let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
             .fetch_one(&env.db)
             .await?;
@@ -247,14 +239,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let (e2e, to_ledger, from_ledger) = observer.await?;
 
     let rules = env.settings.commission.rules()?;
-    let expected = check::recompute(
-        &env.db,
-        &all_sent,
-        &rules.rates,
-        rules.min_purchase.as_decimal(),
-    )
-    .await?;
-    let differences = check::compare(&env.db, "r", &expected).await?;
+    let expected = oracle::recompute(&env.db, &all_sent, &rules).await?;
+    let differences = oracle::compare(&env.db, "r", &expected).await?;
 
     println!(
         "accepted        {accepted_n} purchases in {:.1} s = {:.0}/s ({} failed)",

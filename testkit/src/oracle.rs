@@ -1,19 +1,15 @@
-//! An independent recomputation of commissions, for `upline demo` and the benchmarks: SPEC §2
-//! written out plainly over the referrer map and active flags as stored, without the rules
-//! module or the ledger, to compare with what the pipeline recorded.
+//! The commission oracle: an independent recomputation of commissions for the demo, the
+//! benchmarks and the end-to-end tests. SPEC §2 written out plainly over the referrer map and
+//! active flags as stored, without the rules module or the ledger, to compare with what the
+//! pipeline recorded.
 
 use std::collections::HashMap;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 use sqlx::PgPool;
+use upline_common::config::Rules;
 
-/// A purchase as sent.
-pub struct Sent {
-    pub purchase_id: String,
-    pub buyer_id: i64,
-    pub amount: Decimal,
-    pub profit: Option<Decimal>,
-}
+use crate::order::Order;
 
 /// Expected commissions.
 #[derive(Debug, Default)]
@@ -26,16 +22,17 @@ pub struct Expected {
     pub count: usize,
 }
 
-/// Recomputes what `purchases` should have paid (each purchase id counted once; no caps).
+/// Recomputes what `purchases` should have paid under `rules`' rates and threshold (each
+/// purchase id counted once; `rules.cap_per_level` is ignored).
 ///
 /// # Errors
 /// Database errors reading the users.
 pub async fn recompute(
     db: &PgPool,
-    purchases: &[Sent],
-    rates: &[Decimal],
-    min_purchase: Decimal,
+    purchases: &[Order],
+    rules: &Rules,
 ) -> anyhow::Result<Expected> {
+    let (rates, min_purchase) = (&rules.rates, rules.min_purchase.as_decimal());
     let users: Vec<(i64, Option<i64>, bool)> =
         sqlx::query_as("select id, referrer_id, is_active from users")
             .fetch_all(db)
@@ -47,12 +44,12 @@ pub async fn recompute(
     for p in purchases {
         if !seen.insert(p.purchase_id.as_str())
             || p.amount <= min_purchase
-            || !users.contains_key(&p.buyer_id)
+            || !users.contains_key(&p.buyer_id.get())
         {
             continue;
         }
         let base = p.profit.unwrap_or(p.amount);
-        let mut current = p.buyer_id;
+        let mut current = p.buyer_id.get();
         for (i, rate) in rates.iter().enumerate() {
             let Some(referrer) = users.get(&current).and_then(|u| u.0) else {
                 break;
@@ -74,9 +71,9 @@ pub async fn recompute(
     Ok(expected)
 }
 
-/// Compares the ledger (earnings of purchases whose id starts with `prefix`) with `expected`,
-/// earner by earner, and each earner's running total and gap-free `seq`. Returns the
-/// differences found, at most 10 described.
+/// Compares the ledger (earnings of purchases whose id starts with `prefix`; `""` for all)
+/// with `expected`, earner by earner, and each earner's running total and gap-free `seq`.
+/// Returns the differences found, at most 10 described (empty: they agree).
 ///
 /// # Errors
 /// Database errors.

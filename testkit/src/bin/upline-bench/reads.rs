@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
 use secrecy::ExposeSecret;
-use upline_common::Settings;
 
-use super::env::{seed_tree, BenchEnv};
+use super::env::{seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -32,8 +31,8 @@ pub struct ReadsArgs {
     keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: ReadsArgs) -> anyhow::Result<()> {
-    let mut env = BenchEnv::new(settings, "reads", args.keep).await?;
+pub async fn run(bench: Bench<'_>, args: ReadsArgs) -> anyhow::Result<()> {
+    let mut env = BenchEnv::new(bench, "reads", args.keep).await?;
     let result = scenario(&mut env, &args).await;
     env.finish().await;
     result

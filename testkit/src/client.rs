@@ -1,0 +1,200 @@
+//! A small typed client of the REST API (SPEC §5) for tests, benchmarks and the demo: register
+//! users with the admin key, post purchases with the producer key, read reports, wait until a
+//! purchase is processed. Each call states the status it expects and fails with the status and
+//! body otherwise.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use upline_common::UserId;
+
+use crate::order::Order;
+
+/// The api at `base`, with the admin and producer keys.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// The HTTP client every call goes through (shared connection pool).
+    pub http: reqwest::Client,
+    base: String,
+    admin: String,
+    producer: String,
+}
+
+/// The body of `POST /api/users` naming the referrer by id (which takes the admin key).
+#[derive(Debug, Clone, Serialize)]
+pub struct NewUser {
+    /// Display name.
+    pub name: String,
+    /// E-mail address, unique among users.
+    pub email: String,
+    /// The referrer's user id; `None` (sent as `null`) for a root.
+    pub referrer_id: Option<UserId>,
+}
+
+/// The answer to a registration (201).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Registered {
+    /// The new user's id.
+    pub id: UserId,
+    /// The user's own bearer token.
+    pub token: String,
+    /// The code others sign up with to be referred by this user.
+    pub referral_code: String,
+}
+
+impl NewUser {
+    /// A user named `name` with address `email`, referred by `referrer_id` (if any).
+    pub fn new(name: &str, email: String, referrer_id: Option<UserId>) -> Self {
+        NewUser {
+            name: name.to_owned(),
+            email,
+            referrer_id,
+        }
+    }
+}
+
+impl Api {
+    /// A client of the api at `base` (`http://127.0.0.1:8080`), with the admin and producer
+    /// keys.
+    pub fn new(http: reqwest::Client, base: &str, admin: &str, producer: &str) -> Self {
+        Api {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            admin: admin.to_owned(),
+            producer: producer.to_owned(),
+        }
+    }
+
+    /// `{base}{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn is_ready(&self) -> bool {
+        let r = self.http.get(self.url("/readyz")).send().await;
+        matches!(&r, Ok(r) if r.status().is_success())
+    }
+
+    /// Registers a user with the admin key (referrers named by id; not rate-limited).
+    ///
+    /// # Errors
+    /// No answer, or not 201.
+    pub async fn register(&self, user: &NewUser) -> anyhow::Result<Registered> {
+        let r = self
+            .http
+            .post(self.url("/api/users"))
+            .bearer_auth(&self.admin)
+            .json(user)
+            .send()
+            .await?;
+        let r = expect(
+            r,
+            StatusCode::CREATED,
+            &format!("registering {}", user.name),
+        )
+        .await?;
+        Ok(r.json().await?)
+    }
+
+    /// Deactivates a user (admin key): it earns nothing from then on (SPEC §2).
+    ///
+    /// # Errors
+    /// No answer, or not 200.
+    pub async fn deactivate(&self, user_id: UserId) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .post(self.url(&format!("/api/users/{user_id}/deactivate")))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        expect(r, StatusCode::OK, &format!("deactivating user {user_id}")).await?;
+        Ok(())
+    }
+
+    /// `POST /api/purchases` with the producer key and any JSON body; the answer as it is.
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn post_purchase(&self, body: &impl Serialize) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url("/api/purchases"))
+            .bearer_auth(&self.producer)
+            .json(body)
+            .send()
+            .await
+    }
+
+    /// Posts an order and requires 202 (accepted: confirmed by the broker).
+    ///
+    /// # Errors
+    /// No answer, or not 202.
+    pub async fn purchase(&self, order: &Order) -> anyhow::Result<()> {
+        let r = self.post_purchase(order).await?;
+        expect(
+            r,
+            StatusCode::ACCEPTED,
+            &format!("posting {}", order.purchase_id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `GET {path}` with the admin key: the status and the JSON body (`null` when not JSON).
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Waits until a worker has recorded the purchase (`GET /api/purchases/{id}` answers 200
+    /// rather than 404); returns its report.
+    ///
+    /// # Errors
+    /// Another answer than 200 or 404, or still 404 after `within`.
+    pub async fn wait_processed(
+        &self,
+        purchase_id: &str,
+        within: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self
+                .admin_get(&format!("/api/purchases/{purchase_id}"))
+                .await?;
+            match status {
+                200 => return Ok(body),
+                404 if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                404 => bail!("purchase {purchase_id} was not processed within {within:?}"),
+                _ => bail!("unexpected answer for {purchase_id}: {status} {body}"),
+            }
+        }
+    }
+}
+
+/// The response when its status is `want`, else an error naming `what`, the status and the body.
+async fn expect(
+    r: reqwest::Response,
+    want: StatusCode,
+    what: &str,
+) -> anyhow::Result<reqwest::Response> {
+    if r.status() == want {
+        return Ok(r);
+    }
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    Err(anyhow::anyhow!("{status} {body}")).context(format!("{what}: expected {want}"))
+}

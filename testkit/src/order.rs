@@ -1,0 +1,73 @@
+//! A purchase as a client sends it (the body of `POST /api/purchases`, SPEC §3), and the
+//! same purchase published straight onto `upline.purchases` through the one
+//! [`Publisher`] the api uses too.
+
+use anyhow::Context;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use upline_common::amqp::Publisher;
+use upline_common::money::Money;
+use upline_common::purchase::{Purchase, PurchaseId};
+use upline_common::UserId;
+
+/// A purchase to send: serialises as the REST body (`amount` and `profit` as decimal strings
+/// in rupees; no `currency`, so the configured one applies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Order {
+    /// The idempotency key.
+    pub purchase_id: String,
+    /// The buyer's user id.
+    pub buyer_id: UserId,
+    /// Amount in rupees.
+    pub amount: Decimal,
+    /// Profit in rupees; commissions are computed on it instead of the amount when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profit: Option<Decimal>,
+}
+
+impl Order {
+    /// An order without a profit.
+    pub fn new(purchase_id: impl Into<String>, buyer_id: UserId, amount: Decimal) -> Self {
+        Order {
+            purchase_id: purchase_id.into(),
+            buyer_id,
+            amount,
+            profit: None,
+        }
+    }
+
+    /// The message a producer publishes for it, in `currency`.
+    ///
+    /// # Errors
+    /// An id, amount or profit the contract does not allow.
+    pub fn to_purchase(&self, currency: &str) -> anyhow::Result<Purchase> {
+        let money = |d: Decimal| Money::from_decimal(d).with_context(|| format!("amount {d}"));
+        Ok(Purchase {
+            purchase_id: PurchaseId::parse(&self.purchase_id)
+                .map_err(|e| anyhow::anyhow!("purchase_id: {e}"))?,
+            buyer_id: self.buyer_id,
+            amount: money(self.amount)?,
+            currency: currency.to_owned(),
+            profit: self.profit.map(money).transpose()?,
+            occurred_at: None,
+        })
+    }
+}
+
+/// Publishes `orders` in `currency`, in their order, through `publisher` (persistent,
+/// mandatory, `message_id` = purchase id, pipelined); returns when every one was confirmed.
+///
+/// # Errors
+/// An order that is not a valid purchase, or a publish the broker did not confirm.
+pub async fn publish(
+    publisher: &Publisher,
+    orders: &[Order],
+    currency: &str,
+) -> anyhow::Result<()> {
+    let purchases = orders
+        .iter()
+        .map(|o| o.to_purchase(currency))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publisher.publish_all(&purchases).await?;
+    Ok(())
+}
