@@ -78,7 +78,7 @@ pub fn router(state: AppState, probes: Probes) -> Router {
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
         .merge(upline_common::http::ops_routes(probes))
-        .merge(openapi::routes())
+        .merge(routes::docs::routes())
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(move |request, next| {
             within(timeout, request, next)
