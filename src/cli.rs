@@ -63,7 +63,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let pool =
                 upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
-            let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+            let applied = sqlx::query_scalar!(r#"select count(*) as "count!" from _sqlx_migrations"#)
                 .fetch_one(&pool)
                 .await?;
             println!("database ready: {applied} migration(s) applied");

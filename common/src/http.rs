@@ -221,7 +221,7 @@ pub async fn readyz(State(p): State<Probes>) -> (StatusCode, Json<Readiness>) {
     let db = matches!(
         tokio::time::timeout(
             Duration::from_secs(2),
-            sqlx::query("select 1").execute(&p.db)
+            sqlx::query_scalar!("select 1").fetch_one(&p.db)
         )
         .await,
         Ok(Ok(_))
