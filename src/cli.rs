@@ -63,9 +63,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let pool =
                 upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
-            let applied = sqlx::query_scalar!(r#"select count(*) as "count!" from _sqlx_migrations"#)
-                .fetch_one(&pool)
-                .await?;
+            let applied =
+                sqlx::query_scalar!(r#"select count(*) as "count!" from _sqlx_migrations"#)
+                    .fetch_one(&pool)
+                    .await?;
             println!("database ready: {applied} migration(s) applied");
             Ok(())
         }

@@ -19,7 +19,8 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
-use upline_common::{Settings, UserId};
+use upline_common::rules::Outcome;
+use upline_common::{Level, PurchaseStatus, Settings, UserId};
 use upline_testkit::client::{Api, NewUser};
 use upline_testkit::oracle;
 use upline_testkit::order::{self, Order};
@@ -27,7 +28,7 @@ use upline_testkit::order::{self, Order};
 /// upline-demo: drive a realistic referral forest and purchase stream through the running
 /// pipeline and check what was paid against an independent recomputation.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct DemoArgs {
     /// Base URL of the running api.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -225,7 +226,7 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
     );
 
     // 5. What was paid, by level.
-    let rows: Vec<(i16, String, i64, Decimal)> = sqlx::query_as(
+    let rows: Vec<(Level, Outcome, i64, Decimal)> = sqlx::query_as(
         r#"select l.level, l.outcome, count(*), coalesce(sum(l.amount), 0)
            from purchase_levels l where l.purchase_id like $1 group by 1, 2 order by 1, 2"#,
     )
@@ -237,34 +238,34 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
         "level", "rate", "paid", "inactive", "below", "no_referrer", "amount (INR)"
     );
     let mut paid_by_level: HashMap<i16, Decimal> = HashMap::new();
-    for (level, rate) in rules.rates.iter().enumerate() {
-        let level = i16::try_from(level + 1).expect("at most 10 levels");
-        let count = |o: &str| {
+    for (level, rate) in Level::up_to(rules.rates.len()).zip(&rules.rates) {
+        let count = |o: Outcome| {
             rows.iter()
                 .filter(|r| r.0 == level && r.1 == o)
                 .map(|r| r.2)
                 .sum::<i64>()
         };
         let amount: Decimal = rows.iter().filter(|r| r.0 == level).map(|r| r.3).sum();
-        paid_by_level.insert(level, amount);
+        paid_by_level.insert(i16::from(level), amount);
         println!(
             "{:<6} {:<8} {:>9} {:>9} {:>9} {:>11} {:>16}",
             level,
             format!("{}%", (rate * Decimal::ONE_HUNDRED).normalize()),
-            count("paid") + count("capped"),
-            count("inactive"),
-            count("below_threshold"),
-            count("no_referrer"),
+            count(Outcome::Paid) + count(Outcome::Capped),
+            count(Outcome::Inactive),
+            count(Outcome::BelowThreshold),
+            count(Outcome::NoReferrer),
             amount.round_dp(2)
         );
     }
-    let statuses: Vec<(String, i64)> = sqlx::query_as(
+    let statuses: Vec<(PurchaseStatus, i64)> = sqlx::query_as(
         "select status, count(*) from purchases where purchase_id like $1 group by 1",
     )
     .bind(&prefix)
     .fetch_all(&db)
     .await?;
-    println!("purchases by status: {statuses:?}");
+    let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!("purchases by status: {}", statuses.join(", "));
 
     // 6. Independent recomputation from the database's users and the purchases as sent.
     if rules.cap_per_level.is_some() {

@@ -25,7 +25,7 @@ use upline_testkit::{local, rabbit::RabbitAdmin};
 /// upline-bench: throughput and latency of the upline pipeline (build with --release); see
 /// README "Performance".
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// RabbitMQ management API, for the scenario's vhost.
     #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", default_value = local::RABBIT_MANAGEMENT)]
