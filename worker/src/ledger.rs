@@ -122,25 +122,72 @@ async fn record_in(
 /// earlier item of the batch, become duplicates or conflicts. Returns the indexes of the
 /// items this transaction claimed, in batch order.
 async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec<usize>> {
-    // The first item of each purchase id is a candidate; later ones compare with it.
-    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    let is_candidate: Vec<bool> = batch
-        .items
-        .iter()
-        .map(|item| seen.insert(item.incoming.purchase_id().as_str()))
+    let candidates = Candidates::of(batch.items);
+    let inserted = insert_purchases(tx, batch, &candidates.in_id_order(batch.items)).await?;
+    // Everything not inserted now is compared with what is stored.
+    let others: Vec<usize> = (0..batch.items.len())
+        .filter(|&i| {
+            !candidates.is_first[i]
+                || !inserted.contains(batch.items[i].incoming.purchase_id().as_str())
+        })
         .collect();
-    let candidates: Vec<usize> = (0..batch.items.len())
-        .filter(|&i| is_candidate[i])
+    record_repeats(tx, batch, &others).await?;
+    let claimed: Vec<usize> = candidates
+        .first
+        .into_iter()
+        .filter(|&i| batch.results[i].is_none())
         .collect();
-    let mut sorted = candidates.clone();
-    sorted.sort_by(|&a, &b| {
-        batch.items[a]
-            .incoming
-            .purchase_id()
-            .as_str()
-            .cmp(batch.items[b].incoming.purchase_id().as_str())
-    });
+    for &i in &claimed {
+        if let Incoming::Invalid { reason, .. } = &batch.items[i].incoming {
+            batch.results[i] = Some(Recorded::Rejected {
+                reason: reason.clone(),
+            });
+        }
+    }
+    Ok(claimed)
+}
 
+/// The first item of each purchase id in a batch: the one this batch tries to insert. Later
+/// items with the same id are compared with what got stored.
+struct Candidates {
+    /// `is_first[i]`: item `i` is the first of its purchase id in the batch.
+    is_first: Vec<bool>,
+    /// The indexes of the first items, in batch order.
+    first: Vec<usize>,
+}
+
+impl Candidates {
+    fn of(items: &[Item]) -> Candidates {
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let is_first: Vec<bool> = items
+            .iter()
+            .map(|item| seen.insert(item.incoming.purchase_id().as_str()))
+            .collect();
+        let first = (0..items.len()).filter(|&i| is_first[i]).collect();
+        Candidates { is_first, first }
+    }
+
+    /// The first items in purchase-id order: the order rows are inserted and so locked.
+    fn in_id_order(&self, items: &[Item]) -> Vec<usize> {
+        let mut sorted = self.first.clone();
+        sorted.sort_by(|&a, &b| {
+            items[a]
+                .incoming
+                .purchase_id()
+                .as_str()
+                .cmp(items[b].incoming.purchase_id().as_str())
+        });
+        sorted
+    }
+}
+
+/// Inserts the items at `sorted` (valid ones `processed`, invalid ones `rejected` with their
+/// reason) in one statement, skipping ids that exist; returns the ids inserted.
+async fn insert_purchases(
+    tx: &mut PgConnection,
+    batch: &Batch<'_>,
+    sorted: &[usize],
+) -> sqlx::Result<std::collections::HashSet<String>> {
     let mut ids = Vec::new();
     let mut statuses = Vec::new();
     let mut reasons: Vec<Option<String>> = Vec::new();
@@ -151,7 +198,7 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
     let mut occurred: Vec<Option<OffsetDateTime>> = Vec::new();
     let mut fingerprints = Vec::new();
     let mut bodies = Vec::new();
-    for &i in &sorted {
+    for &i in sorted {
         let item = &batch.items[i];
         ids.push(item.incoming.purchase_id().as_str().to_owned());
         fingerprints.push(batch.fingerprints[i].clone());
@@ -200,67 +247,60 @@ async fn claim(tx: &mut PgConnection, batch: &mut Batch<'_>) -> sqlx::Result<Vec
     )
     .fetch_all(&mut *tx)
     .await?;
-    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    Ok(inserted.into_iter().collect())
+}
 
-    // Everything not inserted now is compared with what is stored.
-    let others: Vec<usize> = (0..batch.items.len())
-        .filter(|&i| {
-            !is_candidate[i] || !inserted.contains(batch.items[i].incoming.purchase_id().as_str())
-        })
+/// Records the items at `others` (ids stored already, by an earlier batch or earlier in this
+/// one) as duplicates when their fingerprint matches the stored one, else as conflicts, whose
+/// bodies are kept in `purchase_conflicts` (SPEC §6).
+async fn record_repeats(
+    tx: &mut PgConnection,
+    batch: &mut Batch<'_>,
+    others: &[usize],
+) -> sqlx::Result<()> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    let lookup: Vec<String> = others
+        .iter()
+        .map(|&i| batch.items[i].incoming.purchase_id().as_str().to_owned())
         .collect();
-    if !others.is_empty() {
-        let lookup: Vec<String> = others
-            .iter()
-            .map(|&i| batch.items[i].incoming.purchase_id().as_str().to_owned())
-            .collect();
-        let stored: HashMap<String, String> = sqlx::query!(
-            "select purchase_id, fingerprint from purchases where purchase_id = any($1)",
-            &lookup,
+    let stored: HashMap<String, String> = sqlx::query!(
+        "select purchase_id, fingerprint from purchases where purchase_id = any($1)",
+        &lookup,
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.purchase_id, r.fingerprint))
+    .collect();
+    let mut conflict_ids = Vec::new();
+    let mut conflict_bodies = Vec::new();
+    for &i in others {
+        let id = batch.items[i].incoming.purchase_id().as_str();
+        let same = stored
+            .get(id)
+            .is_some_and(|fp| *fp == batch.fingerprints[i]);
+        batch.results[i] = Some(if same {
+            Recorded::Duplicate
+        } else {
+            Recorded::Conflict
+        });
+        if !same {
+            conflict_ids.push(id.to_owned());
+            conflict_bodies.push(Value::Object(batch.items[i].body.clone()).to_string());
+        }
+    }
+    if !conflict_ids.is_empty() {
+        sqlx::query!(
+            "insert into purchase_conflicts (purchase_id, body) select id, body::jsonb from unnest($1::text[], $2::text[]) as t(id, body)",
+            &conflict_ids,
+            &conflict_bodies,
         )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.purchase_id, r.fingerprint))
-        .collect();
-        let mut conflict_ids = Vec::new();
-        let mut conflict_bodies = Vec::new();
-        for &i in &others {
-            let id = batch.items[i].incoming.purchase_id().as_str();
-            let same = stored
-                .get(id)
-                .is_some_and(|fp| *fp == batch.fingerprints[i]);
-            batch.results[i] = Some(if same {
-                Recorded::Duplicate
-            } else {
-                Recorded::Conflict
-            });
-            if !same {
-                conflict_ids.push(id.to_owned());
-                conflict_bodies.push(Value::Object(batch.items[i].body.clone()).to_string());
-            }
-        }
-        if !conflict_ids.is_empty() {
-            sqlx::query!(
-                "insert into purchase_conflicts (purchase_id, body) select id, body::jsonb from unnest($1::text[], $2::text[]) as t(id, body)",
-                &conflict_ids,
-                &conflict_bodies,
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
+        .execute(&mut *tx)
+        .await?;
     }
-    let claimed: Vec<usize> = candidates
-        .into_iter()
-        .filter(|&i| batch.results[i].is_none())
-        .collect();
-    for &i in &claimed {
-        if let Incoming::Invalid { reason, .. } = &batch.items[i].incoming {
-            batch.results[i] = Some(Recorded::Rejected {
-                reason: reason.clone(),
-            });
-        }
-    }
-    Ok(claimed)
+    Ok(())
 }
 
 /// Credits the uplines of the claimed valid purchases, in named steps: load the buyers'
@@ -525,4 +565,30 @@ async fn insert_levels(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: &str) -> Item {
+        Item {
+            incoming: Incoming::Invalid {
+                purchase_id: PurchaseId::parse(id).expect("valid id"),
+                reason: "test".into(),
+            },
+            body: Map::new(),
+        }
+    }
+
+    /// The first item of each id is the candidate; candidates are inserted (and so locked) in
+    /// id order whatever the batch order, so two batches sharing ids cannot deadlock.
+    #[test]
+    fn a_batch_claims_the_first_item_of_each_id_and_inserts_in_id_order() {
+        let items: Vec<Item> = ["c", "a", "c", "b", "a"].into_iter().map(item).collect();
+        let candidates = Candidates::of(&items);
+        assert_eq!(candidates.is_first, [true, true, false, true, false]);
+        assert_eq!(candidates.first, [0, 1, 3]);
+        assert_eq!(candidates.in_id_order(&items), [1, 3, 0]);
+    }
 }
