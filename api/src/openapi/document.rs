@@ -58,9 +58,13 @@ impl Modify for Documented {
             exclusive(components, name, "referrer_id", "referral_code");
         }
         let samples = ApiError::samples();
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let resource = path.starts_with("/api/");
             for (_, operation) in operations_mut(item) {
                 describe_access(operation);
+                if resource {
+                    describe_overload(operation);
+                }
                 for (status, response) in operation.responses.responses.iter_mut() {
                     if let RefOr::T(response) = response {
                         narrow_problem(status, response, &samples);
@@ -68,6 +72,35 @@ impl Modify for Documented {
                 }
             }
         }
+    }
+}
+
+/// Why any `/api/` operation may answer 503 (besides its own reasons).
+const UNAVAILABLE: &str = "`database_unavailable`: PostgreSQL cannot be reached; \
+    `request_timeout`: no answer within `api.request_timeout_secs`; retry after `Retry-After`";
+
+/// What every `/api/` operation may answer whatever it does: 503 when PostgreSQL is down or
+/// the request outlives `api.request_timeout_secs` (the middleware `within`), and, with a
+/// body, 413 past `api.max_body_bytes`. Added here once rather than to each handler's list.
+fn describe_overload(operation: &mut Operation) {
+    let responses = &mut operation.responses.responses;
+    match responses.get_mut("503") {
+        Some(RefOr::T(own)) if !own.description.contains("`request_timeout`") => {
+            own.description = format!("{}; {UNAVAILABLE}", own.description);
+        }
+        Some(_) => {}
+        None => {
+            responses.insert("503".into(), crate::responses::problem(UNAVAILABLE, true));
+        }
+    }
+    if operation.request_body.is_some() && !responses.contains_key("413") {
+        responses.insert(
+            "413".into(),
+            crate::responses::problem(
+                "`payload_too_large`: the body is larger than `api.max_body_bytes`",
+                false,
+            ),
+        );
     }
 }
 
@@ -315,5 +348,35 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn every_resource_documents_overload_and_bodies_their_size_limit() {
+        let doc = doc();
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut checked = 0;
+        for (path, item) in paths.iter().filter(|(p, _)| p.starts_with("/api/")) {
+            for (method, op) in item.as_object().expect("path item") {
+                let unavailable = op["responses"]["503"]["description"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path} documents no 503"));
+                assert!(
+                    unavailable.contains("`database_unavailable`")
+                        && unavailable.contains("`request_timeout`"),
+                    "{method} {path}: {unavailable}"
+                );
+                assert_eq!(
+                    op.get("requestBody").is_some(),
+                    op["responses"].get("413").is_some(),
+                    "{method} {path}: 413 exactly when there is a body"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 15, "only {checked} operations under /api/");
+        let accept = &paths["/api/purchases"]["post"]["responses"]["503"]["description"];
+        assert!(accept
+            .as_str()
+            .is_some_and(|d| d.contains("`broker_unavailable`")));
     }
 }
