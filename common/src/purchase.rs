@@ -241,21 +241,18 @@ impl FromJson for String {
     }
 }
 
-/// A user id in a request or message: a positive integer (`7`, `7.0`) or a string of digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A user id in a request or message: a positive integer (`7`, `7.0`) or a string of digits,
+/// read by [`UserId`]'s own lenient rules. A type of its own for its OpenAPI schema, which
+/// admits the string form that replies (plain [`UserId`]) never use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct UserIdInput(pub UserId);
 
 impl FromJson for UserIdInput {
     fn from_json(v: &Value) -> Result<Self, String> {
-        parse_user_id(v)
+        UserId::from_json(v)
             .map(UserIdInput)
-            .ok_or_else(|| "must be a positive integer".to_owned())
-    }
-}
-
-impl<'de> Deserialize<'de> for UserIdInput {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        UserIdInput::from_json(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
+            .ok_or_else(|| crate::domain::NotAUserId.to_string())
     }
 }
 
@@ -481,11 +478,6 @@ pub fn contains_nul(v: &Value) -> bool {
         Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
         _ => false,
     }
-}
-
-/// A user id from JSON: a positive integer (`7` or `7.0`), or a string of digits.
-pub fn parse_user_id(v: &Value) -> Option<UserId> {
-    UserId::from_json(v)
 }
 
 #[cfg(test)]
