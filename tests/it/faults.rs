@@ -600,6 +600,56 @@ fn watch(stack: &Stack, forest: &Forest) -> Vec<Subscriber> {
 }
 
 /// Finishes every subscriber; "N seqs exactly once over C connections" for each.
+/// The load of a streaming fault test: the forest's watched users subscribed, and `n`
+/// planned purchases streamed over REST by 4 clients, `pace` apart per client.
+struct Load {
+    subscribers: Vec<Subscriber>,
+    purchases: Vec<Order>,
+    /// Purchases answered 202 so far.
+    accepted: Arc<AtomicUsize>,
+    streaming: tokio::task::JoinHandle<StreamStats>,
+}
+
+impl Load {
+    async fn start(stack: &Stack, prefix: &str, n: usize, pace: Duration) -> Load {
+        let forest = stack.forest().await;
+        let subscribers = watch(stack, &forest);
+        let purchases = plan(&forest, prefix, 0, n);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let streaming = stream(
+            stack.api.base(),
+            purchases.clone(),
+            4,
+            pace,
+            accepted.clone(),
+        );
+        Load {
+            subscribers,
+            purchases,
+            accepted,
+            streaming,
+        }
+    }
+}
+
+/// After the fault: the stream's statistics once it ends, the ledger checked once every
+/// purchase is drained (earnings, earners), and what the subscribers saw.
+async fn finish_load(
+    stack: &Stack,
+    streaming: tokio::task::JoinHandle<StreamStats>,
+    purchases: &[Order],
+    subscribers: Vec<Subscriber>,
+) -> (StreamStats, (usize, usize), String) {
+    let stats = tokio::time::timeout(PHASE, streaming)
+        .await
+        .expect("the stream ends in time")
+        .expect("the stream did not panic");
+    stack.drain(purchases.len()).await;
+    let ledger = stack.check_ledger(purchases).await;
+    let live = finish_all(stack, subscribers).await;
+    (stats, ledger, live)
+}
+
 async fn finish_all(stack: &Stack, subscribers: Vec<Subscriber>) -> String {
     let mut parts = Vec::new();
     for s in subscribers {
@@ -619,19 +669,14 @@ async fn finish_all(stack: &Stack, subscribers: Vec<Subscriber>) -> String {
 async fn rabbitmq_restarted_while_purchases_stream_in_over_rest() {
     let started = Instant::now();
     let stack = Stack::start("rabbitmq-restart", &[]).await;
-    let forest = stack.forest().await;
-    let subscribers = watch(&stack, &forest);
     // 600 purchases at 50 ms per client take ~7.5 s: long enough that `rabbitmqctl stop_app`,
     // slow to start on a loaded machine, still lands mid-stream.
-    let purchases = plan(&forest, "rr", 0, 600);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let streaming = stream(
-        stack.api.base(),
-        purchases.clone(),
-        4,
-        Duration::from_millis(50),
-        accepted.clone(),
-    );
+    let Load {
+        subscribers,
+        purchases,
+        accepted,
+        streaming,
+    } = Load::start(&stack, "rr", 600, Duration::from_millis(50)).await;
 
     wait_count(&accepted, 100, "accepted before the restart").await;
     let at_stop = accepted.load(Ordering::Relaxed);
@@ -641,13 +686,8 @@ async fn rabbitmq_restarted_while_purchases_stream_in_over_rest() {
     stack.rabbit.ctl_run(&["start_app"]).await;
     let outage = down.elapsed();
 
-    let stats = tokio::time::timeout(PHASE, streaming)
-        .await
-        .expect("the stream ends in time")
-        .expect("the stream did not panic");
-    stack.drain(purchases.len()).await;
-    let (earnings, earners) = stack.check_ledger(&purchases).await;
-    let live = finish_all(&stack, subscribers).await;
+    let (stats, (earnings, earners), live) =
+        finish_load(&stack, streaming, &purchases, subscribers).await;
     assert!(
         stats.retried.keys().any(|s| *s != 202),
         "no request was refused: the restart did not land mid-stream"
@@ -679,17 +719,12 @@ async fn postgres_down_for_five_seconds_mid_stream() {
 async fn postgres_fault(label: &'static str, down: Option<Duration>) {
     let started = Instant::now();
     let stack = Stack::start(label, &[]).await;
-    let forest = stack.forest().await;
-    let subscribers = watch(&stack, &forest);
-    let purchases = plan(&forest, "pg", 0, 400);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let streaming = stream(
-        stack.api.base(),
-        purchases.clone(),
-        4,
-        Duration::from_millis(20),
-        accepted.clone(),
-    );
+    let Load {
+        subscribers,
+        purchases,
+        accepted,
+        streaming,
+    } = Load::start(&stack, "pg", 400, Duration::from_millis(20)).await;
 
     wait_count(&accepted, 100, "accepted before the fault").await;
     let at_fault = accepted.load(Ordering::Relaxed);
@@ -713,13 +748,8 @@ async fn postgres_fault(label: &'static str, down: Option<Duration>) {
     let took = fault.elapsed();
     let accepted_meanwhile = accepted.load(Ordering::Relaxed) - at_fault;
 
-    let stats = tokio::time::timeout(PHASE, streaming)
-        .await
-        .expect("the stream ends in time")
-        .expect("the stream did not panic");
-    stack.drain(purchases.len()).await;
-    let (earnings, earners) = stack.check_ledger(&purchases).await;
-    let live = finish_all(&stack, subscribers).await;
+    let (stats, (earnings, earners), live) =
+        finish_load(&stack, streaming, &purchases, subscribers).await;
     println!(
         "FAULT {label}: {} purchases over REST by 4 clients, {what} after {at_fault} accepted / \
          {recorded_before} recorded (database unavailable {:.1}s, {accepted_meanwhile} accepted \
@@ -737,17 +767,12 @@ async fn postgres_fault(label: &'static str, down: Option<Duration>) {
 async fn sigterm_to_every_service_under_load_then_restart_and_drain() {
     let started = Instant::now();
     let mut stack = Stack::start("sigterm", &[]).await;
-    let forest = stack.forest().await;
-    let subscribers = watch(&stack, &forest);
-    let purchases = plan(&forest, "st", 0, 400);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let streaming = stream(
-        stack.api.base(),
-        purchases.clone(),
-        4,
-        Duration::from_millis(20),
-        accepted.clone(),
-    );
+    let Load {
+        subscribers,
+        purchases,
+        accepted,
+        streaming,
+    } = Load::start(&stack, "st", 400, Duration::from_millis(20)).await;
 
     wait_count(&accepted, 120, "accepted before SIGTERM").await;
     let at_term = accepted.load(Ordering::Relaxed);
@@ -795,13 +820,8 @@ async fn sigterm_to_every_service_under_load_then_restart_and_drain() {
     stack.api.wait_ready(&stack.http).await;
     stack.notifier.wait_ready(&stack.http).await;
 
-    let stats = tokio::time::timeout(PHASE, streaming)
-        .await
-        .expect("the stream ends in time")
-        .expect("the stream did not panic");
-    stack.drain(purchases.len()).await;
-    let (earnings, earners) = stack.check_ledger(&purchases).await;
-    let live = finish_all(&stack, subscribers).await;
+    let (stats, (earnings, earners), live) =
+        finish_load(&stack, streaming, &purchases, subscribers).await;
     println!(
         "FAULT sigterm: {} purchases over REST by 4 clients, SIGTERM to api, worker and \
          notifier after {at_term} accepted: all exited 0; while down {} recorded, {} accepted, \
