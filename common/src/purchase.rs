@@ -190,8 +190,8 @@ pub fn read(body: &[u8]) -> Result<(PurchaseMessage, Map<String, Value>), Unread
         Some(_) => return Err(Unreadable::PurchaseIdNotAString),
     }
     // Every other field is read leniently (`Field`), so this cannot fail any more.
-    let message = PurchaseMessage::deserialize(&Value::Object(map.clone()))
-        .map_err(|e| Unreadable::BadPurchaseId(e.to_string()))?;
+    let message =
+        PurchaseMessage::deserialize(&map).map_err(|e| Unreadable::BadPurchaseId(e.to_string()))?;
     Ok((message, map))
 }
 
