@@ -213,10 +213,14 @@ async fn replay(channel: &Channel, depth: usize, selected: &[usize]) -> anyhow::
             kept.push(dead);
             continue;
         }
-        let confirm =
-            amqp::publish_mandatory(channel, &dead.message.data, replay_properties(&dead))
-                .await?
-                .await?;
+        let confirm = amqp::publish_mandatory(
+            channel,
+            replay_routing_key(&dead),
+            &dead.message.data,
+            replay_properties(&dead),
+        )
+        .await?
+        .await?;
         if !matches!(confirm, Confirmation::Ack(None)) {
             kept.push(dead);
             give_back(channel, &kept).await?;
@@ -262,4 +266,13 @@ fn replay_properties(dead: &Dead) -> BasicProperties {
         .clone()
         .with_headers(headers)
         .with_delivery_mode(2)
+}
+
+/// The routing key a dead letter is replayed under: the one it was dead-lettered with (the
+/// worker keeps it, so a refund goes back as a refund), `purchase` for older dead letters.
+fn replay_routing_key(dead: &Dead) -> &str {
+    match dead.message.delivery.routing_key.as_str() {
+        amqp::REFUND_ROUTING_KEY => amqp::REFUND_ROUTING_KEY,
+        _ => amqp::PURCHASE_ROUTING_KEY,
+    }
 }

@@ -34,6 +34,9 @@ pub const PURCHASES_EXCHANGE: &str = "upline.purchases";
 /// Quorum queue the workers consume.
 pub const PURCHASES_QUEUE: &str = "upline.purchases";
 pub const PURCHASE_ROUTING_KEY: &str = "purchase";
+/// The routing key of refund messages on [`PURCHASES_EXCHANGE`] (contract §10); bound to
+/// [`PURCHASES_QUEUE`] too, so the same workers apply them.
+pub const REFUND_ROUTING_KEY: &str = "refund";
 /// Fanout exchange for purchase messages that could not be read at all.
 pub const PURCHASES_DLX: &str = "upline.purchases.dlx";
 /// Durable queue keeping dead-lettered purchases for inspection and replay.
@@ -203,15 +206,17 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
     channel
         .queue_declare(PURCHASES_QUEUE, durable_queue, args)
         .await?;
-    channel
-        .queue_bind(
-            PURCHASES_QUEUE,
-            PURCHASES_EXCHANGE,
-            PURCHASE_ROUTING_KEY,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for key in [PURCHASE_ROUTING_KEY, REFUND_ROUTING_KEY] {
+        channel
+            .queue_bind(
+                PURCHASES_QUEUE,
+                PURCHASES_EXCHANGE,
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, FieldTable::default())
         .await?;
@@ -308,7 +313,7 @@ pub async fn publish_raw(
         .await
 }
 
-/// Publishes one message to `upline.purchases` (routing key `purchase`) as `mandatory`, so
+/// Publishes one message to `upline.purchases` under `routing_key` (`purchase` or `refund`) as `mandatory`, so
 /// that an unroutable message comes back as `Ack(Some(message))` instead of being dropped,
 /// with `properties` as given. The [`Publisher`] and `upline dlq replay` publish through it.
 /// Await the returned confirm for the broker's answer.
@@ -317,13 +322,14 @@ pub async fn publish_raw(
 /// The channel is closed.
 pub async fn publish_mandatory(
     channel: &Channel,
+    routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> lapin::Result<lapin::publisher_confirm::PublisherConfirm> {
     channel
         .basic_publish(
             PURCHASES_EXCHANGE,
-            PURCHASE_ROUTING_KEY,
+            routing_key,
             lapin::options::BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()

@@ -36,6 +36,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub notifier: NotifierSettings,
     pub commission: CommissionSettings,
+    pub payout: PayoutSettings,
     pub referrals: ReferralSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
@@ -105,6 +106,9 @@ pub struct WorkerSettings {
     /// How long the outbox relay waits for a batch's publisher confirms before it backs off
     /// and tries again (ms); its lease on the batch is twice this plus a second.
     pub outbox_confirm_timeout_ms: u64,
+    /// How often (seconds) each worker approves commissions whose holding period ended and
+    /// applies refunds that were waiting for their purchase (contract §10). At least 1.
+    pub lifecycle_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +159,26 @@ pub struct CommissionSettings {
     pub cap_per_level: Option<String>,
     /// The one accepted currency.
     pub currency: String,
+    /// Days a new commission stays `pending` before it is `approved` (contract §10), as a
+    /// decimal string or number: `30`, `0` (approved at once), `0.0001` (8.64 seconds).
+    pub hold_days: String,
+}
+
+/// Payout batches, contract §10.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PayoutSettings {
+    /// Smallest approved balance (rupees) that gets a payout line.
+    pub minimum: String,
+}
+
+impl PayoutSettings {
+    /// `minimum` as money.
+    ///
+    /// # Errors
+    /// Not a non-negative amount.
+    pub fn minimum(&self) -> anyhow::Result<Money> {
+        Money::parse_non_negative(&self.minimum).map_err(|e| anyhow::anyhow!("payout.minimum: {e}"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -292,6 +316,10 @@ impl Settings {
     /// The first invalid setting, named by its key.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.commission.rules().context("commission settings")?;
+        self.payout.minimum()?;
+        if self.worker.lifecycle_interval_secs == 0 {
+            bail!("worker.lifecycle_interval_secs must be at least 1");
+        }
         if self.referrals.max_direct < 0 {
             bail!("referrals.max_direct must not be negative");
         }
@@ -441,6 +469,8 @@ pub struct Rules {
     pub cap_per_level: Option<Money>,
     /// The accepted currency (upper-case ISO code).
     pub currency: String,
+    /// How long a new commission is held (`pending`); zero = approved at once.
+    pub hold: Duration,
 }
 
 impl CommissionSettings {
@@ -484,11 +514,22 @@ impl CommissionSettings {
                 self.currency
             );
         }
+        let hold_days: Decimal = self.hold_days.trim().parse().with_context(|| {
+            format!("commission.hold_days: {:?} is not a number", self.hold_days)
+        })?;
+        if hold_days.is_sign_negative() || hold_days > Decimal::from(36_500) {
+            bail!("commission.hold_days must be between 0 and 36500, found {hold_days}");
+        }
+        let hold_ms = (hold_days * Decimal::from(86_400_000_u64)).round();
+        let hold = Duration::from_millis(
+            u64::try_from(hold_ms).context("commission.hold_days out of range")?,
+        );
         Ok(Rules {
             rates,
             min_purchase,
             cap_per_level,
             currency,
+            hold,
         })
     }
 }

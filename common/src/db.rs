@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseSettings;
 use crate::events::{EarningEvent, Totals};
 use crate::money::Money;
+use crate::rules::EntryKind;
 use crate::{Level, UserId};
 
 /// The schema, compiled in from `migrations/`.
@@ -127,18 +128,22 @@ pub fn classify(e: &sqlx::Error) -> ErrorClass {
     }
 }
 
-/// A row of `earnings`, convertible to the event of SPEC §4.
+/// A row of `earnings` (a ledger entry of any kind), convertible to the event of contract §4.
 #[derive(Debug)]
 pub struct EarningRow {
     pub id: i64,
     pub earner_id: UserId,
     pub seq: i64,
-    pub source_user_id: UserId,
-    pub purchase_id: String,
-    pub level: Level,
-    pub rate: Decimal,
+    pub kind: EntryKind,
+    pub source_user_id: Option<UserId>,
+    pub purchase_id: Option<String>,
+    pub level: Option<Level>,
+    pub rate: Option<Decimal>,
     pub amount: Decimal,
     pub currency: String,
+    pub refers_to: Option<i64>,
+    pub refund_id: Option<String>,
+    pub payout_id: Option<i64>,
     pub totals: Json<Totals>,
     pub created_at: OffsetDateTime,
 }
@@ -149,12 +154,16 @@ impl From<EarningRow> for EarningEvent {
             earning_id: r.id,
             seq: r.seq,
             earner_id: r.earner_id,
+            kind: r.kind,
             source_user_id: r.source_user_id,
             purchase_id: r.purchase_id,
             level: r.level,
-            rate: r.rate.normalize(),
+            rate: r.rate.map(|rate| rate.normalize()),
             amount: Money::from_total(r.amount),
             currency: r.currency,
+            refers_to: r.refers_to,
+            refund_id: r.refund_id,
+            payout_id: r.payout_id,
             totals: r.totals.0,
             created_at: r.created_at,
         }
@@ -173,8 +182,9 @@ pub async fn earnings_after(
 ) -> sqlx::Result<Vec<EarningEvent>> {
     let rows = sqlx::query_as!(
         EarningRow,
-        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
-                  purchase_id, level as "level: Level", rate, amount, currency,
+        r#"select id, earner_id as "earner_id: UserId", seq, kind as "kind: EntryKind",
+                  source_user_id as "source_user_id: UserId", purchase_id, level as "level: Level",
+                  rate, amount, currency, refers_to, refund_id, payout_id,
                   totals as "totals: Json<Totals>", created_at
            from earnings where earner_id = $1 and seq > $2 order by seq limit $3"#,
         earner_id.get(),
@@ -197,8 +207,9 @@ pub async fn recent_earnings(
 ) -> sqlx::Result<Vec<EarningEvent>> {
     let rows = sqlx::query_as!(
         EarningRow,
-        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
-                  purchase_id, level as "level: Level", rate, amount, currency,
+        r#"select id, earner_id as "earner_id: UserId", seq, kind as "kind: EntryKind",
+                  source_user_id as "source_user_id: UserId", purchase_id, level as "level: Level",
+                  rate, amount, currency, refers_to, refund_id, payout_id,
                   totals as "totals: Json<Totals>", created_at
            from earnings where earner_id = $1 order by seq desc limit $2"#,
         earner_id.get(),
@@ -220,8 +231,9 @@ pub async fn all_earnings_after(
 ) -> sqlx::Result<Vec<EarningEvent>> {
     let rows = sqlx::query_as!(
         EarningRow,
-        r#"select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
-                  purchase_id, level as "level: Level", rate, amount, currency,
+        r#"select id, earner_id as "earner_id: UserId", seq, kind as "kind: EntryKind",
+                  source_user_id as "source_user_id: UserId", purchase_id, level as "level: Level",
+                  rate, amount, currency, refers_to, refund_id, payout_id,
                   totals as "totals: Json<Totals>", created_at
            from earnings where id > $1 order by id limit $2"#,
         after_id,

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod money;
 pub mod protocol;
 pub mod purchase;
+pub mod refund;
 pub mod rules;
 pub mod shutdown;
 pub mod telemetry;

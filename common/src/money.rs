@@ -11,7 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Largest accepted amount: `10^12` rupees (SPEC §2).
 pub const MAX_AMOUNT: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0); // 10^12
 
-/// An amount of money in rupees, exact to the paisa; never negative.
+/// An amount of money in rupees, exact to the paisa. Amounts read from requests and messages
+/// are never negative ([`Money::parse`]); a ledger value may be: a reversal's amount, or an
+/// approved balance after a clawback of money already paid out (contract §10). Such values are
+/// made with `-` and read with [`Money::parse_signed`] or [`signed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Money(Decimal);
 
@@ -79,6 +82,18 @@ impl Money {
         Self::from_decimal(d)
     }
 
+    /// Like [`Money::parse_non_negative`] but accepts a leading `-`: a ledger value (a
+    /// reversal, a balance), never a request's amount.
+    ///
+    /// # Errors
+    /// [`MoneyError`] saying what is wrong.
+    pub fn parse_signed(s: &str) -> Result<Self, MoneyError> {
+        match s.trim().strip_prefix('-') {
+            Some(magnitude) => Self::parse_non_negative(magnitude).map(|m| -m),
+            None => Self::parse_non_negative(s),
+        }
+    }
+
     /// Accepts a JSON string or number exactly (SPEC §2).
     ///
     /// # Errors
@@ -132,6 +147,16 @@ impl Money {
         self.0.is_zero()
     }
 
+    /// Whether this is below zero (a reversal, an overdrawn balance).
+    pub fn is_negative(self) -> bool {
+        self.0.is_sign_negative() && !self.0.is_zero()
+    }
+
+    /// The magnitude: `-5.00` → `5.00`.
+    pub fn abs(self) -> Money {
+        Money(self.0.abs())
+    }
+
     /// `self - other`, floored at zero.
     pub fn saturating_sub(self, other: Money) -> Money {
         if other.0 >= self.0 {
@@ -155,8 +180,39 @@ impl std::ops::AddAssign for Money {
     }
 }
 
+impl std::ops::Sub for Money {
+    type Output = Money;
+    /// May go below zero: see [`Money`].
+    fn sub(self, rhs: Money) -> Money {
+        Money(with_paise(self.0 - rhs.0))
+    }
+}
+
+impl std::ops::SubAssign for Money {
+    fn sub_assign(&mut self, rhs: Money) {
+        *self = *self - rhs;
+    }
+}
+
+impl std::ops::Neg for Money {
+    type Output = Money;
+    fn neg(self) -> Money {
+        Money(with_paise(-self.0))
+    }
+}
+
+impl std::iter::Sum for Money {
+    fn sum<I: Iterator<Item = Money>>(iter: I) -> Money {
+        iter.fold(Money::ZERO, |a, b| a + b)
+    }
+}
+
 fn with_paise(mut d: Decimal) -> Decimal {
     d.rescale(2);
+    if d.is_zero() {
+        // No "-0.00" from a subtraction or negation.
+        d.set_sign_positive(true);
+    }
     d
 }
 
@@ -206,6 +262,21 @@ impl<'de> Deserialize<'de> for Money {
         };
         parsed.map_err(serde::de::Error::custom)
     }
+}
+
+/// Deserializes a ledger value that may be negative (`#[serde(deserialize_with =
+/// "money::signed")]`): a decimal string or an exact JSON number.
+///
+/// # Errors
+/// As [`Money::parse_signed`].
+pub fn signed<'de, D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match &v {
+        serde_json::Value::Number(n) => Money::parse_signed(&n.to_string()),
+        serde_json::Value::String(s) => Money::parse_signed(s),
+        _ => Err(MoneyError::WrongType),
+    }
+    .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -260,6 +331,19 @@ mod tests {
         assert_eq!(Money::from_json(&v).expect("string").to_string(), "2000.00");
         let v: serde_json::Value = serde_json::from_str("true").expect("json");
         assert_eq!(Money::from_json(&v), Err(MoneyError::WrongType));
+    }
+
+    #[test]
+    fn ledger_values_may_go_below_zero_and_read_back() {
+        let overdrawn = m("100.00") - m("250.50");
+        assert_eq!(overdrawn.to_string(), "-150.50");
+        assert!(overdrawn.is_negative());
+        assert_eq!(Money::parse_signed("-150.50"), Ok(overdrawn));
+        assert_eq!(Money::parse_signed("-0.00"), Ok(Money::ZERO));
+        assert_eq!((m("5.00") - m("5.00")).to_string(), "0.00");
+        assert_eq!((-Money::ZERO).to_string(), "0.00");
+        assert!(Money::parse_signed("--1").is_err());
+        assert_eq!(Money::parse_non_negative("-1"), Err(MoneyError::Negative));
     }
 
     #[test]

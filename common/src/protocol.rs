@@ -168,6 +168,10 @@ impl Subscribe {
 /// A message from the notifier on the WebSocket, tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per frame; a Box would only add an allocation"
+)]
 pub enum ServerMessage {
     /// `{"type":"subscribed","user_id":7}`: the subscription is open; earnings follow.
     Subscribed {
@@ -421,8 +425,8 @@ pub const SSE_SUBSCRIBED_COMMENT: &str = "subscribed";
 mod tests {
     use super::*;
 
-    /// The earning event example of SPEC §4.
-    const EVENT: &str = r#"{"earning_id":9812,"seq":17,"earner_id":7,"source_user_id":42,"purchase_id":"ord-2026-000123","level":1,"rate":"0.05","amount":"100.00","currency":"INR","totals":{"total":"1530.00","level_1":"1400.00","level_2":"130.00"},"created_at":"2026-11-20T10:00:00.123Z"}"#;
+    /// The earning event example of contract §4.
+    const EVENT: &str = r#"{"earning_id":9812,"seq":17,"earner_id":7,"kind":"commission","source_user_id":42,"purchase_id":"ord-2026-000123","level":1,"rate":"0.05","amount":"100.00","currency":"INR","totals":{"total":"1530.00","level_1":"1400.00","level_2":"130.00","pending":"230.00","approved":"300.00","paid":"1000.00","reversed":"50.00"},"created_at":"2026-11-20T10:00:00.123Z"}"#;
 
     fn user(id: i64) -> Target {
         Target::User(UserId::new(id).expect("positive"))

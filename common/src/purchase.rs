@@ -491,6 +491,7 @@ mod tests {
             min_purchase: Money::parse("1000").expect("valid"),
             cap_per_level: None,
             currency: "INR".into(),
+            hold: std::time::Duration::ZERO,
         }
     }
 

@@ -1,8 +1,11 @@
 //! The commission rules of SPEC §2 as pure functions: given a purchase and what is known of
-//! the buyer's upline, decide each level's outcome. No I/O; the worker's ledger supplies the
-//! inputs under row locks and stores the result.
+//! the buyer's upline, decide each level's outcome. And the commission lifecycle of contract
+//! §10: what each kind of ledger entry does to an earner's balances ([`Balances::apply`]),
+//! what a refund may refund ([`refundable`]) and what it claws back from each commission
+//! ([`reversal`]). No I/O; the worker's ledger supplies the inputs under row locks and stores
+//! the result.
 
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::Rules;
@@ -128,6 +131,179 @@ pub fn shares(
         .collect()
 }
 
+/// The kind of a ledger entry (contract §10), the `kind` of an earning event. Entries are
+/// never updated or deleted: every change to an earner's money is an entry of its own, with
+/// its own `seq`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A credited commission (positive amount), `pending` for the holding period.
+    #[default]
+    Commission,
+    /// A clawback of (part of) a commission after a refund (negative amount).
+    Reversal,
+    /// A commission's holding period ended: its amount moved from `pending` to `approved`.
+    Approval,
+    /// A payout was marked paid: its amount moved from `approved` to `paid`.
+    Payout,
+}
+
+impl EntryKind {
+    /// The name stored in `earnings.kind` and sent as the event's `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Commission => "commission",
+            EntryKind::Reversal => "reversal",
+            EntryKind::Approval => "approval",
+            EntryKind::Payout => "payout",
+        }
+    }
+}
+
+/// Where a commission's money is: held, or free to pay out (contract §10). A commission paid
+/// out stays `Approved` here: paying out moves balances, not commissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommissionStatus {
+    /// Within its holding period (`commission.hold_days`).
+    Pending,
+    /// Past it (or credited with no holding period).
+    Approved,
+}
+
+/// An earner's money by state (contract §10), in rupees. `pending + approved + paid` is the
+/// earner's `total` (net of reversals); `reversed` is everything ever clawed back. `approved`
+/// goes below zero when money already paid out is clawed back; the next payouts recover it
+/// first, because a payout pays the approved balance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Balances {
+    pub pending: Money,
+    pub approved: Money,
+    pub paid: Money,
+    pub reversed: Money,
+}
+
+/// What one ledger entry does to an earner's [`Balances`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movement {
+    /// A new commission, into `pending` (or straight into `approved` with no holding period).
+    Credit(CommissionStatus),
+    /// A clawback from a commission in this status: out of `pending` (the reversal voids the
+    /// held commission) or out of `approved` (which may go below zero if it was paid out).
+    Reverse(CommissionStatus),
+    /// The holding period ended: `pending` → `approved`.
+    Approve,
+    /// A payout line marked paid: `approved` → `paid`.
+    PayOut,
+}
+
+impl Balances {
+    /// `pending + approved + paid`: the earner's net total.
+    pub fn total(self) -> Money {
+        self.pending + self.approved + self.paid
+    }
+
+    /// Applies one entry moving `amount` (a magnitude: never negative).
+    pub fn apply(&mut self, movement: Movement, amount: Money) {
+        debug_assert!(!amount.is_negative(), "amounts moved are magnitudes");
+        fn bucket(b: &mut Balances, status: CommissionStatus) -> &mut Money {
+            match status {
+                CommissionStatus::Pending => &mut b.pending,
+                CommissionStatus::Approved => &mut b.approved,
+            }
+        }
+        match movement {
+            Movement::Credit(status) => *bucket(self, status) += amount,
+            Movement::Reverse(status) => {
+                *bucket(self, status) -= amount;
+                self.reversed += amount;
+            }
+            Movement::Approve => {
+                self.pending -= amount;
+                self.approved += amount;
+            }
+            Movement::PayOut => {
+                self.approved -= amount;
+                self.paid += amount;
+            }
+        }
+    }
+}
+
+/// Why a refund refunds nothing (contract §10); the text is the refund's stored `reason`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefundRejection {
+    #[error("amount: {requested} exceeds the {refundable} still refundable of the purchase's {purchase_amount}")]
+    Exceeds {
+        requested: Money,
+        refundable: Money,
+        purchase_amount: Money,
+    },
+    #[error("purchase_id: the purchase is refunded in full already")]
+    NothingLeft,
+}
+
+/// How much a refund refunds: `requested`, or everything still refundable when it names no
+/// amount. The refunds of a purchase never add up to more than its amount.
+///
+/// # Errors
+/// [`RefundRejection`] when `requested` is above what remains, or nothing remains.
+pub fn refundable(
+    requested: Option<Money>,
+    purchase_amount: Money,
+    refunded_before: Money,
+) -> Result<Money, RefundRejection> {
+    let refundable = purchase_amount.saturating_sub(refunded_before);
+    match requested {
+        _ if refundable.is_zero() => Err(RefundRejection::NothingLeft),
+        None => Ok(refundable),
+        Some(requested) if requested > refundable => Err(RefundRejection::Exceeds {
+            requested,
+            refundable,
+            purchase_amount,
+        }),
+        Some(requested) => Ok(requested),
+    }
+}
+
+/// What a refund claws back from one commission: the commission's share of everything
+/// refunded so far (`refunded_after`, this refund included, over the purchase's `amount`),
+/// rounded half to even to the paisa, less what earlier refunds clawed back
+/// (`reversed_before`, a magnitude). Rounding the running share rather than each refund's own
+/// share makes the reversals of a fully refunded purchase add up to exactly the commission,
+/// never a paisa more or less. Returns a magnitude; zero when nothing is due.
+pub fn reversal(
+    commission: Money,
+    purchase_amount: Money,
+    refunded_after: Money,
+    reversed_before: Money,
+) -> Money {
+    if purchase_amount.is_zero() {
+        return Money::ZERO;
+    }
+    let refunded = refunded_after.min(purchase_amount);
+    let share = (commission.as_decimal() * refunded.as_decimal() / purchase_amount.as_decimal())
+        .round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
+    let due = Money::from_total(share) - reversed_before;
+    if due.is_negative() {
+        Money::ZERO
+    } else {
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +314,7 @@ mod tests {
             min_purchase: Money::parse("1000.00").expect("valid"),
             cap_per_level: None,
             currency: "INR".into(),
+            hold: std::time::Duration::ZERO,
         }
     }
 
@@ -309,5 +486,98 @@ mod tests {
         let s = shares(&r, m("2000"), m("2000"), &[member(3), member(2), member(1)]);
         assert_eq!(s.len(), 3);
         assert_eq!(s[2].amount.to_string(), "10.00");
+    }
+
+    /// Contract §10: C buys for 2000.00 (B 100.00, A 20.00); a 500.00 refund claws back a
+    /// quarter of each, and refunding the rest claws back exactly what remains.
+    #[test]
+    fn a_partial_refund_reverses_in_proportion_and_the_rest_reverses_the_remainder() {
+        let amount = m("2000.00");
+        let first = refundable(Some(m("500.00")), amount, Money::ZERO).expect("refundable");
+        assert_eq!(
+            reversal(m("100.00"), amount, first, Money::ZERO),
+            m("25.00")
+        );
+        assert_eq!(reversal(m("20.00"), amount, first, Money::ZERO), m("5.00"));
+        let rest = refundable(None, amount, first).expect("the rest");
+        assert_eq!(rest, m("1500.00"));
+        assert_eq!(
+            reversal(m("100.00"), amount, first + rest, m("25.00")),
+            m("75.00")
+        );
+        assert_eq!(
+            reversal(m("20.00"), amount, first + rest, m("5.00")),
+            m("15.00")
+        );
+    }
+
+    /// 1000.30 pays 50.02 at level 1; refunded in thirds, the running share rounds to
+    /// 16.67, 33.35, 50.02, so the reversals are 16.67 + 16.68 + 16.67 = 50.02 exactly.
+    #[test]
+    fn reversals_of_a_fully_refunded_purchase_add_up_to_the_commission_exactly() {
+        let (commission, amount) = (m("50.02"), m("1000.30"));
+        let mut refunded = Money::ZERO;
+        let mut reversed = Money::ZERO;
+        let mut each = Vec::new();
+        for part in ["333.43", "333.43", "333.44"] {
+            refunded += m(part);
+            let r = reversal(commission, amount, refunded, reversed);
+            reversed += r;
+            each.push(r.to_string());
+        }
+        assert_eq!(each, ["16.67", "16.68", "16.67"]);
+        assert_eq!(reversed, commission);
+    }
+
+    #[test]
+    fn a_refund_beyond_what_remains_is_rejected_with_the_figures() {
+        let amount = m("2000.00");
+        let err = refundable(Some(m("600.00")), amount, m("1500.00")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "amount: 600.00 exceeds the 500.00 still refundable of the purchase's 2000.00"
+        );
+        assert_eq!(
+            refundable(None, amount, amount),
+            Err(RefundRejection::NothingLeft)
+        );
+        assert_eq!(
+            refundable(Some(m("500.00")), amount, m("1500.00")),
+            Ok(m("500.00"))
+        );
+    }
+
+    /// The lifecycle on one earner: 100.00 held, approved, paid out, then clawed back in full
+    /// after payout: approved goes to -100.00, and the total stays pending + approved + paid.
+    #[test]
+    fn balances_follow_a_commission_from_pending_to_paid_and_a_clawback_after_payout() {
+        let mut b = Balances::default();
+        b.apply(Movement::Credit(CommissionStatus::Pending), m("100.00"));
+        assert_eq!((b.pending, b.total()), (m("100.00"), m("100.00")));
+        b.apply(Movement::Approve, m("100.00"));
+        assert_eq!((b.pending, b.approved), (Money::ZERO, m("100.00")));
+        b.apply(Movement::PayOut, m("100.00"));
+        assert_eq!((b.approved, b.paid), (Money::ZERO, m("100.00")));
+        b.apply(Movement::Reverse(CommissionStatus::Approved), m("100.00"));
+        assert_eq!(b.approved.to_string(), "-100.00");
+        assert_eq!(
+            (b.paid, b.reversed, b.total()),
+            (m("100.00"), m("100.00"), Money::ZERO)
+        );
+        // The next 700.00 approved nets to 600.00 payable: the clawback is recovered first.
+        b.apply(Movement::Credit(CommissionStatus::Approved), m("700.00"));
+        assert_eq!(b.approved, m("600.00"));
+    }
+
+    #[test]
+    fn a_reversal_of_a_held_commission_voids_it_without_touching_approved() {
+        let mut b = Balances::default();
+        b.apply(Movement::Credit(CommissionStatus::Pending), m("100.00"));
+        b.apply(Movement::Reverse(CommissionStatus::Pending), m("25.00"));
+        assert_eq!(
+            (b.pending, b.approved, b.reversed),
+            (m("75.00"), Money::ZERO, m("25.00"))
+        );
+        assert_eq!(b.total(), m("75.00"));
     }
 }

@@ -91,7 +91,9 @@ async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purch
         .map(|e| e.purchase_id.clone())
         .collect();
     assert!(
-        live_ones.iter().all(|p| p.starts_with("during-replay-")),
+        live_ones.iter().all(|p| p
+            .as_deref()
+            .is_some_and(|p| p.starts_with("during-replay-"))),
         "the live purchases follow the history"
     );
     // Still live after the replay: the next purchase arrives on both.

@@ -42,7 +42,8 @@ async fn a_purchase_pays_five_percent_to_level_one_and_one_percent_to_level_two(
     );
     assert_eq!(
         recent["totals"],
-        json!({"total": "100.00", "level_1": "100.00", "level_2": "0.00"})
+        json!({"total": "100.00", "level_1": "100.00", "level_2": "0.00",
+               "pending": "100.00", "approved": "0.00", "paid": "0.00", "reversed": "0.00"})
     );
     let ea = app.earnings(a.id).await;
     assert_eq!(ea["total"], "20.00");

@@ -189,7 +189,8 @@ async fn handle(
                 channel
                     .basic_publish(
                         amqp::PURCHASES_DLX,
-                        "",
+                        // Kept so that `upline dlq replay` sends a refund back as a refund.
+                        delivery.routing_key.as_str(),
                         BasicPublishOptions::default(),
                         &delivery.data,
                         props,

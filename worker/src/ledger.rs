@@ -19,7 +19,7 @@ use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use upline_common::money::Money;
 use upline_common::purchase::{Purchase, PurchaseId};
-use upline_common::rules::Rules;
+use upline_common::rules::{Balances, CommissionStatus, Rules};
 use upline_common::{Level, PurchaseStatus, UserId};
 
 use plan::{Decision, Earner, LevelOutcome, NewEarning, Plan, Upline};
@@ -326,7 +326,7 @@ async fn credit(
     let earners = lock_earners(tx, &uplines, rules.rates.len()).await?;
     let plan = plan::plan(rules, &purchases, &uplines, earners);
     write_rejections(tx, &purchases, &plan.decisions).await?;
-    let earning_ids = insert_earnings(tx, &plan.earnings).await?;
+    let earning_ids = insert_earnings(tx, &plan.earnings, rules.hold).await?;
     update_aggregates(tx, &plan).await?;
     insert_levels(tx, &plan.levels, &earning_ids).await?;
     for (i, decision) in indexes.into_iter().zip(plan.decisions) {
@@ -389,7 +389,8 @@ async fn lock_earners(
         return Ok(earners);
     }
     let rows = sqlx::query!(
-        r#"select id as "id: UserId", is_active, earnings_seq, total_earnings
+        r#"select id as "id: UserId", is_active, earnings_seq, total_earnings,
+                  pending_earnings, approved_earnings, paid_earnings, reversed_earnings
            from users where id = any($1) order by id for no key update"#,
         &ids,
     )
@@ -397,7 +398,13 @@ async fn lock_earners(
     .await?;
     for row in rows {
         let total = Money::from_total(row.total_earnings);
-        let earner = Earner::new(row.is_active, row.earnings_seq, total, levels);
+        let mut earner = Earner::new(row.is_active, row.earnings_seq, total, levels);
+        earner.balances = Balances {
+            pending: Money::from_total(row.pending_earnings),
+            approved: Money::from_total(row.approved_earnings),
+            paid: Money::from_total(row.paid_earnings),
+            reversed: Money::from_total(row.reversed_earnings),
+        };
         earners.insert(row.id, earner);
     }
     let rows = sqlx::query!(
@@ -448,22 +455,32 @@ async fn write_rejections(
     Ok(())
 }
 
-/// Inserts the earnings and queues them in the outbox; returns their ids, in order.
-async fn insert_earnings(tx: &mut PgConnection, earnings: &[NewEarning]) -> sqlx::Result<Vec<i64>> {
+/// Inserts the earnings, queues them in the outbox and holds the pending ones in
+/// `commission_holds` until `hold` from now; returns their ids, in order.
+async fn insert_earnings(
+    tx: &mut PgConnection,
+    earnings: &[NewEarning],
+    hold: std::time::Duration,
+) -> sqlx::Result<Vec<i64>> {
     if earnings.is_empty() {
         return Ok(Vec::new());
     }
     let rows = sqlx::query!(
         r#"with new as (
-               insert into earnings (earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency, totals)
-               select earner, seq, source, purchase, level, rate, amount, currency, totals::jsonb
+               insert into earnings (earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency,
+                                     totals, hold_until)
+               select earner, seq, source, purchase, level, rate, amount, currency, totals::jsonb,
+                      case when held then now() + make_interval(secs => $11) end
                from unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int2[], $6::numeric[], $7::numeric[],
-                           $8::text[], $9::text[])
-                    with ordinality as t(earner, seq, source, purchase, level, rate, amount, currency, totals, n)
+                           $8::text[], $9::text[], $10::bool[])
+                    with ordinality as t(earner, seq, source, purchase, level, rate, amount, currency, totals, held, n)
                order by n
-               returning id, earner_id, seq
+               returning id, earner_id, seq, hold_until
            ), queued as (
                insert into earning_outbox (earning_id) select id from new
+           ), held as (
+               insert into commission_holds (earning_id, due_at)
+               select id, hold_until from new where hold_until is not null
            )
            select t.n::int4 as "n!", new.id as "id!"
            from new join unnest($1::int8[], $2::int8[]) with ordinality as t(earner, seq, n)
@@ -480,6 +497,11 @@ async fn insert_earnings(tx: &mut PgConnection, earnings: &[NewEarning]) -> sqlx
             .iter()
             .map(|e| serde_json::to_string(&e.totals).expect("totals serialise"))
             .collect::<Vec<_>>(),
+        &earnings
+            .iter()
+            .map(|e| e.status == CommissionStatus::Pending)
+            .collect::<Vec<_>>(),
+        hold.as_secs_f64(),
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -498,11 +520,25 @@ async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<(
     }
     let changed: Vec<(UserId, &Earner)> = plan.changed_earners().collect();
     sqlx::query!(
-        r#"update users u set earnings_seq = t.seq, total_earnings = t.total
-           from unnest($1::int8[], $2::int8[], $3::numeric[]) as t(id, seq, total) where u.id = t.id"#,
+        r#"update users u set earnings_seq = t.seq, total_earnings = t.total,
+                  pending_earnings = t.pending, approved_earnings = t.approved
+           from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[], $5::numeric[])
+                as t(id, seq, total, pending, approved)
+           where u.id = t.id"#,
         &changed.iter().map(|(id, _)| id.get()).collect::<Vec<_>>(),
         &changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
-        &changed.iter().map(|(_, e)| e.total.as_decimal()).collect::<Vec<_>>(),
+        &changed
+            .iter()
+            .map(|(_, e)| e.total.as_decimal())
+            .collect::<Vec<_>>(),
+        &changed
+            .iter()
+            .map(|(_, e)| e.balances.pending.as_decimal())
+            .collect::<Vec<_>>(),
+        &changed
+            .iter()
+            .map(|(_, e)| e.balances.approved.as_decimal())
+            .collect::<Vec<_>>(),
     )
     .execute(&mut *tx)
     .await?;

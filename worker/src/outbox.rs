@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::db::EarningRow;
 use upline_common::events::{EarningEvent, Totals};
+use upline_common::rules::EntryKind;
 use upline_common::{Level, UserId};
 
 /// Most earnings leased and published at once.
@@ -295,8 +296,9 @@ async fn claim(db: &PgPool, relay_id: &str, lease: Duration) -> sqlx::Result<Vec
                )
                returning earning_id
            )
-           select id, earner_id as "earner_id: UserId", seq, source_user_id as "source_user_id: UserId",
-                  purchase_id, level as "level: Level", rate, amount, currency,
+           select id, earner_id as "earner_id: UserId", seq, kind as "kind: EntryKind",
+                  source_user_id as "source_user_id: UserId", purchase_id, level as "level: Level",
+                  rate, amount, currency, refers_to, refund_id, payout_id,
                   totals as "totals: Json<Totals>", created_at
            from earnings
            where id in (select earning_id from claimed) order by id"#,

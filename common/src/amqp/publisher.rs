@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::amqp;
 use crate::config::AmqpSettings;
 use crate::purchase::Purchase;
+use crate::refund::Refund;
 use lapin::options::ConfirmSelectOptions;
 use lapin::publisher_confirm::Confirmation;
 use lapin::{Channel, Connection};
@@ -184,6 +185,16 @@ impl Publisher {
             .await
     }
 
+    /// Publishes one refund (routing key `refund`, persistent, mandatory, `message_id` = the
+    /// refund id) and waits for the broker's confirm, at most [`BROKER_TIMEOUT`].
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub async fn publish_refund(&self, refund: &Refund) -> Result<(), PublishError> {
+        self.publish_within(std::slice::from_ref(refund), BROKER_TIMEOUT)
+            .await
+    }
+
     /// Publishes purchases in their order on the one channel, pipelined (every message is
     /// sent before the first confirm is awaited), and waits until the broker confirmed them
     /// all: [`BROKER_TIMEOUT`] plus as much again per thousand messages.
@@ -200,19 +211,25 @@ impl Publisher {
         .await
     }
 
-    async fn publish_within(
+    async fn publish_within<M: Message>(
         &self,
-        purchases: &[Purchase],
+        messages: &[M],
         within: Duration,
     ) -> Result<(), PublishError> {
         let channel = self.channel().await?;
         let confirms = async {
-            let mut pending = Vec::with_capacity(purchases.len());
-            for purchase in purchases {
+            let mut pending = Vec::with_capacity(messages.len());
+            for message in messages {
                 let properties =
-                    amqp::persistent_json().with_message_id(purchase.purchase_id.as_str().into());
+                    amqp::persistent_json().with_message_id(message.message_id().into());
                 pending.push(
-                    amqp::publish_mandatory(&channel, &purchase.to_json(), properties).await?,
+                    amqp::publish_mandatory(
+                        &channel,
+                        M::ROUTING_KEY,
+                        &message.to_json(),
+                        properties,
+                    )
+                    .await?,
                 );
             }
             let mut confirmations = Vec::with_capacity(pending.len());
@@ -248,5 +265,32 @@ impl Publisher {
         if let Some((conn, _)) = self.link.lock().await.take() {
             let _ = conn.close(200, "publisher closing").await;
         }
+    }
+}
+
+/// A message the [`Publisher`] sends to `upline.purchases`.
+trait Message {
+    const ROUTING_KEY: &'static str;
+    fn message_id(&self) -> &str;
+    fn to_json(&self) -> Vec<u8>;
+}
+
+impl Message for Purchase {
+    const ROUTING_KEY: &'static str = amqp::PURCHASE_ROUTING_KEY;
+    fn message_id(&self) -> &str {
+        self.purchase_id.as_str()
+    }
+    fn to_json(&self) -> Vec<u8> {
+        Purchase::to_json(self)
+    }
+}
+
+impl Message for Refund {
+    const ROUTING_KEY: &'static str = amqp::REFUND_ROUTING_KEY;
+    fn message_id(&self) -> &str {
+        self.refund_id.as_str()
+    }
+    fn to_json(&self) -> Vec<u8> {
+        Refund::to_json(self)
     }
 }

@@ -10,7 +10,9 @@ use rust_decimal::Decimal;
 use upline_common::events::Totals;
 use upline_common::money::Money;
 use upline_common::purchase::Purchase;
-use upline_common::rules::{self, Outcome, Rules, UplineMember};
+use upline_common::rules::{
+    self, Balances, CommissionStatus, Movement, Outcome, Rules, UplineMember,
+};
 use upline_common::{Level, UserId};
 
 /// A buyer's upline: level 1 (the direct referrer) first, at most `rules.rates.len()` long.
@@ -28,6 +30,8 @@ pub(super) struct Earner {
     pub total: Money,
     /// `earner_levels.total` per configured level, level 1 first.
     pub levels: Vec<Money>,
+    /// `users.pending_earnings`, `approved_earnings`, `paid_earnings`, `reversed_earnings`.
+    pub balances: Balances,
     /// Whether the batch credited this earner (its row must be written back).
     pub changed: bool,
 }
@@ -40,6 +44,7 @@ impl Earner {
             seq,
             total,
             levels: vec![Money::ZERO; levels],
+            balances: Balances::default(),
             changed: false,
         }
     }
@@ -57,6 +62,8 @@ pub(super) struct NewEarning {
     pub rate: Decimal,
     pub amount: Money,
     pub currency: String,
+    /// Held (`pending`) for `rules.hold`, or approved at once.
+    pub status: CommissionStatus,
     /// The earner's totals including this earning (SPEC §4 `totals`).
     pub totals: Totals,
 }
@@ -105,6 +112,11 @@ pub(super) fn plan(
     uplines: &HashMap<UserId, Upline>,
     mut earners: HashMap<UserId, Earner>,
 ) -> Plan {
+    let status = if rules.hold.is_zero() {
+        CommissionStatus::Approved
+    } else {
+        CommissionStatus::Pending
+    };
     let mut decisions = Vec::with_capacity(purchases.len());
     let mut earnings: Vec<NewEarning> = Vec::new();
     let mut levels = Vec::new();
@@ -139,6 +151,9 @@ pub(super) fn plan(
                 earner.seq += 1;
                 earner.total += share.amount;
                 earner.levels[share.level.index()] += share.amount;
+                earner
+                    .balances
+                    .apply(Movement::Credit(status), share.amount);
                 earner.changed = true;
                 earnings.push(NewEarning {
                     earner_id,
@@ -149,9 +164,11 @@ pub(super) fn plan(
                     rate: share.rate,
                     amount: share.amount,
                     currency: p.currency.clone(),
+                    status,
                     totals: Totals {
                         total: earner.total,
                         levels: earner.levels.clone(),
+                        balances: earner.balances,
                     },
                 });
                 credited += 1;
@@ -229,6 +246,7 @@ mod tests {
             min_purchase: m("1000.00"),
             cap_per_level: cap.map(m),
             currency: "INR".into(),
+            hold: std::time::Duration::from_secs(30 * 86_400),
         }
     }
 

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use tokio_tungstenite::tungstenite::Message;
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
-use upline_common::UserId;
+use upline_common::{Level, UserId};
 use upline_testkit::client::Api;
 use upline_testkit::order::Order;
 use upline_testkit::{oracle, pipeline};
@@ -112,11 +112,11 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                     continue;
                 };
                 delivered.fetch_add(1, Ordering::Relaxed);
-                if earning.level.get() == 1 {
+                if earning.level.map(Level::get) == Some(1) {
                     let sent_at = sent
                         .lock()
                         .expect("not poisoned")
-                        .remove(&earning.purchase_id);
+                        .remove(earning.purchase_id.as_deref().unwrap_or_default());
                     if let Some((t, wall)) = sent_at {
                         latency.record(t.elapsed());
                         let (created, now) = (earning.created_at, time::OffsetDateTime::now_utc());

@@ -121,7 +121,9 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
                         };
                         delivered.fetch_add(1, Ordering::Relaxed);
                         let sent = sent.lock().expect("not poisoned");
-                        if let Some(t0) = sent.get(&earning.purchase_id) {
+                        if let Some(t0) =
+                            sent.get(earning.purchase_id.as_deref().unwrap_or_default())
+                        {
                             latency.record(t0.elapsed());
                         }
                     }
