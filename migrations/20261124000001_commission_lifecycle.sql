@@ -68,7 +68,7 @@ create table refunds (
     applied_at  timestamptz
 );
 create index refunds_purchase_id_idx on refunds (purchase_id);
-create index refunds_waiting_idx on refunds (received_at) where status = 'waiting';
+create index refunds_waiting_idx on refunds (purchase_id) where status = 'waiting';
 
 -- Payout batches: the instruction a finance team executes; no money leaves the system.
 create table payouts (

@@ -407,6 +407,24 @@ impl TestApp {
         publisher.close().await;
     }
 
+    /// Publishes a refund onto `upline.purchases` with routing key `refund`, as an external
+    /// system would (through the api's publisher: mandatory, message id = refund id), and
+    /// waits for the broker's confirm. `amount` `None` refunds whatever remains.
+    pub async fn publish_refund(&self, refund_id: &str, purchase_id: &str, amount: Option<&str>) {
+        let refund = upline_common::refund::Refund {
+            refund_id: upline_common::refund::RefundId::parse(refund_id).expect("valid id"),
+            purchase_id: upline_common::purchase::PurchaseId::parse(purchase_id).expect("valid id"),
+            amount: amount.map(|a| upline_common::Money::parse(a).expect("valid amount")),
+        };
+        let publisher = Publisher::new(self.settings.amqp.clone(), Default::default())
+            .with_connection_name("upline-test");
+        publisher
+            .publish_refund(&refund)
+            .await
+            .unwrap_or_else(|e| panic!("publishing refund {refund_id}: {e}"));
+        publisher.close().await;
+    }
+
     /// Publishes `n` purchases of 2000.00 by `buyer`, ids `<prefix>-0` …, straight onto the
     /// queue ([`TestApp::publish_all`]).
     pub async fn publish_purchases(&self, prefix: &str, buyer: i64, n: usize) {

@@ -14,6 +14,7 @@ mod notifier_limits;
 mod openapi;
 mod purchases;
 mod queue;
+mod refunds;
 mod registration;
 mod reliability;
 mod reports;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::db::{classify, ErrorClass};
 
-use crate::process::{process_batch, Ctx, Disposition};
+use crate::process::{process_batch, Ctx, Disposition, Message};
 
 /// How one consumer takes work from the queue.
 #[derive(Debug, Clone, Copy)]
@@ -112,10 +112,16 @@ async fn attempt(ctx: &Ctx, deliveries: &[Delivery], cancel: &CancellationToken)
         // A panic is caught here (the task fails alone), not in the consumer loop.
         let task = {
             let ctx = ctx.clone();
-            let bodies: Vec<Vec<u8>> = deliveries.iter().map(|d| d.data.clone()).collect();
+            let owned: Vec<(String, Vec<u8>)> = deliveries
+                .iter()
+                .map(|d| (d.routing_key.to_string(), d.data.clone()))
+                .collect();
             tokio::spawn(async move {
-                let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-                process_batch(&ctx, &refs).await
+                let messages: Vec<Message<'_>> = owned
+                    .iter()
+                    .map(|(routing_key, body)| Message { routing_key, body })
+                    .collect();
+                process_batch(&ctx, &messages).await
             })
         };
         match task.await {

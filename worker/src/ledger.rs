@@ -9,6 +9,7 @@
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
 //! statement over arrays (`unnest`).
 
+pub mod lifecycle;
 mod plan;
 
 use std::collections::HashMap;
@@ -49,7 +50,8 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    fn purchase_id(&self) -> &PurchaseId {
+    /// The purchase id the content is recorded under.
+    pub fn purchase_id(&self) -> &PurchaseId {
         match self {
             Incoming::Valid(p) => &p.purchase_id,
             Incoming::Invalid { purchase_id, .. } => purchase_id,
@@ -65,6 +67,11 @@ pub struct Item {
 }
 
 impl Item {
+    /// The purchase id the item is recorded under.
+    pub fn purchase_id(&self) -> &PurchaseId {
+        self.incoming.purchase_id()
+    }
+
     fn fingerprint(&self) -> String {
         match &self.incoming {
             Incoming::Valid(p) => p.fingerprint(),
@@ -323,7 +330,7 @@ async fn credit(
         return Ok(());
     }
     let uplines = load_uplines(tx, &purchases, rules.rates.len()).await?;
-    let earners = lock_earners(tx, &uplines, rules.rates.len()).await?;
+    let earners = lock_earners(tx, uplines.values().flatten().copied(), rules.rates.len()).await?;
     let plan = plan::plan(rules, &purchases, &uplines, earners);
     write_rejections(tx, &purchases, &plan.decisions).await?;
     let earning_ids = insert_earnings(tx, &plan.earnings, rules.hold).await?;
@@ -378,10 +385,10 @@ async fn load_uplines(
 /// Returns them with their per-level totals for the first `levels` levels.
 async fn lock_earners(
     tx: &mut PgConnection,
-    uplines: &HashMap<UserId, Upline>,
+    earners: impl IntoIterator<Item = UserId>,
     levels: usize,
 ) -> sqlx::Result<HashMap<UserId, Earner>> {
-    let mut ids: Vec<i64> = uplines.values().flatten().map(|id| id.get()).collect();
+    let mut ids: Vec<i64> = earners.into_iter().map(UserId::get).collect();
     ids.sort_unstable();
     ids.dedup();
     let mut earners = HashMap::new();

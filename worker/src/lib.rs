@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod outbox;
 pub mod process;
 pub mod retention;
+pub mod schedule;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,6 +57,11 @@ pub async fn run(
             .with_graceful_shutdown(http_shutdown.cancelled_owned())
             .await
     });
+    let schedule = tokio::spawn(schedule::run(
+        ctx.clone(),
+        Duration::from_secs(settings.worker.lifecycle_interval_secs),
+        shutdown.clone(),
+    ));
     let retention = tokio::spawn(retention::run(
         ctx.db.clone(),
         settings.privacy.raw_body_retention,
@@ -98,6 +104,7 @@ pub async fn run(
         .context("health server task")?
         .context("health server")?;
     retention.await.context("raw body retention task")?;
+    schedule.await.context("commission lifecycle schedule")?;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -1,14 +1,17 @@
-//! Processing purchase messages, without any broker types: read, validate, record a batch in
-//! one transaction. The consumer turns each [`Disposition`] into an acknowledgement or a
-//! dead-letter.
+//! Processing messages from `upline.purchases`, without any broker types: purchases (routing
+//! key `purchase`) are read, validated and recorded as a batch in one transaction; refunds
+//! (routing key `refund`, contract §10) after it, each in a transaction of its own, followed by
+//! any refund that was waiting for one of the batch's purchases. The consumer turns each
+//! [`Disposition`] into an acknowledgement or a dead-letter.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use upline_common::purchase;
 use upline_common::rules::Rules;
+use upline_common::{amqp, purchase, refund};
 
+use crate::ledger::lifecycle::{self, RefundRecorded};
 use crate::ledger::{self, Incoming, Item, Recorded};
 
 /// What a worker needs to process purchases.
@@ -29,26 +32,46 @@ pub struct Ctx {
 pub enum Disposition {
     /// Effects are committed (or there were none to make): acknowledge.
     Done(Recorded),
+    /// A refund's effects are committed (or it is parked): acknowledge.
+    Refund(RefundRecorded),
     /// The message can never be processed: dead-letter it with this reason.
     DeadLetter(String),
 }
 
-/// Processes message bodies in one transaction; one [`Disposition`] per body, in order.
+/// One message as delivered: its routing key and body.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// `purchase` or `refund`.
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+}
+
+/// Processes messages: the purchases in one transaction, then the refunds, each in its own;
+/// one [`Disposition`] per message, in order.
 ///
 /// # Errors
-/// Database errors, all of them before or at the commit: nothing of the batch is recorded,
-/// and the caller retries or leaves the messages unacknowledged.
-pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disposition>> {
-    let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
-    let mut items = Vec::with_capacity(bodies.len());
-    let mut positions = Vec::with_capacity(bodies.len());
-    for (i, body) in bodies.iter().enumerate() {
+/// Database errors. Nothing of the purchases is recorded when they fail; refunds recorded
+/// before a failure stay recorded, and a retry finds them as duplicates.
+pub async fn process_batch(ctx: &Ctx, messages: &[Message<'_>]) -> sqlx::Result<Vec<Disposition>> {
+    let mut dispositions: Vec<Option<Disposition>> = vec![None; messages.len()];
+    let mut items = Vec::with_capacity(messages.len());
+    let mut positions = Vec::with_capacity(messages.len());
+    let mut refunds = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let body = message.body;
         if body.len() > ctx.max_message_bytes {
             dispositions[i] = Some(Disposition::DeadLetter(format!(
                 "message too large: {} bytes, more than worker.max_message_bytes = {}",
                 body.len(),
                 ctx.max_message_bytes
             )));
+            continue;
+        }
+        if message.routing_key == amqp::REFUND_ROUTING_KEY {
+            match refund::read(body) {
+                Err(reason) => dispositions[i] = Some(Disposition::DeadLetter(reason)),
+                Ok(incoming) => refunds.push((i, incoming)),
+            }
             continue;
         }
         match purchase::read(body) {
@@ -72,8 +95,15 @@ pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disp
             }
         }
     }
+    let mut processed: Vec<String> = Vec::new();
     if !items.is_empty() {
         let recorded = ledger::record_batch(&ctx.db, &ctx.rules, &items).await?;
+        processed = items
+            .iter()
+            .zip(&recorded)
+            .filter(|(_, r)| matches!(r, Recorded::Processed { .. }))
+            .map(|(item, _)| item.purchase_id().as_str().to_owned())
+            .collect();
         let mut credited = 0;
         for (position, recorded) in positions.into_iter().zip(recorded) {
             let result = match &recorded {
@@ -100,6 +130,28 @@ pub async fn process_batch(ctx: &Ctx, bodies: &[&[u8]]) -> sqlx::Result<Vec<Disp
         if credited > 0 {
             ctx.outbox_ready.notify_one();
         }
+    }
+    let mut changed = false;
+    for (i, incoming) in refunds {
+        let recorded = lifecycle::record_refund(&ctx.db, &ctx.rules, &incoming).await?;
+        match &recorded {
+            RefundRecorded::Applied { reversals } => changed |= *reversals > 0,
+            RefundRecorded::Rejected { reason } => tracing::info!(%reason, "refund rejected"),
+            RefundRecorded::Conflict => {
+                tracing::warn!("refund id reused with different content; nothing changed");
+            }
+            RefundRecorded::Waiting | RefundRecorded::Duplicate => {}
+        }
+        lifecycle::count(&recorded);
+        dispositions[i] = Some(Disposition::Refund(recorded));
+    }
+    // Refunds that arrived before these purchases. (One that raced the purchase's commit and
+    // is missed here is applied by the schedule's sweep.)
+    if !processed.is_empty() {
+        changed |= lifecycle::apply_waiting(&ctx.db, &ctx.rules, Some(&processed)).await? > 0;
+    }
+    if changed {
+        ctx.outbox_ready.notify_one();
     }
     Ok(dispositions
         .into_iter()
