@@ -1,7 +1,9 @@
 //! `upline-demo`: builds a realistic referral forest through the running api, drives a stream
 //! of purchases (half over REST, half published straight onto `upline.purchases` through the
 //! api's own publisher), waits until every purchase is processed, prints what was paid by
-//! level, and checks it against the commission oracle (`upline_testkit::oracle`).
+//! level, refunds about 5 % of the purchases (some in part, some after their commissions were
+//! approved; contract §10), and checks the ledger against the commission oracle
+//! (`upline_testkit::oracle`), clawbacks included.
 //!
 //! It reads the same configuration as `upline` (`config/upline.toml`, `UPLINE__…`,
 //! `DATABASE_URL`, `AMQP_URL`): the database, the broker and the admin and producer keys of the
@@ -19,6 +21,8 @@ use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp::Publisher;
+use upline_common::purchase::PurchaseId;
+use upline_common::refund::{Refund, RefundId};
 use upline_common::rules::Outcome;
 use upline_common::{Level, PurchaseStatus, Settings, UserId};
 use upline_testkit::client::{Api, NewUser};
@@ -267,12 +271,55 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
     let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s} {n}")).collect();
     println!("purchases by status: {}", statuses.join(", "));
 
-    // 6. Independent recomputation from the database's users and the purchases as sent.
+    // 6. Refunds: about 5 % of the purchases, 60 % of them in part. Half right away, while
+    //    their commissions are held; half once the holding period is over, so that they claw
+    //    back approved money.
+    let refunds = plan_refunds(&mut rng, &purchases, &run_id);
+    let (early, late): (Vec<_>, Vec<_>) = refunds.iter().cloned().partition(|r| r.early);
+    let publisher = Publisher::new(settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-demo");
+    send_refunds(&publisher, &early).await?;
+    let late_after_approval = if rules.hold <= Duration::from_secs(120) {
+        wait_approved(&db, &late, rules.hold).await?;
+        true
+    } else {
+        false
+    };
+    send_refunds(&publisher, &late).await?;
+    publisher.close().await;
+    wait_refunds(&db, &run_id, refunds.len()).await?;
+    let reversed: (i64, Decimal) = sqlx::query_as(
+        "select count(*), coalesce(-sum(amount), 0) from earnings where kind = 'reversal' and refund_id like $1",
+    )
+    .bind(format!("demo-{run_id}-rf-%"))
+    .fetch_one(&db)
+    .await?;
+    println!(
+        "refunded {} purchases ({} in part): {} commissions clawed back, {} INR; {}",
+        refunds.len(),
+        refunds.iter().filter(|r| r.order.amount.is_some()).count(),
+        reversed.0,
+        reversed.1.round_dp(2),
+        if late_after_approval {
+            format!(
+                "{} of them after their commissions were approved",
+                late.len()
+            )
+        } else {
+            format!(
+                "commission.hold_days is {:.1} days, so none waited for approval (scripts/run and scripts/demo hold for 17 s)",
+                rules.hold.as_secs_f64() / 86_400.0
+            )
+        }
+    );
+
+    // 7. Independent recomputation from the database's users and the purchases as sent.
     if rules.cap_per_level.is_some() {
         println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
         return Ok(());
     }
-    let expected = oracle::recompute(&db, &orders, &rules).await?;
+    let refund_orders: Vec<oracle::RefundOrder> = refunds.iter().map(|r| r.order.clone()).collect();
+    let expected = oracle::recompute_with_refunds(&db, &orders, &refund_orders, &rules).await?;
     let mut differences = oracle::compare(&db, &format!("demo-{run_id}-"), &expected).await?;
     for (level, want) in &expected.by_level {
         let got = paid_by_level.get(level).copied().unwrap_or_default();
@@ -289,14 +336,134 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
             differences.len()
         );
     }
+    if reversed.1 != expected.reversed {
+        bail!(
+            "check FAILED: refunds clawed back {} INR, the recomputation says {}",
+            reversed.1,
+            expected.reversed
+        );
+    }
     let earned: Decimal = expected.by_level.values().sum();
     println!(
-        "check passed: {} earnings to {} earners, {} INR in total, equal to an independent recomputation, level by level and earner by earner",
+        "check passed: {} earnings to {} earners, {} INR credited and {} INR clawed back, equal to an independent recomputation, level by level and earner by earner",
         expected.count,
         expected.by_earner.len(),
-        earned.round_dp(2)
+        earned.round_dp(2),
+        expected.reversed.round_dp(2)
     );
     Ok(())
+}
+
+/// A planned refund.
+#[derive(Clone)]
+struct PlannedRefund {
+    refund_id: String,
+    order: oracle::RefundOrder,
+    /// Sent at once (else after the holding period).
+    early: bool,
+}
+
+/// About 5 % of the purchases: 60 % refunded in part (10 %–90 % of the amount), the rest in
+/// full; every other one early.
+fn plan_refunds(
+    rng: &mut StdRng,
+    purchases: &[PlannedPurchase],
+    run_id: &str,
+) -> Vec<PlannedRefund> {
+    let chosen: Vec<&PlannedPurchase> = purchases.iter().filter(|_| rng.gen_bool(0.05)).collect();
+    chosen
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let amount = rng.gen_bool(0.6).then(|| {
+                let share = Decimal::new(rng.gen_range(10..90), 2);
+                (p.amount * share).round_dp(2).max(Decimal::new(1, 2))
+            });
+            PlannedRefund {
+                refund_id: format!("demo-{run_id}-rf-{i}"),
+                order: oracle::RefundOrder {
+                    purchase_id: p.id.clone(),
+                    amount,
+                },
+                early: i % 2 == 0,
+            }
+        })
+        .collect()
+}
+
+/// Publishes refunds straight onto the queue (routing key `refund`), confirmed.
+async fn send_refunds(publisher: &Publisher, refunds: &[PlannedRefund]) -> anyhow::Result<()> {
+    for r in refunds {
+        let refund = Refund {
+            refund_id: RefundId::parse(&r.refund_id).map_err(|e| anyhow::anyhow!(e))?,
+            purchase_id: PurchaseId::parse(&r.order.purchase_id).map_err(|e| anyhow::anyhow!(e))?,
+            amount: r
+                .order
+                .amount
+                .map(upline_common::Money::from_decimal)
+                .transpose()?,
+        };
+        publisher
+            .publish_refund(&refund)
+            .await
+            .context("publishing a refund")?;
+    }
+    Ok(())
+}
+
+/// Waits until the commissions of the purchases `refunds` name are no longer held (the
+/// workers' schedule approved them), at most the hold plus two minutes.
+async fn wait_approved(
+    db: &sqlx::PgPool,
+    refunds: &[PlannedRefund],
+    hold: Duration,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = refunds
+        .iter()
+        .map(|r| r.order.purchase_id.clone())
+        .collect();
+    let deadline = Instant::now() + hold + Duration::from_secs(120);
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "select count(*) from commission_holds h join earnings e on e.id = h.earning_id
+             where e.purchase_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_one(db)
+        .await?;
+        eprint!("\r  waiting for the holding period: {held} commissions still held   ");
+        if held == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{held} commissions were still held {:?} after the hold ended",
+                Duration::from_secs(120)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until every refund of the run is applied or rejected.
+async fn wait_refunds(db: &sqlx::PgPool, run_id: &str, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from refunds where refund_id like $1 and status <> 'waiting'",
+        )
+        .bind(format!("demo-{run_id}-rf-%"))
+        .fetch_one(db)
+        .await?;
+        if done as usize >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {count} refunds were recorded within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn paise(rng: &mut StdRng, low: i64, high: i64) -> Decimal {
