@@ -1,6 +1,7 @@
-//! upline-worker: consumes purchases from `upline.purchases`, records each purchase and its
-//! commissions exactly once in PostgreSQL, and publishes one earning event per credited
-//! commission to `upline.earnings` through a transactional outbox (SPEC §1, §3, §4).
+//! upline-worker: consumes purchases and refunds from `upline.purchases`, records each purchase
+//! and its commissions, and each refund and its clawbacks, exactly once in PostgreSQL; approves
+//! held commissions on a schedule; and publishes one earning event per ledger entry to
+//! `upline.earnings` through a transactional outbox (contract §1, §3, §4, §10).
 //! Any number of workers may run side by side on the same queue.
 
 pub mod circuit;
