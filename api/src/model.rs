@@ -528,6 +528,38 @@ mod tests {
     }
 
     #[test]
+    fn legs_list_every_level_and_sort_by_total_then_id() {
+        let row = |leg: i64, name: &str, level: u8, total: &str, count: i64| store::LegLevelRow {
+            leg_user_id: UserId::new(leg).expect("id"),
+            name: name.to_owned(),
+            level: Level::new(level).expect("level"),
+            total: total.parse().expect("decimal"),
+            count,
+        };
+        let legs = LegEarnings::from_rows(
+            vec![
+                row(3, "Chitra", 1, "50.5", 1),
+                row(5, "Dev", 2, "30", 2),
+                row(5, "Dev", 1, "20.5", 1),
+                row(9, "Isha", 2, "100.00", 4),
+            ],
+            2,
+        );
+        let shown = serde_json::to_value(&legs).expect("serializes");
+        assert_eq!(
+            shown,
+            serde_json::json!([
+                {"leg_user_id": 9, "name": "Isha", "total": "100.00", "count": 4,
+                 "by_level": {"1": "0.00", "2": "100.00"}},
+                {"leg_user_id": 3, "name": "Chitra", "total": "50.50", "count": 1,
+                 "by_level": {"1": "50.50", "2": "0.00"}},
+                {"leg_user_id": 5, "name": "Dev", "total": "50.50", "count": 3,
+                 "by_level": {"1": "20.50", "2": "30.00"}},
+            ])
+        );
+    }
+
+    #[test]
     fn show_on_leaderboard_is_required() {
         let update = |body| {
             UserUpdate::try_from(serde_json::from_value::<UpdateUserRequest>(body).expect("json"))
