@@ -4,6 +4,11 @@
 // earnings and referrals over the REST API, then follows the notifier's WebSocket (SPEC §5):
 // `subscribe` with `since` = the last `seq` the page has, so a reconnect replays exactly what was
 // missed. Money stays a decimal string for display; sums for the bar chart use integer paise.
+//
+// Each event is a ledger entry (contract §10): a commission, a reversal (negative), an approval
+// (pending → approved) or a payout (approved → paid); its `totals` carry the money by state. The
+// legs chart (one bar per direct referral, stacked by level) comes from the report's `by_leg`,
+// fetched again shortly after events arrive.
 'use strict';
 
 (() => {
@@ -11,6 +16,10 @@
   const KEY_VIEW = 'upline.viewUser';
   const KEY_PRODUCER = 'upline.producerKey';
   const FEED_MAX = 50;
+  const STATES = ['pending', 'approved', 'paid', 'reversed'];
+  const KINDS = ['commission', 'reversal', 'approval', 'payout'];
+  /** How long after an event the report (for the legs chart) is fetched again, at most once. */
+  const REPORT_DEBOUNCE = 250;
   const BACKOFF_MIN = 1000;
   const BACKOFF_MAX = 15000;
   const LEVEL_COLORS = ['#4f46e5', '#06b6d4', '#f59e0b', '#10b981', '#ef4444',
@@ -30,10 +39,13 @@
     total: '0.00',
     levelTotals: {},    // "1" -> "100.00"
     count: 0,
+    balances: { pending: '0.00', approved: '0.00', paid: '0.00', reversed: '0.00' },
     lastSeq: 0,
     people: new Map(),  // user id -> {name, level, is_active, referrer_id}
-    sources: new Map(), // source user id -> {name, byLevel: Map(level -> paise)}
-    charts: { levels: null, referrals: null },
+    names: new Map(),   // buyer id -> name, from the report's by_referral
+    legs: [],           // the report's by_leg: [{leg_user_id, name, total, count, by_level}]
+    report: { timer: null, running: false, again: false }, // re-fetching the report
+    charts: { levels: null, legs: null },
     socket: null,
     connState: 'idle',
     gen: 0,             // bumped on every sign-in / user switch: stale callbacks check it
@@ -42,7 +54,7 @@
     renewTimer: null,   // user sessions: renews the token before it expires
     countdownTimer: null,
     refreshingReferrals: null,
-    lookedUp: new Set(), // sources whose names were looked up once
+    lookedUp: new Set(), // buyers whose names were looked up once
   };
   window.upline = app;
 
@@ -216,6 +228,8 @@
 
   function signOut() {
     app.gen += 1;
+    clearTimeout(app.report.timer);
+    app.report = { timer: null, running: false, again: false };
     clearTimeout(app.renewTimer);
     closeSocket();
     setConn('idle', 'not connected');
@@ -277,6 +291,8 @@
 
   async function openUser(id, knownUser) {
     const gen = ++app.gen;
+    clearTimeout(app.report.timer);
+    app.report = { timer: null, running: false, again: false };
     closeSocket();
     clearTimeout(app.retryTimer);
     banner('');
@@ -309,6 +325,7 @@
     app.total = earnings.total;
     app.levelTotals = { ...earnings.by_level };
     app.count = earnings.count ?? 0;
+    setBalances(earnings);
     app.lastSeq = earnings.recent.reduce((max, e) => Math.max(max, e.seq), 0);
 
     $('user-name').textContent = user.name;
@@ -320,12 +337,9 @@
     $('user-meta').textContent = meta.join(' · ');
 
     setPeople(referrals);
-    app.sources = new Map();
+    app.names = new Map();
     app.lookedUp = new Set();
-    for (const row of earnings.by_referral) {
-      const src = sourceEntry(row.source_user_id, row.name);
-      src.byLevel.set(String(row.level), (src.byLevel.get(String(row.level)) || 0) + toPaise(row.total));
-    }
+    setLegs(earnings);
 
     renderCounters();
     renderTree(referrals);
@@ -346,19 +360,24 @@
     }
   }
 
-  function sourceEntry(id, name) {
-    let src = app.sources.get(id);
-    if (!src) {
-      src = { name: name || null, byLevel: new Map() };
-      app.sources.set(id, src);
+  /** The money by state from a report or an event's `totals`; absent values stay as they are. */
+  function setBalances(from) {
+    for (const state of STATES) {
+      if (typeof from[state] === 'string') app.balances[state] = from[state];
     }
-    if (name && !src.name) src.name = name;
-    return src;
+  }
+
+  /** The legs and the buyers' names from an earnings report. */
+  function setLegs(earnings) {
+    app.legs = Array.isArray(earnings.by_leg) ? earnings.by_leg : [];
+    for (const row of earnings.by_referral || []) app.names.set(row.source_user_id, row.name);
+    for (const leg of app.legs) app.names.set(leg.leg_user_id, leg.name);
   }
 
   function personName(id) {
-    const known = app.people.get(id) || app.sources.get(id);
-    return known && known.name ? known.name : `User #${id}`;
+    const known = app.people.get(id);
+    if (known && known.name) return known.name;
+    return app.names.get(id) || `User #${id}`;
   }
 
   // counters
@@ -394,6 +413,11 @@
       const el = $(`level-${level}`);
       const before = el.dataset.value;
       setMoney(el, app.levelTotals[level] ?? '0.00', flash && before !== (app.levelTotals[level] ?? '0.00'));
+    }
+    for (const state of STATES) {
+      const el = $(`state-${state}`);
+      const before = el.dataset.value;
+      setMoney(el, app.balances[state], flash && before !== app.balances[state]);
     }
   }
 
@@ -480,7 +504,7 @@
     $('purchase-submit').disabled = none;
   }
 
-  /** A source we have no name for: someone joined since the page loaded. */
+  /** A buyer we have no name for: someone joined since the page loaded. */
   function refreshReferrals() {
     if (app.refreshingReferrals) return;
     const gen = app.gen;
@@ -488,17 +512,15 @@
     app.refreshingReferrals = api(`/api/users/${id}/referrals`).then((referrals) => {
       if (gen !== app.gen) return;
       setPeople(referrals);
-      for (const [sid, src] of app.sources) if (!src.name && app.people.has(sid)) src.name = app.people.get(sid).name;
       renderTree(referrals);
       renderBuyers(referrals);
-      updateBarChart();
     }).catch(() => {}).finally(() => { app.refreshingReferrals = null; });
   }
 
   // charts
 
   function destroyCharts() {
-    for (const key of ['levels', 'referrals']) {
+    for (const key of ['levels', 'legs']) {
       if (app.charts[key]) app.charts[key].destroy();
       app.charts[key] = null;
     }
@@ -550,7 +572,7 @@
       },
       plugins: [centerText],
     });
-    app.charts.referrals = new Chart($('chart-referrals'), {
+    app.charts.legs = new Chart($('chart-legs'), {
       type: 'bar',
       data: { labels: [], datasets: [] },
       options: {
@@ -584,70 +606,133 @@
     chart.update();
   }
 
-  /** Sources in leg order: each direct referral, then the referrals under it; then the rest. */
-  function orderedSources() {
-    const order = [];
-    const seen = new Set();
-    const add = (id) => { if (app.sources.has(id) && !seen.has(id)) { seen.add(id); order.push(id); } };
-    const people = [...app.people.values()];
-    for (const l1 of people.filter((p) => p.level === 1)) {
-      add(l1.id);
-      for (const l2 of people.filter((p) => p.level === 2 && p.referrer_id === l1.id)) add(l2.id);
-    }
-    const total = (id) => [...app.sources.get(id).byLevel.values()].reduce((a, b) => a + b, 0);
-    const rest = [...app.sources.keys()].filter((id) => !seen.has(id)).sort((a, b) => total(b) - total(a));
-    return order.concat(rest);
-  }
-
+  /** One bar per leg (a direct referral and everyone below them), stacked by level. */
   function updateBarChart() {
-    const chart = app.charts.referrals;
-    $('referrals-chart-empty').hidden = app.sources.size > 0;
+    const chart = app.charts.legs;
+    $('legs-chart-empty').hidden = app.legs.length > 0;
     if (!chart) return;
-    const ids = orderedSources();
     const levels = new Set(app.levels);
-    for (const src of app.sources.values()) for (const l of src.byLevel.keys()) levels.add(l);
+    for (const leg of app.legs) for (const l of Object.keys(leg.by_level || {})) levels.add(l);
     const levelList = [...levels].sort((a, b) => Number(a) - Number(b));
-    chart.data.labels = ids.map((id) => `${personName(id)} #${id}`);
-    const datasets = levelList.map((level) => {
+    chart.data.labels = app.legs.map((leg) => `${leg.name} #${leg.leg_user_id}`);
+    chart.data.datasets = levelList.map((level) => {
       const existing = chart.data.datasets.find((d) => d.level === level);
       const ds = existing || {
         level, label: `Level ${level}`, backgroundColor: levelColor(level), borderRadius: 5, maxBarThickness: 56,
       };
-      ds.data = ids.map((id) => (app.sources.get(id).byLevel.get(level) || 0) / 100);
+      ds.data = app.legs.map((leg) => (toPaise(leg.by_level?.[level] ?? '0') || 0) / 100);
       return ds;
     });
-    chart.data.datasets = datasets;
     chart.update();
+  }
+
+  /**
+   * Fetches the report again for the legs (and the commission count), shortly after events:
+   * at most one request at a time, and one more if events arrived while it ran.
+   */
+  function scheduleReportRefresh() {
+    if (app.report.running) {
+      app.report.again = true;
+      return;
+    }
+    clearTimeout(app.report.timer);
+    app.report.timer = setTimeout(refreshReport, REPORT_DEBOUNCE);
+  }
+
+  async function refreshReport() {
+    if (!app.user) return;
+    const gen = app.gen;
+    const state = app.report;
+    state.running = true;
+    state.again = false;
+    try {
+      const earnings = await api(`/api/users/${app.user.id}/earnings`);
+      if (gen !== app.gen) return;
+      setLegs(earnings);
+      if (typeof earnings.count === 'number' && earnings.count !== app.count) {
+        app.count = earnings.count;
+        updateCounters(false);
+      }
+      updateBarChart();
+    } catch {
+      // The next event tries again; the counters and the feed follow the events regardless.
+    } finally {
+      state.running = false;
+      if (state.again && state === app.report) scheduleReportRefresh();
+    }
   }
 
   // feed
 
+  /** "commission" for events from before contract §10, which carry no kind. */
+  const kindOf = (e) => (KINDS.includes(e.kind) ? e.kind : 'commission');
+
+  /** The amount as the feed shows it: credited +, clawed back −, moved between states as is. */
+  function feedAmount(e, kind) {
+    if (kind === 'commission') return `+${formatMoney(e.amount)}`;
+    if (kind === 'reversal') {
+      const paise = toPaise(e.amount);
+      return formatMoney(paise !== null && paise > 0 ? `-${e.amount}` : e.amount);
+    }
+    return formatMoney(e.amount);
+  }
+
+  /** What the entry is, in words. */
+  function feedText(e, kind) {
+    const from = e.source_user_id ? ` from ${personName(e.source_user_id)} (#${e.source_user_id})` : '';
+    switch (kind) {
+      case 'reversal':
+        return `of commission #${e.refers_to ?? '?'}${from}`;
+      case 'approval':
+        return `commission #${e.refers_to ?? '?'}${from}: pending → approved`;
+      case 'payout':
+        return `batch #${e.payout_id ?? '?'}: approved → paid`;
+      default:
+        return from.trim();
+    }
+  }
+
   function feedItem(e, fresh) {
+    const kind = kindOf(e);
     const li = document.createElement('li');
     li.dataset.seq = String(e.seq);
-    li.dataset.purchaseId = e.purchase_id;
+    li.dataset.kind = kind;
+    if (e.purchase_id) li.dataset.purchaseId = e.purchase_id;
     li.dataset.amount = e.amount;
-    if (fresh) li.className = 'new';
+    li.className = `feed-${kind}${fresh ? ' new' : ''}`;
     const amount = document.createElement('span');
     amount.className = 'feed-amount';
-    amount.textContent = `+${formatMoney(e.amount)}`;
+    amount.textContent = feedAmount(e, kind);
     const what = document.createElement('span');
     what.className = 'feed-what';
-    const chip = document.createElement('span');
-    chip.className = 'level-chip';
-    chip.style.setProperty('--level-color', levelColor(e.level));
-    chip.textContent = `L${e.level}`;
-    const from = document.createElement('span');
-    from.textContent = `from ${personName(e.source_user_id)} (#${e.source_user_id})`;
-    what.append(chip, from);
+    const kindChip = document.createElement('span');
+    kindChip.className = `kind-chip kind-${kind}`;
+    kindChip.textContent = kind;
+    what.append(kindChip);
+    if (e.level) {
+      const chip = document.createElement('span');
+      chip.className = 'level-chip';
+      chip.style.setProperty('--level-color', levelColor(e.level));
+      chip.textContent = `L${e.level}`;
+      what.append(chip);
+    }
+    const text = document.createElement('span');
+    text.textContent = feedText(e, kind);
+    what.append(text);
     const when = document.createElement('span');
     when.className = 'feed-when';
     const at = new Date(e.created_at);
     const sameDay = at.toDateString() === new Date().toDateString();
     const time = Number.isNaN(at.getTime()) ? '' : (sameDay ? at.toLocaleTimeString() : at.toLocaleString());
-    const rate = e.rate ? ` · ${(Number(e.rate) * 100).toFixed(2).replace(/\.?0+$/, '')} %` : '';
-    when.textContent = `${time}${rate} · purchase ${e.purchase_id}`;
-    when.title = `earning ${e.earning_id} · seq ${e.seq} · purchase ${e.purchase_id}`;
+    const parts = [time];
+    if (kind === 'commission' && e.rate) parts.push(`${(Number(e.rate) * 100).toFixed(2).replace(/\.?0+$/, '')} %`);
+    if (e.purchase_id) parts.push(`purchase ${e.purchase_id}`);
+    if (e.refund_id) parts.push(`refund ${e.refund_id}`);
+    when.textContent = parts.filter(Boolean).join(' · ');
+    when.title = `${kind} · earning ${e.earning_id} · seq ${e.seq}`
+      + (e.purchase_id ? ` · purchase ${e.purchase_id}` : '')
+      + (e.refund_id ? ` · refund ${e.refund_id}` : '')
+      + (e.payout_id ? ` · payout ${e.payout_id}` : '');
     li.append(amount, what, when);
     return li;
   }
@@ -656,8 +741,10 @@
     if (!app.user || e.earner_id !== app.user.id) return;
     if (e.seq <= app.lastSeq) return; // already shown (replay overlap)
     app.lastSeq = e.seq;
+    const kind = kindOf(e);
     const totals = e.totals || {};
     if (typeof totals.total === 'string') app.total = totals.total;
+    setBalances(totals);
     let newLevel = false;
     for (const [key, value] of Object.entries(totals)) {
       const m = /^level_(\d+)$/.exec(key);
@@ -669,24 +756,25 @@
       app.levels.sort((a, b) => Number(a) - Number(b));
       renderCounters();
     }
-    app.count += 1;
+    if (kind === 'commission') app.count += 1;
     updateCounters(true);
 
-    const src = sourceEntry(e.source_user_id, app.people.get(e.source_user_id)?.name);
-    const level = String(e.level);
-    src.byLevel.set(level, (src.byLevel.get(level) || 0) + (toPaise(e.amount) || 0));
-    if (!src.name && !app.lookedUp.has(e.source_user_id)) {
+    if (e.source_user_id && !app.people.has(e.source_user_id) && !app.names.has(e.source_user_id)
+        && !app.lookedUp.has(e.source_user_id)) {
       app.lookedUp.add(e.source_user_id);
       refreshReferrals();
     }
     updateDoughnut();
-    updateBarChart();
+    // Commissions and reversals change the legs; the report has them once the event is out.
+    if (kind === 'commission' || kind === 'reversal') scheduleReportRefresh();
 
     const feed = $('feed');
     feed.prepend(feedItem(e, true));
     while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
     $('feed-empty').hidden = true;
   }
+
+  app.render = { feedItem }; // for the browser test: how an entry of each kind is shown
 
   // ---------------------------------------------------------------- live: the notifier
 

@@ -216,26 +216,97 @@ pub struct IssuedToken {
     pub expires_at: OffsetDateTime,
 }
 
-/// A user's earnings.
+/// A user's earnings (`GET /api/users/{id}/earnings`, contract §4 and §10).
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({"user_id": 7, "total": "1530.00", "count": 12,
+    "pending": "230.00", "approved": "300.00", "paid": "1000.00", "reversed": "50.00",
     "by_level": {"1": "1400.00", "2": "130.00"},
     "by_referral": [{"source_user_id": 42, "name": "Ravi", "level": 1, "total": "100.00", "count": 1}],
-    "recent": [{"earning_id": 9812, "seq": 17, "earner_id": 7, "source_user_id": 42,
-        "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05", "amount": "100.00",
-        "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00", "level_2": "130.00"},
+    "by_leg": [{"leg_user_id": 42, "name": "Ravi", "total": "230.00", "count": 3,
+        "by_level": {"1": "100.00", "2": "130.00"}}],
+    "recent": [{"earning_id": 9812, "seq": 17, "earner_id": 7, "kind": "commission",
+        "source_user_id": 42, "purchase_id": "ord-2026-000123", "level": 1, "rate": "0.05",
+        "amount": "100.00", "currency": "INR", "totals": {"total": "1530.00", "level_1": "1400.00",
+        "level_2": "130.00", "pending": "230.00", "approved": "300.00", "paid": "1000.00",
+        "reversed": "50.00"},
         "created_at": "2026-11-20T10:00:00.123Z"}]}))]
 pub struct EarningsReport {
     pub user_id: UserId,
+    /// `pending + approved + paid`: every commission, net of reversals.
     pub total: Money,
-    /// How many earnings.
+    /// How many commissions.
     pub count: i64,
-    /// Total per level, every configured level listed (`"1"`, `"2"`, …), zero included.
+    /// Commissions within their holding period (`commission.hold_days`).
+    pub pending: Money,
+    /// Approved and not yet paid out; below zero after a clawback of money already paid out.
+    #[schema(value_type = String, pattern = r"^-?[0-9]+\.[0-9]{2}$", example = "300.00")]
+    pub approved: Money,
+    /// Paid out: the lines of payouts marked paid.
+    pub paid: Money,
+    /// Everything clawed back by reversals after refunds (already taken out of `total`).
+    pub reversed: Money,
+    /// Total per level, every configured level listed (`"1"`, `"2"`, …), zero included; net
+    /// of reversals.
     pub by_level: BTreeMap<String, Money>,
     /// The 100 largest sources: per buyer and level, largest first.
     pub by_referral: Vec<store::ReferralEarnings>,
-    /// The 20 latest earning events, newest first.
+    /// Per leg (a direct referral together with everyone below them), for each direct
+    /// referral whose leg brought the user a commission: largest total first, then by
+    /// `leg_user_id`.
+    pub by_leg: Vec<LegEarnings>,
+    /// The 20 latest ledger entries (commissions, reversals, approvals, payouts) as earning
+    /// events, newest first.
     pub recent: Vec<EarningEvent>,
+}
+
+/// What one leg brought a user: the direct referral `leg_user_id` and everyone below them.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"leg_user_id": 42, "name": "Ravi", "total": "230.00", "count": 3,
+    "by_level": {"1": "100.00", "2": "130.00"}}))]
+pub struct LegEarnings {
+    /// The direct referral heading the leg.
+    pub leg_user_id: UserId,
+    /// The direct referral's name (`erased user` once erased).
+    pub name: String,
+    /// Rupees from the whole leg, net of reversals.
+    pub total: Money,
+    /// How many commissions the leg brought.
+    pub count: i64,
+    /// Per level, every configured level listed (`"1"`, `"2"`, …), `"0.00"` where nothing:
+    /// level 1 is the direct referral's own purchases, level 2 their referrals', and so on.
+    pub by_level: BTreeMap<String, Money>,
+}
+
+impl LegEarnings {
+    /// Folds the per (leg, level) rows of [`store::earnings_by_leg`] into one entry per leg,
+    /// each listing `levels` levels (and any other level found), sorted by total, largest
+    /// first, then by `leg_user_id`.
+    pub fn from_rows(rows: Vec<store::LegLevelRow>, levels: usize) -> Vec<LegEarnings> {
+        let mut legs: BTreeMap<UserId, LegEarnings> = BTreeMap::new();
+        for row in rows {
+            let leg = legs.entry(row.leg_user_id).or_insert_with(|| LegEarnings {
+                leg_user_id: row.leg_user_id,
+                name: row.name.clone(),
+                total: Money::ZERO,
+                count: 0,
+                by_level: (1..=levels).map(|l| (l.to_string(), Money::ZERO)).collect(),
+            });
+            let amount = Money::from_total(row.total);
+            leg.total += amount;
+            leg.count += row.count;
+            *leg.by_level
+                .entry(row.level.to_string())
+                .or_insert(Money::ZERO) += amount;
+        }
+        let mut legs: Vec<LegEarnings> = legs.into_values().collect();
+        legs.sort_by(|a, b| {
+            b.total
+                .as_decimal()
+                .cmp(&a.total.as_decimal())
+                .then(a.leg_user_id.cmp(&b.leg_user_id))
+        });
+        legs
+    }
 }
 
 /// A user's downline, two levels deep.
@@ -454,6 +525,38 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.inner().to_string(), "must be true or false");
+    }
+
+    #[test]
+    fn legs_list_every_level_and_sort_by_total_then_id() {
+        let row = |leg: i64, name: &str, level: u8, total: &str, count: i64| store::LegLevelRow {
+            leg_user_id: UserId::new(leg).expect("id"),
+            name: name.to_owned(),
+            level: Level::new(level).expect("level"),
+            total: total.parse().expect("decimal"),
+            count,
+        };
+        let legs = LegEarnings::from_rows(
+            vec![
+                row(3, "Chitra", 1, "50.5", 1),
+                row(5, "Dev", 2, "30", 2),
+                row(5, "Dev", 1, "20.5", 1),
+                row(9, "Isha", 2, "100.00", 4),
+            ],
+            2,
+        );
+        let shown = serde_json::to_value(&legs).expect("serializes");
+        assert_eq!(
+            shown,
+            serde_json::json!([
+                {"leg_user_id": 9, "name": "Isha", "total": "100.00", "count": 4,
+                 "by_level": {"1": "0.00", "2": "100.00"}},
+                {"leg_user_id": 3, "name": "Chitra", "total": "50.50", "count": 1,
+                 "by_level": {"1": "50.50", "2": "0.00"}},
+                {"leg_user_id": 5, "name": "Dev", "total": "50.50", "count": 3,
+                 "by_level": {"1": "20.50", "2": "30.00"}},
+            ])
+        );
     }
 
     #[test]

@@ -542,6 +542,41 @@ pub async fn purchase(
     Ok(Some((row, levels, conflicts)))
 }
 
+/// A user's money by state (contract §10): the `users` columns the earnings report shows.
+#[derive(Debug)]
+pub struct EarningsBalances {
+    /// `pending + approved + paid`, net of reversals.
+    pub total: Decimal,
+    /// Commissions within their holding period.
+    pub pending: Decimal,
+    /// Approved and not yet paid out; below zero after a clawback of money already paid out.
+    pub approved: Decimal,
+    /// Paid out (payouts marked paid).
+    pub paid: Decimal,
+    /// Everything clawed back by reversals.
+    pub reversed: Decimal,
+}
+
+/// A user's total and money by state; `None` when there is no such user.
+///
+/// # Errors
+/// Database errors.
+pub async fn earnings_balances(
+    db: &PgPool,
+    user_id: UserId,
+) -> sqlx::Result<Option<EarningsBalances>> {
+    sqlx::query_as!(
+        EarningsBalances,
+        r#"select total_earnings as total, pending_earnings as pending,
+                  approved_earnings as approved, paid_earnings as paid,
+                  reversed_earnings as reversed
+           from users where id = $1"#,
+        user_id.get(),
+    )
+    .fetch_optional(db)
+    .await
+}
+
 /// A user's total per level.
 ///
 /// # Errors
@@ -594,6 +629,52 @@ pub async fn earnings_by_referral(
            where r.user_id = $1 order by r.total desc, r.source_user_id, r.level limit $2"#,
         user_id.get(),
         limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// What one leg of a user brought at one level: a leg is a direct referral of the user
+/// together with everyone below them (`by_leg` of the earnings report, contract §10).
+#[derive(Debug)]
+pub struct LegLevelRow {
+    /// The direct referral heading the leg.
+    pub leg_user_id: UserId,
+    /// The leg's name ([`ERASED_NAME`] once erased).
+    pub name: String,
+    pub level: Level,
+    /// Rupees, net of reversals.
+    pub total: Decimal,
+    /// How many commissions.
+    pub count: i64,
+}
+
+/// The `by_leg` report, per (leg, level), computed at read time from `earner_referrals`: the
+/// leg of a row at level L is the ancestor of its buyer L−1 steps up the referral tree
+/// (level 1: the buyer itself), found by walking `users.referrer_id`. A row whose buyer has
+/// fewer than L−1 ancestors now (the tree was changed by an admin since) belongs to no leg
+/// and is left out.
+///
+/// # Errors
+/// Database errors.
+pub async fn earnings_by_leg(db: &PgPool, user_id: UserId) -> sqlx::Result<Vec<LegLevelRow>> {
+    sqlx::query_as!(
+        LegLevelRow,
+        r#"with recursive up (level, total, count, node, steps) as (
+               select r.level, r.total, r.count, r.source_user_id, r.level::integer - 1
+               from earner_referrals r where r.user_id = $1
+               union all
+               select up.level, up.total, up.count, u.referrer_id, up.steps - 1
+               from up join users u on u.id = up.node
+               where up.steps > 0 and u.referrer_id is not null
+           )
+           select up.node as "leg_user_id!: UserId", u.name, up.level as "level!: Level",
+                  sum(up.total) as "total!", sum(up.count)::bigint as "count!"
+           from up join users u on u.id = up.node
+           where up.steps = 0
+           group by up.node, u.name, up.level
+           order by up.node, up.level"#,
+        user_id.get(),
     )
     .fetch_all(db)
     .await

@@ -51,10 +51,12 @@ async function snapshot() {
       total: document.getElementById('total')?.dataset.value,
       level1: document.getElementById('level-1')?.dataset.value,
       level2: document.getElementById('level-2')?.dataset.value,
+      states: Object.fromEntries(['pending', 'approved', 'paid', 'reversed']
+        .map((s) => [s, document.getElementById(`state-${s}`)?.dataset.value])),
       feed: [...document.querySelectorAll('#feed li')].map((li) => li.textContent),
       purchaseResult: text('purchase-result'),
       doughnut: chart('chart-levels'),
-      bars: chart('chart-referrals'),
+      legs: chart('chart-legs'),
       lastSeq: window.upline?.lastSeq,
     };
   }).catch((e) => ({ error: String(e) }));
@@ -73,6 +75,22 @@ const chartData = (id) => page.evaluate((canvasId) => {
   const c = window.Chart.getChart(document.getElementById(canvasId));
   return c && { labels: [...c.data.labels], datasets: c.data.datasets.map((d) => ({ label: d.label, data: [...d.data] })) };
 }, id);
+
+/** Waits until the legs chart shows `want` ({"<leg id>": {"<level>": "<amount>"}}) and no other bar. */
+async function untilLegs(description, want) {
+  return until(description, (legs) => {
+    const c = window.Chart.getChart(document.getElementById('chart-legs'));
+    if (!c || c.data.labels.length !== Object.keys(legs).length) return false;
+    return Object.entries(legs).every(([id, byLevel]) => {
+      const i = c.data.labels.findIndex((l) => l.endsWith(`#${id}`));
+      return i >= 0 && Object.entries(byLevel).every(([level, amount]) => {
+        const ds = c.data.datasets.find((d) => d.label === `Level ${level}`);
+        const [int, frac = ''] = amount.split('.');
+        return ds && Math.round(ds.data[i] * 100) === Number(int) * 100 + Number(frac.padEnd(2, '0'));
+      });
+    });
+  }, want);
+}
 
 const toPaise = (s) => { const [i, f = ''] = s.split('.'); return Number(i) * 100 + Number(f.padEnd(2, '0')); };
 const paiseToString = (p) => `${Math.floor(p / 100)}.${String(p % 100).padStart(2, '0')}`;
@@ -144,9 +162,13 @@ async function main() {
     const before = await page.$eval('#total', (el) => el.dataset.value);
     log('signed in; total', before);
     check(before === '0.00', `expected a fresh user with total 0.00, saw ${before}`);
+    const statesBefore = await page.$$eval('.counter-state .counter-value', (els) => els.map((el) => [el.id, el.dataset.value]));
+    check(JSON.stringify(statesBefore) === JSON.stringify([['state-pending', '0.00'], ['state-approved', '0.00'], ['state-paid', '0.00'], ['state-reversed', '0.00']]),
+      `the state counters of a fresh user: ${JSON.stringify(statesBefore)}`);
     check(await page.$(`#tree [data-user-id="${buyerId}"].active`), 'the buyer is not shown as an active referral in the tree');
     const doughnutBefore = await chartData('chart-levels');
-    const barsBefore = await chartData('chart-referrals');
+    const barsBefore = await chartData('chart-legs');
+    check(barsBefore.labels.length === 0, `a fresh user has legs: ${JSON.stringify(barsBefore)}`);
 
     // 2. Simulate a purchase through the form (producer key), without reloading.
     await page.selectOption('#buyer', String(buyerId));
@@ -154,24 +176,44 @@ async function main() {
     await page.fill('#producer-key', producerKey);
     await page.click('#purchase-submit');
     await until('the purchase to be accepted', () => /Accepted as|processed/.test(document.getElementById('purchase-result').textContent));
-    await until('the earning of 100.00 in the counters and the feed', () => {
+    // The commission is held (commission.hold_days): pending, from the event's totals.
+    await until('the commission of 100.00 in the counters (pending) and the feed', () => {
       const v = (id) => document.getElementById(id)?.dataset.value;
       const first = document.querySelector('#feed li');
       return v('total') === '100.00' && v('level-1') === '100.00' && v('level-2') === '0.00'
-        && first && first.dataset.amount === '100.00' && first.textContent.includes('100.00');
+        && v('state-pending') === '100.00' && v('state-approved') === '0.00' && v('state-paid') === '0.00'
+        && v('state-reversed') === '0.00'
+        && first && first.dataset.amount === '100.00' && first.textContent.includes('100.00')
+        && first.dataset.kind === 'commission' && first.textContent.includes('commission');
     });
     const doughnut = await chartData('chart-levels');
-    const bars = await chartData('chart-referrals');
     check(JSON.stringify(doughnut.datasets[0].data) !== JSON.stringify(doughnutBefore.datasets[0].data),
       `the doughnut did not change: ${JSON.stringify(doughnut)}`);
     check(doughnut.datasets[0].data[0] === 100, `doughnut level 1 is ${doughnut.datasets[0].data[0]}, expected 100`);
-    check(JSON.stringify(bars) !== JSON.stringify(barsBefore), 'the bar chart did not change');
-    const buyerBar = bars.labels.findIndex((l) => l.endsWith(`#${buyerId}`));
-    check(buyerBar >= 0, `no bar for the buyer #${buyerId}: ${JSON.stringify(bars)}`);
-    const level1Bars = bars.datasets.find((d) => d.label === 'Level 1');
-    check(level1Bars && level1Bars.data[buyerBar] === 100, `the buyer's level-1 bar is not 100: ${JSON.stringify(bars)}`);
+    await untilLegs(`one leg, the buyer #${buyerId}, with 100.00 at level 1`, { [buyerId]: { 1: '100.00', 2: '0.00' } });
     await until('the outcome of the purchase', () => /processed: level 1 paid/.test(document.getElementById('purchase-result').textContent));
-    log('the earning arrived live: counters, feed, doughnut and bars updated');
+    log('the earning arrived live: counters (pending), feed, doughnut and legs updated');
+
+    // How the feed shows each kind of ledger entry (contract §10): a reversal negative, an
+    // approval and a payout as moves between states.
+    const shown = await page.evaluate((buyer) => {
+      const base = { earner_id: window.upline.user.id, currency: 'INR', created_at: new Date().toISOString(), totals: { total: '0.00' } };
+      const item = (e) => {
+        const li = window.upline.render.feedItem({ ...base, ...e }, false);
+        return { kind: li.dataset.kind, className: li.className, amount: li.querySelector('.feed-amount').textContent, text: li.textContent };
+      };
+      return [
+        item({ earning_id: 91, seq: 91, kind: 'reversal', source_user_id: buyer, purchase_id: 'p-1', level: 1, rate: '0.05', amount: '-50.00', refers_to: 7, refund_id: 'rf-1' }),
+        item({ earning_id: 92, seq: 92, kind: 'approval', source_user_id: buyer, purchase_id: 'p-1', level: 1, rate: '0.05', amount: '50.00', refers_to: 7 }),
+        item({ earning_id: 93, seq: 93, kind: 'payout', amount: '250.00', payout_id: 4 }),
+      ];
+    }, buyerId);
+    check(shown[0].kind === 'reversal' && shown[0].className === 'feed-reversal' && shown[0].amount === '−₹50.00'
+      && shown[0].text.includes('commission #7') && shown[0].text.includes('refund rf-1'), `a reversal shows as ${JSON.stringify(shown[0])}`);
+    check(shown[1].kind === 'approval' && shown[1].amount === '₹50.00' && shown[1].text.includes('pending → approved'),
+      `an approval shows as ${JSON.stringify(shown[1])}`);
+    check(shown[2].kind === 'payout' && shown[2].amount === '₹250.00' && shown[2].text.includes('approved → paid')
+      && !shown[2].text.includes('undefined'), `a payout shows as ${JSON.stringify(shown[2])}`);
 
     // 3. Errors from the API are shown: a wrong producer key gets its problem+json detail.
     await page.fill('#producer-key', 'not-the-producer-key');
@@ -200,9 +242,8 @@ async function main() {
       && document.querySelector('#feed li')?.dataset.purchaseId === 'browser-after-reconnect');
     const feedSeqs = await page.$$eval('#feed li', (lis) => lis.map((li) => Number(li.dataset.seq)));
     check(JSON.stringify(feedSeqs) === JSON.stringify([3, 2, 1]), `feed seqs ${JSON.stringify(feedSeqs)}, expected [3,2,1]`);
-    const barsAfter = await chartData('chart-referrals');
-    const l1 = barsAfter.datasets.find((d) => d.label === 'Level 1');
-    check(l1.data[barsAfter.labels.findIndex((l) => l.endsWith(`#${buyerId}`))] === 300, `bars after reconnect: ${JSON.stringify(barsAfter)}`);
+    check(await page.$eval('#state-pending', (el) => el.dataset.value) === '300.00', 'pending after the reconnect is not 300.00');
+    await untilLegs('the leg of the buyer at 300.00 after the reconnect', { [buyerId]: { 1: '300.00', 2: '0.00' } });
     log('reconnected after a drop; nothing missed, nothing doubled');
 
     // 5. A reload stays signed in (sessionStorage) and shows the same totals from the API.
@@ -212,7 +253,8 @@ async function main() {
     await until('the live connection after a reload', () => document.getElementById('conn').dataset.state === 'live');
 
     // 6. Purchases by the rest of the downline (other legs, level 2, an inactive buyer): the live
-    // page ends up with exactly the totals the API reports, one bar per source.
+    // page ends up with exactly the totals the API reports, one bar per leg; a level-2 buyer's
+    // earning is inside its leg (the bar of the direct referral above them), not a bar of its own.
     const refs = await adminGet(`/api/users/${userId}/referrals`);
     const others = [...refs.level_1, ...refs.level_2].filter((r) => r.id !== buyerId);
     const amounts = ['4200.00', '12000.00', '8000.00', '1500.00', '2600.00', '3100.00'];
@@ -223,18 +265,28 @@ async function main() {
     const report = await adminGet(`/api/users/${userId}/earnings`);
     await until('the totals the API reports', (want) => {
       const v = (id) => document.getElementById(id)?.dataset.value;
-      return v('total') === want.total && Object.entries(want.by_level).every(([l, t]) => v(`level-${l}`) === t);
+      return v('total') === want.total && Object.entries(want.by_level).every(([l, t]) => v(`level-${l}`) === t)
+        && ['pending', 'approved', 'paid', 'reversed'].every((s) => v(`state-${s}`) === want[s]);
     }, report);
-    const barsAll = await chartData('chart-referrals');
-    for (const row of report.by_referral) {
-      const i = barsAll.labels.findIndex((l) => l.endsWith(`#${row.source_user_id}`));
-      const ds = barsAll.datasets.find((d) => d.label === `Level ${row.level}`);
-      check(i >= 0 && ds && Math.round(ds.data[i] * 100) === toPaise(row.total),
-        `bar for #${row.source_user_id} level ${row.level} should be ${row.total}: ${JSON.stringify(barsAll)}`);
+    check(report.pending === report.total, `everything is still held: ${JSON.stringify(report)}`);
+    check(report.by_leg.every((leg) => refs.level_1.some((r) => r.id === leg.leg_user_id)),
+      `a leg that is no direct referral: ${JSON.stringify(report.by_leg)}`);
+    await untilLegs('one bar per leg, as by_leg reports', Object.fromEntries(report.by_leg.map((leg) => [leg.leg_user_id, leg.by_level])));
+    const legsAll = await chartData('chart-legs');
+    const level2Buyers = report.by_referral.filter((row) => row.level === 2);
+    check(level2Buyers.length >= 2, `expected level-2 earnings: ${JSON.stringify(report.by_referral)}`);
+    for (const row of level2Buyers) {
+      check(!legsAll.labels.some((l) => l.endsWith(`#${row.source_user_id}`)),
+        `the level-2 buyer #${row.source_user_id} has a bar of its own: ${JSON.stringify(legsAll)}`);
+      const leg = refs.level_2.find((r) => r.id === row.source_user_id).referrer_id;
+      const i = legsAll.labels.findIndex((l) => l.endsWith(`#${leg}`));
+      const level2 = legsAll.datasets.find((d) => d.label === 'Level 2');
+      check(i >= 0 && Math.round(level2.data[i] * 100) === toPaise(row.total),
+        `the level-2 earning of #${row.source_user_id} (${row.total}) is not in the leg of #${leg}: ${JSON.stringify(legsAll)}`);
     }
     check(await page.$$eval('#tree .tree-node.inactive', (n) => n.length) === refs.level_1.concat(refs.level_2).filter((r) => !r.is_active).length,
       'inactive referrals are not all shown red');
-    log(`downline purchases arrived: total ${report.total}, by level ${JSON.stringify(report.by_level)}`);
+    log(`downline purchases arrived: total ${report.total}, by level ${JSON.stringify(report.by_level)}, ${report.by_leg.length} legs`);
 
     mkdirSync(dirname(screenshot), { recursive: true });
     await page.waitForTimeout(1300); // let the highlight animations finish

@@ -1,6 +1,8 @@
 //! The dashboard (SPEC §8): served by the api from the binary, no asset from another host, and
 //! driven end to end in real headless Chromium by `tests/browser/dashboard.mjs` (sign in, live
-//! earnings over the notifier, a simulated purchase, a dropped WebSocket, the admin's picker).
+//! earnings over the notifier, the pending/approved/paid/reversed counters, one bar per leg
+//! stacked by level with level-2 earnings inside their leg, the feed by entry kind, a simulated
+//! purchase, a dropped WebSocket, the admin's picker).
 
 use std::path::Path;
 use std::time::Duration;

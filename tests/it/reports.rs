@@ -87,3 +87,138 @@ async fn the_leaderboard_ranks_top_earners_without_emails() {
     assert_eq!(r.status(), 422);
     app.stop().await;
 }
+
+/// Waits (up to 10 s) until the user's earnings report satisfies `done`; returns it.
+async fn earnings_until(app: &TestApp, user_id: i64, done: impl Fn(&Value) -> bool) -> Value {
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = app.earnings(user_id).await;
+        if done(&report) {
+            return report;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the earnings report of user {user_id} never got there: {report}");
+}
+
+#[tokio::test]
+async fn reports_by_leg_put_a_level_2_buyer_inside_the_direct_referrals_leg() {
+    let app = TestApp::spawn().await;
+    // A ← B ← C, and A ← E: two legs of A's, B's three levels deep.
+    let (a, b, c) = app.chain_abc().await;
+    let e = app.register("Esha", Some(a.id)).await;
+
+    // C buys: A earns 1 % at level 2, inside B's leg; C is no leg of A's.
+    app.purchase("leg-c", c.id, "10000").await;
+    app.wait_processed("leg-c").await;
+    let report = earnings_until(&app, a.id, |r| r["total"] == "100.00").await;
+    assert_eq!(
+        report["by_leg"],
+        serde_json::json!([{"leg_user_id": b.id, "name": "Bala", "total": "100.00", "count": 1,
+            "by_level": {"1": "0.00", "2": "100.00"}}]),
+        "{report}"
+    );
+
+    // B buys: the same leg B, now at level 1 too.
+    app.purchase("leg-b", b.id, "10000").await;
+    app.wait_processed("leg-b").await;
+    let report = earnings_until(&app, a.id, |r| r["total"] == "600.00").await;
+    assert_eq!(
+        report["by_leg"],
+        serde_json::json!([{"leg_user_id": b.id, "name": "Bala", "total": "600.00", "count": 2,
+            "by_level": {"1": "500.00", "2": "100.00"}}]),
+        "{report}"
+    );
+
+    // E buys: a second, smaller leg, listed after B's (largest total first).
+    app.purchase("leg-e", e.id, "2000").await;
+    app.wait_processed("leg-e").await;
+    let report = earnings_until(&app, a.id, |r| r["total"] == "700.00").await;
+    let legs = report["by_leg"].as_array().expect("by_leg is a list");
+    assert_eq!(
+        legs.iter()
+            .map(|l| (l["leg_user_id"].as_i64(), l["total"].as_str()))
+            .collect::<Vec<_>>(),
+        vec![(Some(b.id), Some("600.00")), (Some(e.id), Some("100.00"))],
+        "{report}"
+    );
+    assert_eq!(
+        legs[1]["by_level"],
+        serde_json::json!({"1": "100.00", "2": "0.00"})
+    );
+    // by_referral keeps listing buyers, C among them.
+    assert!(
+        report["by_referral"]
+            .as_array()
+            .expect("by_referral")
+            .iter()
+            .any(|r| r["source_user_id"] == c.id && r["level"] == 2),
+        "{report}"
+    );
+
+    // B's own report: one leg, C, at level 1; C has no legs at all.
+    let report = earnings_until(&app, b.id, |r| r["total"] == "500.00").await;
+    assert_eq!(
+        report["by_leg"],
+        serde_json::json!([{"leg_user_id": c.id, "name": "Chitra", "total": "500.00", "count": 1,
+            "by_level": {"1": "500.00", "2": "0.00"}}]),
+        "{report}"
+    );
+    assert_eq!(app.earnings(c.id).await["by_leg"], serde_json::json!([]));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reports_show_the_four_balances_from_the_ledger() {
+    // Default settings hold a new commission for 30 days: it is pending.
+    let app = TestApp::spawn().await;
+    let (a, b, c) = app.chain_abc().await;
+    app.purchase("bal-1", c.id, "10000").await;
+    app.wait_processed("bal-1").await;
+    let report = earnings_until(&app, b.id, |r| r["total"] == "500.00").await;
+    let balances = |r: &Value| {
+        ["total", "pending", "approved", "paid", "reversed"]
+            .map(|k| r[k].as_str().map(str::to_owned))
+    };
+    assert_eq!(
+        balances(&report),
+        ["500.00", "500.00", "0.00", "0.00", "0.00"].map(|s| Some(s.to_owned())),
+        "{report}"
+    );
+    assert_eq!(report["recent"][0]["kind"], "commission");
+    assert_eq!(report["recent"][0]["totals"]["pending"], "500.00");
+    // Each balance is read from its own column of the user's: after a payout of 300.00 and a
+    // clawback of 450.00 of a commission already paid out, approved is below zero.
+    sqlx::query(
+        "update users set pending_earnings = 20.00, approved_earnings = -150.00,
+             paid_earnings = 300.00, reversed_earnings = 450.00, total_earnings = 170.00
+         where id = $1",
+    )
+    .bind(a.id)
+    .execute(&app.db)
+    .await
+    .expect("update");
+    let report = app.earnings(a.id).await;
+    assert_eq!(
+        balances(&report),
+        ["170.00", "20.00", "-150.00", "300.00", "450.00"].map(|s| Some(s.to_owned())),
+        "{report}"
+    );
+    app.stop().await;
+
+    // With no holding period a commission is approved at once.
+    let app = TestApp::spawn_with(Default::default(), |s| {
+        s.commission.hold_days = "0".into();
+    })
+    .await;
+    let (_, b, c) = app.chain_abc().await;
+    app.purchase("bal-2", c.id, "2000").await;
+    app.wait_processed("bal-2").await;
+    let report = earnings_until(&app, b.id, |r| r["total"] == "100.00").await;
+    assert_eq!(
+        balances(&report),
+        ["100.00", "0.00", "100.00", "0.00", "0.00"].map(|s| Some(s.to_owned())),
+        "{report}"
+    );
+    app.stop().await;
+}

@@ -12,7 +12,7 @@ use upline_common::UserId;
 use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::extract::{PathId, Query};
-use crate::model::{EarningsReport, Referrals};
+use crate::model::{EarningsReport, LegEarnings, Referrals};
 use crate::responses::{PublicErrors, UserOrAdminErrors};
 use crate::{store, AppState};
 
@@ -26,46 +26,58 @@ const BY_REFERRAL: i64 = 100;
     path = "/api/users/{id}/earnings",
     operation_id = "user_earnings",
     summary = "A user's earnings",
-    description = "`total` and `count`; `by_level`, every configured level with zero included; `by_referral`, the 100 largest (buyer, level) sources; `recent`, the 20 latest earning events (SPEC §4), newest first.",
+    description = "`total` and `count`; the money by state (contract §10): `pending`, `approved`, `paid` (`total = pending + approved + paid`) and `reversed`; `by_level`, every configured level with zero included; `by_referral`, the 100 largest (buyer, level) sources; `by_leg`, per direct referral and everyone below them, largest first; `recent`, the 20 latest ledger entries as earning events (SPEC §4, contract §10), newest first.",
     tag = "reports",
     params(
         ("id" = i64, Path, minimum = 1, description = "The user's id"),
     ),
     responses(
-        (status = 200, description = "The user's earnings: totals per level, per referral, and the latest events", body = EarningsReport),
+        (status = 200, description = "The user's earnings: totals by state, per level, per referral and per leg, and the latest events", body = EarningsReport),
         (status = 404, description = "`not_found`: no user with this id", body = Problem, content_type = "application/problem+json"),
         UserOrAdminErrors,
     ),
     security(("user_token" = []), ("admin_key" = [])),
 )]
-/// `GET /api/users/{id}/earnings` (the user, admin): `{user_id, total, count, by_level,
-/// by_referral, recent}`; `by_level` lists every configured level, `recent` the latest 20
-/// earning events (SPEC §4), newest first.
+/// `GET /api/users/{id}/earnings` (the user, admin): `{user_id, total, count, pending,
+/// approved, paid, reversed, by_level, by_referral, by_leg, recent}` (contract §4, §10).
+/// Money by state comes from the user's balances (`total = pending + approved + paid`);
+/// `by_level` and each leg's `by_level` list every configured level; `by_leg` has one entry
+/// per direct referral whose leg brought anything, largest total first; `recent` the latest
+/// 20 ledger entries as earning events, newest first.
+///
+/// # Errors
+/// 404 `not_found` for no such user; 401/403 as [`Authenticated::user_or_admin`] says.
 pub async fn earnings(
     State(state): State<AppState>,
     caller: Authenticated,
     PathId(id): PathId,
 ) -> Result<Json<EarningsReport>, ApiError> {
     caller.user_or_admin(id)?;
-    let user = store::user(&state.db, id)
+    let balances = store::earnings_balances(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
-    let mut by_level: BTreeMap<String, Money> = (1..=state.rules.rates.len())
-        .map(|l| (l.to_string(), Money::ZERO))
-        .collect();
+    let levels = state.rules.rates.len();
+    let mut by_level: BTreeMap<String, Money> =
+        (1..=levels).map(|l| (l.to_string(), Money::ZERO)).collect();
     let mut count = 0;
     for (level, total, n) in store::level_totals(&state.db, id).await? {
         by_level.insert(level.to_string(), Money::from_total(total));
         count += n;
     }
     let by_referral = store::earnings_by_referral(&state.db, id, BY_REFERRAL).await?;
+    let by_leg = LegEarnings::from_rows(store::earnings_by_leg(&state.db, id).await?, levels);
     let recent = upline_common::db::recent_earnings(&state.db, id, RECENT).await?;
     Ok(Json(EarningsReport {
         user_id: id,
-        total: Money::from_total(user.total_earnings),
+        total: Money::from_total(balances.total),
         count,
+        pending: Money::from_total(balances.pending),
+        approved: Money::from_total(balances.approved),
+        paid: Money::from_total(balances.paid),
+        reversed: Money::from_total(balances.reversed),
         by_level,
         by_referral,
+        by_leg,
         recent,
     }))
 }
