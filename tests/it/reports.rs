@@ -187,23 +187,20 @@ async fn reports_show_the_four_balances_from_the_ledger() {
     );
     assert_eq!(report["recent"][0]["kind"], "commission");
     assert_eq!(report["recent"][0]["totals"]["pending"], "500.00");
-    // Each balance is read from its own column of the user's: after a payout of 300.00 and a
-    // clawback of 450.00 of a commission already paid out, approved is below zero.
-    sqlx::query(
-        "update users set pending_earnings = 20.00, approved_earnings = -150.00,
-             paid_earnings = 300.00, reversed_earnings = 450.00, total_earnings = 170.00
-         where id = $1",
-    )
-    .bind(a.id)
-    .execute(&app.db)
-    .await
-    .expect("update");
-    let report = app.earnings(a.id).await;
+    // A refund of 4000.00 claws back 200.00 of B's held commission (contract §10).
+    app.publish_refund("bal-rf", "bal-1", Some("4000.00")).await;
+    let report = earnings_until(&app, b.id, |r| r["total"] == "300.00").await;
     assert_eq!(
         balances(&report),
-        ["170.00", "20.00", "-150.00", "300.00", "450.00"].map(|s| Some(s.to_owned())),
+        ["300.00", "300.00", "0.00", "0.00", "200.00"].map(|s| Some(s.to_owned())),
         "{report}"
     );
+    assert_eq!(report["recent"][0]["kind"], "reversal");
+    assert_eq!(report["recent"][0]["amount"], "-200.00");
+    assert_eq!(report["by_level"]["1"], "300.00");
+    let a_report = app.earnings(a.id).await;
+    assert_eq!(a_report["reversed"], "40.00", "{a_report}");
+    assert_eq!(a_report["by_leg"][0]["total"], "60.00", "{a_report}");
     app.stop().await;
 
     // With no holding period a commission is approved at once.
