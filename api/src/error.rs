@@ -76,6 +76,24 @@ pub enum ApiError {
     /// that a retried request cannot pay twice.
     #[error("send the purchase's id as purchase_id or in the Idempotency-Key header: it is the idempotency key, so a retry after a timeout or a 503 never pays twice")]
     IdempotencyKeyRequired,
+    /// 422 `idempotency_key_required`: a payout batch needs `idempotency_key` or
+    /// `Idempotency-Key`, so that a retried request cannot create a second batch (contract §10).
+    #[error("send an idempotency key as idempotency_key or in the Idempotency-Key header, so that a retry after a timeout or a 503 never creates a second batch")]
+    PayoutKeyRequired,
+    /// 409 `idempotency_conflict`: the idempotency key was used before with a different
+    /// request (a payout batch with another `label`).
+    #[error("this idempotency key was already used with a different request")]
+    IdempotencyConflict,
+    /// 409 `refund_conflict`: this `refund_id` was received before with a different purchase
+    /// or amount (contract §10).
+    #[error("refund_id: a refund with this id was received with a different purchase or amount")]
+    RefundConflict,
+    /// 404 `refund_not_found`: no refund with this id has been recorded (yet).
+    #[error("{0}")]
+    RefundNotFound(String),
+    /// 404 `payout_not_found`: no payout batch with this id.
+    #[error("{0}")]
+    PayoutNotFound(String),
     /// 422 `unknown_buyer`.
     #[error("buyer_id: no user with id {0}")]
     UnknownBuyer(upline_common::UserId),
@@ -130,9 +148,13 @@ impl ApiError {
             ApiError::SelfReferral => (StatusCode::UNPROCESSABLE_ENTITY, C::SelfReferral),
             ApiError::ReferralCycle => (StatusCode::UNPROCESSABLE_ENTITY, C::ReferralCycle),
             ApiError::UnknownBuyer(_) => (StatusCode::UNPROCESSABLE_ENTITY, C::UnknownBuyer),
-            ApiError::IdempotencyKeyRequired => {
+            ApiError::IdempotencyKeyRequired | ApiError::PayoutKeyRequired => {
                 (StatusCode::UNPROCESSABLE_ENTITY, C::IdempotencyKeyRequired)
             }
+            ApiError::IdempotencyConflict => (StatusCode::CONFLICT, C::IdempotencyConflict),
+            ApiError::RefundConflict => (StatusCode::CONFLICT, C::RefundConflict),
+            ApiError::RefundNotFound(_) => (StatusCode::NOT_FOUND, C::RefundNotFound),
+            ApiError::PayoutNotFound(_) => (StatusCode::NOT_FOUND, C::PayoutNotFound),
             ApiError::BrokerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, C::BrokerUnavailable),
             ApiError::DatabaseUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::DatabaseUnavailable)
@@ -179,6 +201,10 @@ impl ApiError {
             ApiError::ReferralCycle,
             ApiError::UnknownBuyer(upline_common::UserId::new(42).expect("positive")),
             ApiError::IdempotencyKeyRequired,
+            ApiError::IdempotencyConflict,
+            ApiError::RefundConflict,
+            ApiError::RefundNotFound("no refund with id \"rf-1\" (yet)".into()),
+            ApiError::PayoutNotFound("no payout batch with id 3".into()),
             ApiError::PayloadTooLarge,
             ApiError::DatabaseUnavailable,
             ApiError::RequestTimeout,
@@ -208,6 +234,11 @@ impl ApiError {
                 | ApiError::ReferralCycle
                 | ApiError::UnknownBuyer(_)
                 | ApiError::IdempotencyKeyRequired
+                | ApiError::PayoutKeyRequired
+                | ApiError::IdempotencyConflict
+                | ApiError::RefundConflict
+                | ApiError::RefundNotFound(_)
+                | ApiError::PayoutNotFound(_)
                 | ApiError::PayloadTooLarge
                 | ApiError::DatabaseUnavailable
                 | ApiError::RequestTimeout
@@ -249,6 +280,10 @@ pub enum ErrorCode {
     ReferralCycle,
     UnknownBuyer,
     IdempotencyKeyRequired,
+    IdempotencyConflict,
+    RefundConflict,
+    RefundNotFound,
+    PayoutNotFound,
     PayloadTooLarge,
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -282,6 +317,10 @@ impl ErrorCode {
             C::ReferralCycle => "referral_cycle",
             C::UnknownBuyer => "unknown_buyer",
             C::IdempotencyKeyRequired => "idempotency_key_required",
+            C::IdempotencyConflict => "idempotency_conflict",
+            C::RefundConflict => "refund_conflict",
+            C::RefundNotFound => "refund_not_found",
+            C::PayoutNotFound => "payout_not_found",
             C::PayloadTooLarge => "payload_too_large",
             C::BrokerUnavailable => "broker_unavailable",
             C::DatabaseUnavailable => "database_unavailable",
@@ -315,6 +354,8 @@ impl ApiError {
             ApiError::AdminOnly { field, .. } => Some(field),
             ApiError::UnknownBuyer(_) => Some("buyer_id"),
             ApiError::IdempotencyKeyRequired => Some("purchase_id"),
+            ApiError::PayoutKeyRequired => Some("idempotency_key"),
+            ApiError::RefundConflict => Some("refund_id"),
             _ => None,
         }
     }

@@ -26,7 +26,7 @@ use upline_common::rules::Rules;
 use upline_common::Settings;
 
 use crate::publisher::Publisher;
-use crate::routes::{dashboard, purchases, reports, users};
+use crate::routes::{dashboard, history, payouts, purchases, refunds, reports, users};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -46,6 +46,8 @@ pub struct AppState {
     pub known_users: Arc<store::KnownUsers>,
     /// Where the dashboard page finds the notifier (`GET /dashboard/config.json`).
     pub dashboard: Arc<dashboard::DashboardConfig>,
+    /// Smallest approved balance that gets a payout line (`payout.minimum`, contract §10).
+    pub payout_minimum: upline_common::money::Money,
 }
 
 /// The whole HTTP surface.
@@ -71,6 +73,15 @@ pub fn router(state: AppState, probes: Probes) -> Router {
         .route("/api/users/{id}/referrals", get(reports::referrals))
         .route("/api/purchases", post(purchases::create))
         .route("/api/purchases/{purchase_id}", get(purchases::get))
+        .route(
+            "/api/purchases/{purchase_id}/refunds",
+            post(refunds::create),
+        )
+        .route("/api/refunds/{refund_id}", get(refunds::get))
+        .route("/api/payouts", post(payouts::create).get(payouts::list))
+        .route("/api/payouts/{id}", get(payouts::get))
+        .route("/api/payouts/{id}/paid", post(payouts::mark_paid))
+        .route("/api/users/{id}/earnings/history", get(history::history))
         .route("/api/leaderboard", get(reports::leaderboard))
         .route("/", get(dashboard::index))
         .route("/assets/{*path}", get(dashboard::asset))
@@ -113,6 +124,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let rules = Arc::new(settings.commission.rules()?);
+    let payout_minimum = settings.payout.minimum()?;
     let db = upline_common::db::connect_and_migrate(&settings.database, &shutdown).await?;
     let probes = Probes::new(db.clone());
     let publisher = Publisher::new(settings.amqp.clone(), probes.broker_up.clone());
@@ -132,6 +144,7 @@ pub async fn run(
             &settings.api.notifier_public_url,
             settings.notifier.bind,
         )),
+        payout_minimum,
     };
     tracing::info!(addr = %listener.local_addr()?, "api listening");
     // The peer address feeds the abuse limits.

@@ -377,6 +377,10 @@ pub struct PurchaseReport {
     pub levels: Vec<PurchaseLevel>,
     /// Later bodies that reused the id with other content (at most 100); they pay nothing.
     pub conflicts: Vec<PurchaseConflict>,
+    /// Rupees refunded of the purchase so far, by the applied refunds (contract §10).
+    pub refunded: Money,
+    /// Every refund recorded for the purchase (applied, waiting or rejected), oldest first.
+    pub refunds: Vec<crate::routes::refunds::RefundReport>,
 }
 
 /// One level's outcome of a purchase.
@@ -455,6 +459,8 @@ impl PurchaseReport {
                     body: c.body.map(|b| b.0),
                 })
                 .collect(),
+            refunded: Money::ZERO,
+            refunds: Vec::new(),
         }
     }
 }

@@ -737,3 +737,489 @@ pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
     .fetch_all(db)
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Commission lifecycle (contract §10): refunds, payout batches, the ledger history.
+
+/// A refund as a worker recorded it (`refunds`).
+#[derive(Debug)]
+pub struct RefundRow {
+    pub refund_id: String,
+    pub purchase_id: String,
+    /// As asked; `None` = everything still refundable.
+    pub requested: Option<Decimal>,
+    /// What it refunded, once applied.
+    pub amount: Option<Decimal>,
+    /// `waiting`, `applied` or `rejected`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub received_at: OffsetDateTime,
+    pub applied_at: Option<OffsetDateTime>,
+}
+
+/// The stored fingerprint of refund `refund_id`, if a worker has recorded it.
+///
+/// # Errors
+/// Database errors.
+pub async fn refund_fingerprint(db: &PgPool, refund_id: &str) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar!(
+        "select fingerprint from refunds where refund_id = $1",
+        refund_id,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// A recorded refund.
+///
+/// # Errors
+/// Database errors.
+pub async fn refund(db: &PgPool, refund_id: &str) -> sqlx::Result<Option<RefundRow>> {
+    sqlx::query_as!(
+        RefundRow,
+        r#"select refund_id, purchase_id, requested, amount, status, reason, received_at, applied_at
+           from refunds where refund_id = $1"#,
+        refund_id,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// What has been refunded of a purchase (`purchases.refunded`, zero when it is not recorded)
+/// and its recorded refunds, oldest first (at most 1000).
+///
+/// # Errors
+/// Database errors.
+pub async fn purchase_refunds(
+    db: &PgPool,
+    purchase_id: &str,
+) -> sqlx::Result<(Decimal, Vec<RefundRow>)> {
+    let refunded = sqlx::query_scalar!(
+        "select refunded from purchases where purchase_id = $1",
+        purchase_id,
+    )
+    .fetch_optional(db)
+    .await?
+    .unwrap_or_default();
+    let refunds = sqlx::query_as!(
+        RefundRow,
+        r#"select refund_id, purchase_id, requested, amount, status, reason, received_at, applied_at
+           from refunds where purchase_id = $1 order by received_at, refund_id limit 1000"#,
+        purchase_id,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok((refunded, refunds))
+}
+
+/// A payout batch without its lines (`payouts`).
+#[derive(Debug)]
+pub struct PayoutRow {
+    pub id: i64,
+    /// `created` or `paid`.
+    pub status: String,
+    pub label: Option<String>,
+    pub period_start: Option<OffsetDateTime>,
+    pub period_end: OffsetDateTime,
+    pub minimum: Decimal,
+    pub currency: String,
+    pub total: Decimal,
+    pub line_count: i32,
+    pub created_at: OffsetDateTime,
+    pub paid_at: Option<OffsetDateTime>,
+}
+
+/// One earner's line of a payout batch, with the earner's name.
+#[derive(Debug)]
+pub struct PayoutLineRow {
+    pub user_id: UserId,
+    pub name: String,
+    pub amount: Decimal,
+    pub through_seq: i64,
+}
+
+/// A new payout batch, as `POST /api/payouts` asks for it.
+#[derive(Debug)]
+pub struct NewPayout<'a> {
+    pub idempotency_key: &'a str,
+    /// Tells a retry from a conflicting reuse of the key.
+    pub fingerprint: &'a str,
+    pub label: Option<&'a str>,
+    /// Smallest approved balance that gets a line (`payout.minimum`).
+    pub minimum: Money,
+    pub currency: &'a str,
+}
+
+/// What [`create_payout`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayoutCreation {
+    /// A new batch with this id.
+    Created(i64),
+    /// The key was used before with the same request: that batch.
+    Existing(i64),
+}
+
+/// Serialises payout batch creation: an arbitrary constant naming "payout batches" among
+/// advisory locks (held until the transaction ends).
+const PAYOUT_LOCK: i64 = 7_001_002;
+
+/// Creates a payout batch (contract §10) in `tx`, under a transaction-level advisory lock so
+/// that two creations serialise: a line for every user whose approved balance is at least
+/// `minimum` and above zero and who has no line in a batch not yet paid; the line pays the
+/// whole approved balance, through the earner's current `seq`. The users read are locked
+/// (`for no key update`, in id order) so that no ledger entry slips between the balance and
+/// its `seq`. `period_start` is the previous batch's `period_end`; `period_end` is now.
+///
+/// # Errors
+/// 409 `idempotency_conflict` when the key was used with another fingerprint; database errors.
+pub async fn create_payout(
+    tx: &mut PgConnection,
+    new: &NewPayout<'_>,
+) -> Result<PayoutCreation, ApiError> {
+    sqlx::query!(
+        r#"select pg_advisory_xact_lock($1) as "locked: ()""#,
+        PAYOUT_LOCK
+    )
+    .execute(&mut *tx)
+    .await?;
+    if let Some(existing) = sqlx::query!(
+        "select id, fingerprint from payouts where idempotency_key = $1",
+        new.idempotency_key,
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    {
+        return if existing.fingerprint == new.fingerprint {
+            Ok(PayoutCreation::Existing(existing.id))
+        } else {
+            Err(ApiError::IdempotencyConflict)
+        };
+    }
+    let lines = sqlx::query!(
+        r#"select u.id, u.approved_earnings, u.earnings_seq from users u
+           where u.approved_earnings >= $1 and u.approved_earnings > 0
+             and not exists (select 1 from payout_lines l join payouts p on p.id = l.payout_id
+                             where l.user_id = u.id and p.status = 'created')
+           order by u.id
+           for no key update of u"#,
+        new.minimum.as_decimal(),
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let total: Decimal = lines.iter().map(|l| l.approved_earnings).sum();
+    let id = sqlx::query_scalar!(
+        r#"insert into payouts (idempotency_key, fingerprint, status, label, period_start, period_end,
+                                minimum, currency, total, line_count)
+           values ($1, $2, 'created', $3, (select period_end from payouts order by id desc limit 1),
+                   now(), $4, $5, $6, $7)
+           returning id"#,
+        new.idempotency_key,
+        new.fingerprint,
+        new.label,
+        new.minimum.as_decimal(),
+        new.currency,
+        Money::from_total(total).as_decimal(),
+        i32::try_from(lines.len()).unwrap_or(i32::MAX),
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"insert into payout_lines (payout_id, user_id, amount, through_seq)
+           select $1, * from unnest($2::int8[], $3::numeric[], $4::int8[])"#,
+        id,
+        &lines.iter().map(|l| l.id).collect::<Vec<_>>(),
+        &lines
+            .iter()
+            .map(|l| Money::from_total(l.approved_earnings).as_decimal())
+            .collect::<Vec<_>>(),
+        &lines.iter().map(|l| l.earnings_seq).collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(PayoutCreation::Created(id))
+}
+
+/// A payout batch with its lines (by user id).
+///
+/// # Errors
+/// Database errors.
+pub async fn payout(
+    conn: &mut PgConnection,
+    id: i64,
+) -> sqlx::Result<Option<(PayoutRow, Vec<PayoutLineRow>)>> {
+    let Some(row) = sqlx::query_as!(
+        PayoutRow,
+        r#"select id, status, label, period_start, period_end, minimum, currency, total, line_count,
+                  created_at, paid_at
+           from payouts where id = $1"#,
+        id,
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let lines = sqlx::query_as!(
+        PayoutLineRow,
+        r#"select l.user_id as "user_id: UserId", u.name, l.amount, l.through_seq
+           from payout_lines l join users u on u.id = l.user_id
+           where l.payout_id = $1 order by l.user_id"#,
+        id,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some((row, lines)))
+}
+
+/// Payout batches with id below `before` (all when `None`), newest first.
+///
+/// # Errors
+/// Database errors.
+pub async fn payouts_page(
+    db: &PgPool,
+    before: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<PayoutRow>> {
+    sqlx::query_as!(
+        PayoutRow,
+        r#"select id, status, label, period_start, period_end, minimum, currency, total, line_count,
+                  created_at, paid_at
+           from payouts where $1::int8 is null or id < $1
+           order by id desc limit $2"#,
+        before,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Marks a payout batch paid (contract §10), idempotently: `false` if there is no such batch.
+/// Under the batch's row lock and the line users' locks (`for no key update`, in id order),
+/// appends to each earner's ledger a `payout` entry of the line's amount with the earner's
+/// next `seq` and its totals after moving the amount from `approved` to `paid` (whatever the
+/// approved balance is now: after a clawback it may go below zero, and later payouts recover
+/// it), queues each entry in `earning_outbox` for the relay to publish, updates the users'
+/// `seq` and balances, and sets the batch `paid`. A batch already paid is left as it is.
+///
+/// # Errors
+/// Database errors.
+pub async fn mark_payout_paid(tx: &mut PgConnection, id: i64, levels: usize) -> sqlx::Result<bool> {
+    use upline_common::events::Totals;
+    use upline_common::rules::{Balances, Movement};
+
+    let Some(status) =
+        sqlx::query_scalar!("select status from payouts where id = $1 for update", id)
+            .fetch_optional(&mut *tx)
+            .await?
+    else {
+        return Ok(false);
+    };
+    if status == "paid" {
+        return Ok(true);
+    }
+    let lines = sqlx::query!(
+        "select user_id, amount from payout_lines where payout_id = $1 order by user_id",
+        id,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<i64> = lines.iter().map(|l| l.user_id).collect();
+    let users = sqlx::query!(
+        r#"select id, earnings_seq, total_earnings, pending_earnings, approved_earnings,
+                  paid_earnings, reversed_earnings
+           from users where id = any($1) order by id for no key update"#,
+        &ids,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let level_rows = sqlx::query!(
+        r#"select user_id, level, total from earner_levels where user_id = any($1)"#,
+        &ids,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let currency = sqlx::query_scalar!("select currency from payouts where id = $1", id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut earners = Vec::with_capacity(users.len());
+    let mut seqs = Vec::with_capacity(users.len());
+    let mut amounts = Vec::with_capacity(users.len());
+    let mut approved = Vec::with_capacity(users.len());
+    let mut paid = Vec::with_capacity(users.len());
+    let mut totals = Vec::with_capacity(users.len());
+    for user in &users {
+        let Some(line) = lines.iter().find(|l| l.user_id == user.id) else {
+            continue;
+        };
+        let amount = Money::from_total(line.amount);
+        let mut balances = Balances {
+            pending: Money::from_total(user.pending_earnings),
+            approved: Money::from_total(user.approved_earnings),
+            paid: Money::from_total(user.paid_earnings),
+            reversed: Money::from_total(user.reversed_earnings),
+        };
+        balances.apply(Movement::PayOut, amount);
+        let mut by_level = vec![Money::ZERO; levels];
+        for row in level_rows.iter().filter(|r| r.user_id == user.id) {
+            let slot = usize::try_from(row.level)
+                .ok()
+                .and_then(|l| l.checked_sub(1))
+                .and_then(|i| by_level.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = Money::from_total(row.total);
+            }
+        }
+        let snapshot = Totals {
+            total: Money::from_total(user.total_earnings),
+            levels: by_level,
+            balances,
+        };
+        earners.push(user.id);
+        seqs.push(user.earnings_seq + 1);
+        amounts.push(amount.as_decimal());
+        approved.push(balances.approved.as_decimal());
+        paid.push(balances.paid.as_decimal());
+        totals.push(serde_json::to_string(&snapshot).expect("totals serialise"));
+    }
+    sqlx::query!(
+        r#"with new as (
+               insert into earnings (earner_id, seq, kind, amount, currency, payout_id, totals)
+               select earner, seq, 'payout', amount, $5, $6, totals::jsonb
+               from unnest($1::int8[], $2::int8[], $3::numeric[], $4::text[])
+                    as t(earner, seq, amount, totals)
+               returning id
+           )
+           insert into earning_outbox (earning_id) select id from new"#,
+        &earners,
+        &seqs,
+        &amounts,
+        &totals,
+        currency,
+        id,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"update users u set earnings_seq = t.seq, approved_earnings = t.approved,
+                  paid_earnings = t.paid
+           from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[])
+                as t(id, seq, approved, paid)
+           where u.id = t.id"#,
+        &earners,
+        &seqs,
+        &approved,
+        &paid,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "update payouts set status = 'paid', paid_at = now() where id = $1",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(true)
+}
+
+/// The filters of a user's ledger history (`GET /api/users/{id}/earnings/history`).
+#[derive(Debug, Default, Clone)]
+pub struct HistoryFilter {
+    /// Entries with `seq` below this (the cursor); all when `None`.
+    pub before_seq: Option<i64>,
+    /// `pending`, `approved`, `paid` or `reversed`.
+    pub status: Option<String>,
+    /// `commission`, `reversal`, `approval` or `payout`.
+    pub kind: Option<String>,
+    pub level: Option<i16>,
+    /// `created_at >= from`.
+    pub from: Option<OffsetDateTime>,
+    /// `created_at < to`.
+    pub to: Option<OffsetDateTime>,
+}
+
+/// One ledger entry with its derived status.
+#[derive(Debug)]
+pub struct HistoryRow {
+    pub earning_id: i64,
+    pub seq: i64,
+    pub kind: upline_common::rules::EntryKind,
+    pub status: String,
+    pub amount: Decimal,
+    pub currency: String,
+    pub level: Option<Level>,
+    pub source_user_id: Option<UserId>,
+    pub purchase_id: Option<String>,
+    pub refers_to: Option<i64>,
+    pub refund_id: Option<String>,
+    pub payout_id: Option<i64>,
+    pub created_at: OffsetDateTime,
+}
+
+/// A user's ledger entries, newest first (`seq` descending), at most `limit`, with each
+/// entry's status (contract §10): a reversal is `reversed`, an approval `approved`, a payout
+/// `paid`; a commission is `reversed` when its reversals add up to its whole amount, else
+/// `pending` while held with no approval entry, else `paid` when the `seq` at which it became
+/// approved (its approval's, or its own when it was never held) is covered by a line of a
+/// paid payout batch (`through_seq`), else `approved`.
+///
+/// # Errors
+/// Database errors.
+pub async fn history(
+    db: &PgPool,
+    user_id: UserId,
+    filter: &HistoryFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<HistoryRow>> {
+    sqlx::query_as!(
+        HistoryRow,
+        r#"select h.id as "earning_id!", h.seq as "seq!", h.kind as "kind!: upline_common::rules::EntryKind",
+                  h.status as "status!", h.amount as "amount!", h.currency as "currency!",
+                  h.level as "level: Level", h.source_user_id as "source_user_id: UserId",
+                  h.purchase_id, h.refers_to, h.refund_id, h.payout_id, h.created_at as "created_at!"
+           from (
+               select e.id, e.seq, e.kind, e.amount, e.currency, e.level, e.source_user_id,
+                      e.purchase_id, e.refers_to, e.refund_id, e.payout_id, e.created_at,
+                      case e.kind
+                          when 'reversal' then 'reversed'
+                          when 'approval' then 'approved'
+                          when 'payout' then 'paid'
+                          else case
+                              when -coalesce(rev.total, 0) >= e.amount then 'reversed'
+                              when e.hold_until is not null and ap.seq is null then 'pending'
+                              when exists (
+                                  select 1 from payout_lines l join payouts p on p.id = l.payout_id
+                                  where l.user_id = e.earner_id and p.status = 'paid'
+                                    and l.through_seq >= coalesce(ap.seq, e.seq)) then 'paid'
+                              else 'approved'
+                          end
+                      end as status
+               from earnings e
+               left join lateral (
+                   select sum(r.amount) as total from earnings r
+                   where r.kind = 'reversal' and r.refers_to = e.id
+               ) rev on e.kind = 'commission'
+               left join lateral (
+                   select a.seq from earnings a where a.kind = 'approval' and a.refers_to = e.id
+               ) ap on e.kind = 'commission'
+               where e.earner_id = $1
+                 and ($2::int8 is null or e.seq < $2)
+                 and ($3::text is null or e.kind = $3)
+                 and ($4::int2 is null or e.level = $4)
+                 and ($5::timestamptz is null or e.created_at >= $5)
+                 and ($6::timestamptz is null or e.created_at < $6)
+           ) h
+           where $7::text is null or h.status = $7
+           order by h.seq desc
+           limit $8"#,
+        user_id.get(),
+        filter.before_seq,
+        filter.kind.as_deref(),
+        filter.level,
+        filter.from,
+        filter.to,
+        filter.status.as_deref(),
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}

@@ -185,6 +185,94 @@ impl Api {
     }
 }
 
+impl Api {
+    /// `POST /api/purchases/{purchase_id}/refunds` with the producer key and any JSON body
+    /// (contract §10); the answer as it is.
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn post_refund(
+        &self,
+        purchase_id: &str,
+        body: &impl Serialize,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(&format!("/api/purchases/{purchase_id}/refunds")))
+            .bearer_auth(&self.producer)
+            .json(body)
+            .send()
+            .await
+    }
+
+    /// `POST /api/payouts` with the admin key, `idempotency_key` sent in the `Idempotency-Key`
+    /// header (none when `None`) and `body` as the body: the status and the JSON body.
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn create_payout(
+        &self,
+        idempotency_key: Option<&str>,
+        body: &impl Serialize,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .http
+            .post(self.url("/api/payouts"))
+            .bearer_auth(&self.admin)
+            .json(body);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let r = request.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `POST /api/payouts/{id}/paid` with the admin key: the status and the JSON body.
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn mark_payout_paid(&self, payout_id: i64) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(self.url(&format!("/api/payouts/{payout_id}/paid")))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET {path}` with the admin key, for a text answer (CSV): the status, the
+    /// `Content-Type` and `Content-Disposition` headers (empty when absent) and the body.
+    ///
+    /// # Errors
+    /// No answer.
+    pub async fn admin_get_text(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<(u16, String, String, String)> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        let header = |name: reqwest::header::HeaderName| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (status, content_type, disposition) = (
+            r.status().as_u16(),
+            header(reqwest::header::CONTENT_TYPE),
+            header(reqwest::header::CONTENT_DISPOSITION),
+        );
+        Ok((status, content_type, disposition, r.text().await?))
+    }
+}
+
 /// The response when its status is `want`, else an error naming `what`, the status and the body.
 async fn expect(
     r: reqwest::Response,

@@ -507,3 +507,149 @@ async fn schemathesis_finds_nothing_wrong() {
         output.status
     );
 }
+
+/// The replies of the commission lifecycle's operations (contract §10) match the document:
+/// refunds, payout batches (JSON and CSV), the ledger history (JSON and CSV).
+#[tokio::test]
+async fn every_lifecycle_reply_matches_the_openapi_document() {
+    let app = TestApp::spawn_with(crate::harness::Services::default(), |s| {
+        s.commission.hold_days = "0".into();
+    })
+    .await;
+    let mut c = Contract::load(&app).await;
+    let h = &app.http;
+    let url = |p: &str| app.url(p);
+    let (_, b, buyer) = app.chain_abc().await;
+    app.purchase("lc-1", buyer.id, "20000").await;
+    app.wait_processed("lc-1").await;
+
+    let refunds = "/api/purchases/{purchase_id}/refunds";
+    for (body, token, expected) in [
+        (
+            json!({"refund_id": "lc-rf-1", "amount": "10"}),
+            PRODUCER,
+            202,
+        ),
+        (json!({"refund_id": "lc-rf-2", "amount": "-1"}), ADMIN, 422),
+        (json!({"amount": "1"}), PRODUCER, 422),
+        (json!({"refund_id": "lc-rf-3"}), b.token.as_str(), 403),
+    ] {
+        let (status, _) = c
+            .call(
+                "post",
+                refunds,
+                h.post(url("/api/purchases/lc-1/refunds"))
+                    .bearer_auth(token)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(status, expected, "{body}");
+    }
+    let (status, _) = c
+        .call(
+            "get",
+            "/api/refunds/{refund_id}",
+            h.get(url("/api/refunds/lc-never")).bearer_auth(PRODUCER),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    let create = |key: Option<&str>, body: Value| {
+        let mut r = h.post(url("/api/payouts")).bearer_auth(ADMIN).json(&body);
+        if let Some(key) = key {
+            r = r.header("Idempotency-Key", key);
+        }
+        r
+    };
+    let (status, batch) = c
+        .call(
+            "post",
+            "/api/payouts",
+            create(Some("lc-1"), json!({"label": "L"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let id = batch["id"].as_i64().expect("id");
+    for (key, body, expected) in [
+        (Some("lc-1"), json!({"label": "L"}), 200),
+        (Some("lc-1"), json!({"label": "M"}), 409),
+        (None, json!({}), 422),
+        (Some("lc 2"), json!({}), 422),
+    ] {
+        let (status, _) = c.call("post", "/api/payouts", create(key, body)).await;
+        assert_eq!(status, expected);
+    }
+    let (status, _) = c
+        .call(
+            "get",
+            "/api/payouts",
+            h.get(url("/api/payouts?limit=1")).bearer_auth(ADMIN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for (path, expected) in [
+        (format!("/api/payouts/{id}"), 200),
+        ("/api/payouts/999999".into(), 404),
+    ] {
+        let (status, _) = c
+            .call(
+                "get",
+                "/api/payouts/{id}",
+                h.get(url(&path)).bearer_auth(ADMIN),
+            )
+            .await;
+        assert_eq!(status, expected);
+    }
+    let (status, csv) = c
+        .call(
+            "get",
+            "/api/payouts/{id}.csv",
+            h.get(url(&format!("/api/payouts/{id}.csv")))
+                .bearer_auth(ADMIN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(csv.as_str().is_some_and(|t| t.starts_with("payout_id,")));
+    let (status, _) = c
+        .call(
+            "get",
+            "/api/payouts/{id}",
+            h.get(url(&format!("/api/payouts/{id}")))
+                .bearer_auth(&b.token),
+        )
+        .await;
+    assert_eq!(status, 403);
+    for (path, expected) in [
+        (format!("/api/payouts/{id}/paid"), 200),
+        ("/api/payouts/999999/paid".into(), 404),
+    ] {
+        let (status, _) = c
+            .call(
+                "post",
+                "/api/payouts/{id}/paid",
+                h.post(url(&path)).bearer_auth(ADMIN),
+            )
+            .await;
+        assert_eq!(status, expected);
+    }
+
+    let history = "/api/users/{id}/earnings/history";
+    for (query, token, expected) in [
+        ("?limit=1", b.token.as_str(), 200),
+        ("?format=csv", ADMIN, 200),
+        ("?status=nope", ADMIN, 422),
+        ("", buyer.token.as_str(), 403),
+    ] {
+        let (status, body) = c
+            .call(
+                "get",
+                history,
+                h.get(url(&format!("/api/users/{}/earnings/history{query}", b.id)))
+                    .bearer_auth(token),
+            )
+            .await;
+        assert_eq!(status, expected, "{query}: {body}");
+    }
+    assert!(c.checked >= 20, "only {} replies checked", c.checked);
+    app.stop().await;
+}

@@ -18,7 +18,7 @@ use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::OpenApi;
 
 use crate::error::ErrorCode;
-use crate::routes::{dashboard, docs, purchases, reports, users};
+use crate::routes::{dashboard, docs, history, payouts, purchases, refunds, reports, users};
 
 mod document;
 
@@ -55,6 +55,14 @@ pub fn document() -> &'static OpenApiDoc {
         reports::leaderboard,
         purchases::create,
         purchases::get,
+        refunds::create,
+        refunds::get,
+        payouts::create,
+        payouts::list,
+        payouts::get,
+        payouts::get_csv,
+        payouts::mark_paid,
+        history::history,
         upline_common::http::healthz,
         upline_common::http::readyz,
         upline_common::http::metrics,
@@ -72,6 +80,7 @@ pub fn document() -> &'static OpenApiDoc {
         (name = "users", description = "Registration, the referral tree, activation and tokens"),
         (name = "purchases", description = "Purchase intake (published to RabbitMQ) and what the workers made of it"),
         (name = "reports", description = "Earnings, downlines and the leaderboard"),
+        (name = "payouts", description = "Payout batches of approved earnings, their CSV export, and marking them paid (contract §10)"),
         (name = "operations", description = "Liveness, readiness and metrics (every service serves them)"),
         (name = "documentation", description = "This description and its interactive viewer"),
         (name = "dashboard", description = "The browser dashboard (static page and its configuration)"),

@@ -2,6 +2,9 @@
 
 pub mod dashboard;
 pub mod docs;
+pub mod history;
+pub mod payouts;
 pub mod purchases;
+pub mod refunds;
 pub mod reports;
 pub mod users;

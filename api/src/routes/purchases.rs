@@ -115,7 +115,7 @@ pub async fn create(
     path = "/api/purchases/{purchase_id}",
     operation_id = "get_purchase",
     summary = "What became of a purchase",
-    description = "`status` is `processed` or `rejected` (with `reason`), or `conflict` once the id was received again with different content (`original_status` then tells what the first message came to; the later bodies are listed under `conflicts` and pay nothing). `levels` gives each configured level's outcome. 404 until a worker has processed the purchase.",
+    description = "`status` is `processed` or `rejected` (with `reason`), or `conflict` once the id was received again with different content (`original_status` then tells what the first message came to; the later bodies are listed under `conflicts` and pay nothing). `levels` gives each configured level's outcome; `refunded` is what its applied refunds refunded and `refunds` lists every refund recorded for it (contract §10). 404 until a worker has processed the purchase.",
     tag = "purchases",
     params(
         ("purchase_id" = String, Path, description = "The purchase id (SPEC §3)"),
@@ -145,5 +145,7 @@ pub async fn get(
     let (p, levels, conflicts) = store::purchase(&state.db, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no processed purchase with id {id:?} (yet)")))?;
-    Ok(Json(PurchaseReport::new(p, levels, conflicts)))
+    let mut report = PurchaseReport::new(p, levels, conflicts);
+    (report.refunded, report.refunds) = crate::routes::refunds::of_purchase(&state, &id).await?;
+    Ok(Json(report))
 }
