@@ -387,3 +387,141 @@ async fn a_subscriber_receives_reversal_and_approval_events_in_seq_order() {
     );
     app.stop().await;
 }
+
+/// Contract §10: a refund after payout claws back money already paid: the earner's approved
+/// balance goes below zero, and the next payout recovers it first. The refund comes over REST.
+#[tokio::test]
+async fn a_refund_after_payout_overdraws_and_the_next_payout_recovers_it() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.commission.hold_days = "0".into();
+    })
+    .await;
+    let (a, b_, c) = app.chain_abc().await;
+    app.purchase("po-order-1", c.id, "20000.00").await;
+    app.wait_processed("po-order-1").await;
+    // B: 1000.00 approved at once; A: 200.00, under the 500.00 minimum.
+    let (status, batch) = app
+        .client
+        .create_payout(Some("po-1"), &serde_json::json!({"label": "first"}))
+        .await
+        .expect("request");
+    assert_eq!(status, 201, "{batch}");
+    let lines: Vec<(i64, String)> = batch["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| {
+            (
+                l["user_id"].as_i64().expect("id"),
+                l["amount"].as_str().expect("amount").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(lines, vec![(b_.id, "1000.00".to_owned())]);
+    let id = batch["id"].as_i64().expect("id");
+    let (status, paid) = app.client.mark_payout_paid(id).await.expect("request");
+    assert_eq!(
+        (status, paid["status"].as_str()),
+        (200, Some("paid")),
+        "{paid}"
+    );
+    assert_eq!(
+        balances(&app, b_.id).await,
+        b("1000.00", "0.00", "0.00", "1000.00", "0.00")
+    );
+
+    // The shop refunds the whole purchase after the payout.
+    let r = app
+        .client
+        .post_refund("po-order-1", &serde_json::json!({"refund_id": "po-rf-1"}))
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 202);
+    let (status, amount, _) = wait_refund(&app, "po-rf-1", None).await;
+    assert_eq!(
+        (status.as_str(), amount.as_deref()),
+        ("applied", Some("20000.00"))
+    );
+    assert_eq!(
+        balances(&app, b_.id).await,
+        b("0.00", "0.00", "-1000.00", "1000.00", "1000.00")
+    );
+    let report = app.earnings(b_.id).await;
+    assert_eq!(
+        (
+            report["approved"].as_str(),
+            report["paid"].as_str(),
+            report["total"].as_str()
+        ),
+        (Some("-1000.00"), Some("1000.00"), Some("0.00")),
+        "{report}"
+    );
+    // A was never paid: the reversal takes from its approved balance, back to zero.
+    assert_eq!(
+        balances(&app, a.id).await,
+        b("0.00", "0.00", "0.00", "0.00", "200.00")
+    );
+
+    // 1500.00 more is earned; the next payout pays 500.00: the overdraft is recovered first.
+    app.purchase("po-order-2", c.id, "30000.00").await;
+    app.wait_processed("po-order-2").await;
+    let (status, batch) = app
+        .client
+        .create_payout(Some("po-2"), &serde_json::json!({}))
+        .await
+        .expect("request");
+    assert_eq!(status, 201, "{batch}");
+    assert_eq!(
+        batch["lines"][0]["user_id"].as_i64(),
+        Some(b_.id),
+        "{batch}"
+    );
+    assert_eq!(batch["lines"][0]["amount"], "500.00", "{batch}");
+    assert_eq!(batch["lines"].as_array().map(Vec::len), Some(1), "{batch}");
+    let (status, _) = app
+        .client
+        .mark_payout_paid(batch["id"].as_i64().expect("id"))
+        .await
+        .expect("request");
+    assert_eq!(status, 200);
+    assert_eq!(
+        balances(&app, b_.id).await,
+        b("1500.00", "0.00", "0.00", "1500.00", "1000.00")
+    );
+    let kinds: Vec<String> = entries(&app, b_.id)
+        .await
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["commission", "payout", "reversal", "commission", "payout"].map(str::to_owned)
+    );
+    // The history shows each entry with its status, newest first: the refunded commission is
+    // `reversed`, the later one `paid` (approved at once and covered by the second payout).
+    let (status, history) = app
+        .admin_get(&format!("/api/users/{}/earnings/history", b_.id))
+        .await;
+    assert_eq!(status, 200, "{history}");
+    let shown: Vec<(String, String, String)> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("kind"), s("status"), s("amount"))
+        })
+        .collect();
+    let row = |k: &str, s: &str, a: &str| (k.to_owned(), s.to_owned(), a.to_owned());
+    assert_eq!(
+        shown,
+        vec![
+            row("payout", "paid", "500.00"),
+            row("commission", "paid", "1500.00"),
+            row("reversal", "reversed", "-1000.00"),
+            row("payout", "paid", "1000.00"),
+            row("commission", "reversed", "1000.00"),
+        ]
+    );
+    app.stop().await;
+}
