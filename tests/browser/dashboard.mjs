@@ -288,6 +288,27 @@ async function main() {
       'inactive referrals are not all shown red');
     log(`downline purchases arrived: total ${report.total}, by level ${JSON.stringify(report.by_level)}, ${report.by_leg.length} legs`);
 
+    // 7. The shop refunds a third of an earlier purchase over REST (contract §10): a reversal
+    // of 50.00 arrives live, negative in the feed, out of pending, into reversed, and the leg
+    // shrinks by as much.
+    const refund = await fetch(`${api}/api/purchases/browser-after-drop/refunds`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${producerKey}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ refund_id: 'browser-rf-1', amount: '1000.00' }),
+    });
+    check(refund.status === 202, `POST refund: ${refund.status} ${await refund.text()}`);
+    await until('the reversal in the feed and the counters', (before) => {
+      const v = (id) => document.getElementById(id)?.dataset.value;
+      const first = document.querySelector('#feed li');
+      const paise = (x) => Math.round(Number(x) * 100);
+      return first && first.dataset.kind === 'reversal' && first.dataset.amount === '-50.00'
+        && v('state-reversed') === '50.00' && paise(v('total')) === paise(before.total) - 5000
+        && paise(v('state-pending')) === paise(before.pending) - 5000;
+    }, report);
+    const afterRefund = await adminGet(`/api/users/${userId}/earnings`);
+    await untilLegs('the legs net of the reversal', Object.fromEntries(afterRefund.by_leg.map((leg) => [leg.leg_user_id, leg.by_level])));
+    log(`a refund arrived live as a reversal: total ${afterRefund.total}, reversed ${afterRefund.reversed}`);
+
     mkdirSync(dirname(screenshot), { recursive: true });
     await page.waitForTimeout(1300); // let the highlight animations finish
     await page.screenshot({ path: screenshot, fullPage: true });
@@ -299,7 +320,7 @@ async function main() {
       await page.setViewportSize({ width: 1360, height: 900 });
     }
 
-    // 7. Sign out; sign in as admin, pick the user, see the same dashboard.
+    // 8. Sign out; sign in as admin, pick the user, see the same dashboard.
     await page.click('#sign-out');
     await page.waitForSelector('#signin-view:not([hidden])', { timeout: TIMEOUT });
     check(await page.evaluate(() => sessionStorage.getItem('upline.token')) === null, 'the token is still stored after signing out');
@@ -310,14 +331,14 @@ async function main() {
     await page.selectOption('#user-select', String(userId));
     await page.click('#user-show');
     await until('the picked user\'s dashboard', ([id, total]) => document.getElementById('total')?.dataset.value === total
-      && window.upline.user?.id === id && document.querySelectorAll('#feed li').length > 3, [userId, report.total]);
+      && window.upline.user?.id === id && document.querySelectorAll('#feed li').length > 3, [userId, afterRefund.total]);
     await until('the admin\'s live connection', () => document.getElementById('conn').dataset.state === 'live');
     // The admin's form sends with the admin key (no producer key field).
     check(await page.isHidden('#producer-key-row'), 'the admin is asked for a producer key');
     await page.selectOption('#buyer', String(buyerId));
     await page.fill('#amount', '2000.00');
     await page.click('#purchase-submit');
-    const expected = paiseToString(toPaise(report.total) + 10000);
+    const expected = paiseToString(toPaise(afterRefund.total) + 10000);
     await until(`a live earning on the admin view (total ${expected})`, (want) => document.getElementById('total').dataset.value === want, expected);
     log('admin view renders and updates live');
 
