@@ -278,7 +278,29 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
     let (early, late): (Vec<_>, Vec<_>) = refunds.iter().cloned().partition(|r| r.early);
     let publisher = Publisher::new(settings.amqp.clone(), Default::default())
         .with_connection_name("upline-demo");
-    send_refunds(&publisher, &early).await?;
+    // The early ones half over REST, half straight onto the queue.
+    let (rest_refunds, queued_refunds): (Vec<_>, Vec<_>) = early
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    for (_, r) in &rest_refunds {
+        let mut body = serde_json::json!({ "refund_id": r.refund_id });
+        if let Some(amount) = r.order.amount {
+            body["amount"] = serde_json::Value::String(amount.to_string());
+        }
+        let answer = api.post_refund(&r.order.purchase_id, &body).await?;
+        if answer.status().as_u16() != 202 {
+            bail!(
+                "POST /api/purchases/{}/refunds: {} {}",
+                r.order.purchase_id,
+                answer.status(),
+                answer.text().await.unwrap_or_default()
+            );
+        }
+    }
+    let queued_refunds: Vec<PlannedRefund> = queued_refunds.into_iter().map(|(_, r)| r).collect();
+    send_refunds(&publisher, &queued_refunds).await?;
     let late_after_approval = if rules.hold <= Duration::from_secs(120) {
         wait_approved(&db, &late, rules.hold).await?;
         true
@@ -313,7 +335,30 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
         }
     );
 
-    // 7. Independent recomputation from the database's users and the purchases as sent.
+    // 7. A payout run: one batch of every approved balance over payout.minimum, marked paid
+    //    (what finance does once it has executed the transfers).
+    let (status, batch) = api
+        .create_payout(
+            Some(&format!("demo-{run_id}-payout")),
+            &serde_json::json!({ "label": format!("demo run {run_id}") }),
+        )
+        .await?;
+    if status != 201 && status != 200 {
+        bail!("POST /api/payouts: {status} {batch}");
+    }
+    let payout_id = batch["id"].as_i64().context("a payout id")?;
+    let (status, paid) = api.mark_payout_paid(payout_id).await?;
+    if status != 200 {
+        bail!("POST /api/payouts/{payout_id}/paid: {status} {paid}");
+    }
+    println!(
+        "payout batch {payout_id}: {} earners with at least {} INR approved, {} INR in total, marked paid",
+        batch["line_count"],
+        batch["minimum"].as_str().unwrap_or("?"),
+        batch["total"].as_str().unwrap_or("?")
+    );
+
+    // 8. Independent recomputation from the database's users and the purchases as sent.
     if rules.cap_per_level.is_some() {
         println!("commission.cap_per_level is set: the recomputation below ignores caps, so it is skipped");
         return Ok(());
