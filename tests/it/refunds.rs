@@ -525,3 +525,70 @@ async fn a_refund_after_payout_overdraws_and_the_next_payout_recovers_it() {
     );
     app.stop().await;
 }
+
+/// Contract §10: a reversal frees cap room. With a cap of 120.00 per level, B earns 100.00
+/// then 20.00 (capped); refunding the first purchase in full gives the room back, and the
+/// next purchase pays in full again. The capped commission is not paid again.
+#[tokio::test]
+async fn a_reversal_frees_cap_room_for_later_purchases() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.commission.cap_per_level = Some("120.00".into());
+    })
+    .await;
+    let (_, b_, c) = app.chain_abc().await;
+    app.purchase("cap-1", c.id, "2000.00").await;
+    app.wait_processed("cap-1").await;
+    app.purchase("cap-2", c.id, "2000.00").await;
+    let second = app.wait_processed("cap-2").await;
+    assert_eq!(second["levels"][0]["outcome"], "capped", "{second}");
+    app.publish_refund("cap-rf", "cap-1", None).await;
+    wait_refund(&app, "cap-rf", None).await;
+    app.purchase("cap-3", c.id, "2000.00").await;
+    let third = app.wait_processed("cap-3").await;
+    assert_eq!(
+        (
+            third["levels"][0]["outcome"].as_str(),
+            third["levels"][0]["amount"].as_str()
+        ),
+        (Some("paid"), Some("100.00")),
+        "{third}"
+    );
+    assert_eq!(
+        balances(&app, b_.id).await,
+        b("120.00", "120.00", "0.00", "0.00", "100.00")
+    );
+    app.stop().await;
+}
+
+/// Holds that fall due while no worker runs its schedule are approved as soon as a worker
+/// starts: its first run is at start-up, and it works through everything due, a batch at a
+/// time.
+#[tokio::test]
+async fn holds_that_fell_due_during_downtime_are_approved_when_a_worker_starts() {
+    let mut app = TestApp::spawn_with(Services::default(), |s| {
+        // 0.00001 days = 0.864 s; the running worker's next run is an hour away.
+        s.commission.hold_days = "0.00001".into();
+        s.worker.lifecycle_interval_secs = 3600;
+    })
+    .await;
+    let (_, b_, c) = app.chain_abc().await;
+    app.publish_purchases("downtime", c.id, 30).await;
+    app.wait_purchase_count(30, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let due: i64 = sqlx::query_scalar("select count(*) from commission_holds where due_at < now()")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(due, 60, "the holds fell due and nobody approved them yet");
+    app.spawn_worker().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while balances(&app, b_.id).await[1] != "0.00" {
+        assert!(Instant::now() < deadline, "the new worker did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        balances(&app, b_.id).await,
+        b("3000.00", "0.00", "3000.00", "0.00", "0.00")
+    );
+    app.stop().await;
+}
