@@ -139,3 +139,40 @@ impl FromRequestParts<crate::AppState> for ClientIp {
         Ok(ClientIp(crate::auth::client_ip(parts, state)))
     }
 }
+
+/// The query of a paginated list (`GET /api/users`, `GET /api/payouts`): `limit` (1–500,
+/// default 50) and `cursor`, the `next_cursor` of the previous page (an id as digits).
+#[derive(Debug, serde::Deserialize)]
+pub struct Page {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+impl Page {
+    /// The page size.
+    ///
+    /// # Errors
+    /// 422 naming `limit` outside 1–500.
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        let limit = self.limit.unwrap_or(50);
+        if (1..=500).contains(&limit) {
+            Ok(limit)
+        } else {
+            Err(ApiError::validation("limit", "must be between 1 and 500"))
+        }
+    }
+
+    /// The id the previous page ended at, if any.
+    ///
+    /// # Errors
+    /// 422 naming `cursor` when it is not one this API returned.
+    pub fn cursor(&self) -> Result<Option<i64>, ApiError> {
+        match self.cursor.as_deref() {
+            None | Some("") => Ok(None),
+            Some(c) => c
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::validation("cursor", "is not a cursor this API returned")),
+        }
+    }
+}

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{PathText, Query, ValidatedJson};
+use crate::extract::{Page, PathText, Query, ValidatedJson};
 use crate::responses::AdminErrors;
 use crate::{store, AppState};
 
@@ -305,14 +305,6 @@ pub async fn create(
     })
 }
 
-/// `GET /api/payouts` query: `limit` (1–500, default 50) and `cursor` (`next_cursor` of the
-/// previous page).
-#[derive(Debug, Deserialize)]
-pub struct Page {
-    limit: Option<i64>,
-    cursor: Option<String>,
-}
-
 #[utoipa::path(
     get,
     path = "/api/payouts",
@@ -338,17 +330,8 @@ pub async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<PayoutPage>, ApiError> {
     caller.admin()?;
-    let limit = page.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::validation("limit", "must be between 1 and 500"));
-    }
-    let before = match page.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| ApiError::validation("cursor", "is not a cursor this API returned"))?,
-        ),
-    };
+    let limit = page.limit()?;
+    let before = page.cursor()?;
     let rows = store::payouts_page(&state.db, before, limit).await?;
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id.to_string()))

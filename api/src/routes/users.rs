@@ -4,12 +4,11 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::Json;
 use rand::Rng;
-use serde::Deserialize;
 use upline_common::UserId;
 
 use crate::auth::Authenticated;
 use crate::error::{ApiError, REFERRER_ID_ADMIN_ONLY};
-use crate::extract::{ClientIp, PathId, PathIds, Query, ValidatedJson};
+use crate::extract::{ClientIp, Page, PathId, PathIds, Query, ValidatedJson};
 use crate::model::{
     IssuedToken, Me, NewUser, ReferrerChoice, RegisterRequest, RegisteredUser, SetReferrerRequest,
     UpdateUserRequest, UserPage, UserUpdate,
@@ -143,14 +142,6 @@ pub async fn register(
     )))
 }
 
-/// `GET /api/users` query: `limit` (1–500, default 50) and `cursor` (`next_cursor` of the
-/// previous page).
-#[derive(Debug, Deserialize)]
-pub struct Page {
-    limit: Option<i64>,
-    cursor: Option<String>,
-}
-
 #[utoipa::path(
     get,
     path = "/api/users",
@@ -176,16 +167,8 @@ pub async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<UserPage>, ApiError> {
     caller.admin()?;
-    let limit = page.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::validation("limit", "must be between 1 and 500"));
-    }
-    let after = match page.cursor.as_deref() {
-        None | Some("") => 0,
-        Some(c) => c
-            .parse()
-            .map_err(|_| ApiError::validation("cursor", "is not a cursor this API returned"))?,
-    };
+    let limit = page.limit()?;
+    let after = page.cursor()?.unwrap_or(0);
     let users = store::users_page(&state.db, after, limit).await?;
     let next = (users.len() as i64 == limit)
         .then(|| users.last().map(|u| u.id.to_string()))
