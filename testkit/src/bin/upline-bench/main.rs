@@ -10,6 +10,7 @@
 //! configuration as `upline` (`config/upline.toml`, `UPLINE__…`, `DATABASE_URL`, `AMQP_URL`)
 //! for the servers and settings it starts the services with.
 
+mod autovacuum;
 mod drain;
 mod env;
 mod reads;
@@ -36,6 +37,10 @@ struct Cli {
     /// Its password.
     #[arg(long, env = "RABBITMQ_ADMIN_PASSWORD", default_value = local::RABBIT_ADMIN_PASSWORD, hide_default_value = true)]
     rabbitmq_admin_password: String,
+    /// Refuse to run while PostgreSQL's autovacuum is off, instead of turning it on for the
+    /// run (and resetting it afterwards).
+    #[arg(long)]
+    keep_autovacuum_setting: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -74,12 +79,16 @@ async fn main() -> anyhow::Result<()> {
         settings: &settings,
         rabbit: &rabbit,
     };
-    match cli.scenario {
+    let autovacuum =
+        autovacuum::Autovacuum::ensure_on(&settings, cli.keep_autovacuum_setting).await?;
+    let result = match cli.scenario {
         Scenario::Rest(args) => rest::run(env, args).await,
         Scenario::Drain(args) => drain::run(env, args).await,
         Scenario::Reads(args) => reads::run(env, args).await,
         Scenario::Ws(args) => ws::run(env, args).await,
-    }
+    };
+    autovacuum.restore().await;
+    result
 }
 
 /// Latencies in microseconds, 1 µs to 1 hour, 3 significant digits.
