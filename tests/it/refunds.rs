@@ -592,3 +592,64 @@ async fn holds_that_fell_due_during_downtime_are_approved_when_a_worker_starts()
     );
     app.stop().await;
 }
+
+/// A refund message without a usable `refund_id` is dead-lettered with its reason, and keeps
+/// its routing key there, so that `upline dlq replay` would send it back as a refund (never as
+/// a purchase, which would claim the purchase id). A bad amount under usable ids is stored as
+/// a rejected refund instead.
+#[tokio::test]
+async fn an_unreadable_refund_is_dead_lettered_as_a_refund() {
+    let app = TestApp::spawn().await;
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for body in [
+        br#"{"purchase_id":"ord-x","amount":"10.00"}"#.as_slice(),
+        br#"{"refund_id":"rf-neg","purchase_id":"ord-x","amount":"-10.00"}"#.as_slice(),
+    ] {
+        let confirm = upline_common::amqp::publish_mandatory(
+            &channel,
+            upline_common::amqp::REFUND_ROUTING_KEY,
+            body,
+            upline_common::amqp::persistent_json(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    let dead = app.get_dead_letter().await;
+    assert_eq!(dead.delivery.routing_key.as_str(), "refund");
+    let reason = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("headers")
+        .inner()
+        .get("x-upline-error")
+        .cloned();
+    assert_eq!(
+        reason,
+        Some(lapin::types::AMQPValue::LongString(
+            "refund_id is missing".into()
+        ))
+    );
+    let (status, _, reason) = wait_refund(&app, "rf-neg", None).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("rejected", Some("amount: must not be negative"))
+    );
+    // Neither was taken for a purchase.
+    let purchases: i64 = sqlx::query_scalar("select count(*) from purchases")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(purchases, 0);
+    conn.close(200, "done").await.expect("close");
+    app.stop().await;
+}
