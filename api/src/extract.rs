@@ -176,3 +176,36 @@ impl Page {
         }
     }
 }
+
+/// The idempotency key of a request that may carry it in the body (`body_field`, read by
+/// `body_key` once the header was) or in the `Idempotency-Key` header; both may be sent when
+/// they agree. Returns the key and where it came from (`body_field` or `"Idempotency-Key"`,
+/// the field to name when the key itself is invalid), or `None` when neither was sent.
+///
+/// # Errors
+/// 422 naming `Idempotency-Key` when the header is not ASCII or differs from the body's key;
+/// `body_key`'s error.
+pub fn idempotency_key(
+    headers: &axum::http::HeaderMap,
+    body_key: impl FnOnce() -> Result<Option<String>, ApiError>,
+    body_field: &'static str,
+) -> Result<Option<(&'static str, String)>, ApiError> {
+    let header_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::validation("Idempotency-Key", "must be ASCII"))?
+                .trim()
+                .to_owned(),
+        ),
+    };
+    match (body_key()?, header_key) {
+        (Some(b), Some(h)) if b != h => Err(ApiError::validation(
+            "Idempotency-Key",
+            format!("differs from the body's {body_field}"),
+        )),
+        (Some(key), _) => Ok(Some((body_field, key))),
+        (None, Some(key)) => Ok(Some(("Idempotency-Key", key))),
+        (None, None) => Ok(None),
+    }
+}

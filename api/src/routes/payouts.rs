@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{Page, PathText, Query, ValidatedJson};
+use crate::extract::{idempotency_key, Page, PathText, Query, ValidatedJson};
 use crate::responses::AdminErrors;
 use crate::{store, AppState};
 
@@ -192,30 +192,13 @@ fn key_and_label(
     headers: &HeaderMap,
     body: PayoutRequest,
 ) -> Result<(String, Option<String>), ApiError> {
-    let header_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::validation("Idempotency-Key", "must be ASCII"))?
-                .trim()
-                .to_owned(),
-        ),
+    let body_key = || match &body.idempotency_key {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+        Some(_) => Err(ApiError::validation("idempotency_key", "must be a string")),
     };
-    let body_key = match body.idempotency_key {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.trim().to_owned()),
-        Some(_) => return Err(ApiError::validation("idempotency_key", "must be a string")),
-    };
-    let (field, key) = match (body_key, header_key) {
-        (Some(b), Some(h)) if b != h => {
-            return Err(ApiError::validation(
-                "Idempotency-Key",
-                "differs from the body's idempotency_key",
-            ));
-        }
-        (Some(key), _) => ("idempotency_key", key),
-        (None, Some(key)) => ("Idempotency-Key", key),
-        (None, None) => return Err(ApiError::PayoutKeyRequired),
+    let Some((field, key)) = idempotency_key(headers, body_key, "idempotency_key")? else {
+        return Err(ApiError::PayoutKeyRequired);
     };
     PurchaseId::parse(&key).map_err(|m| ApiError::validation(field, m))?;
     let label = match body.label {

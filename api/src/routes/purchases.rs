@@ -8,7 +8,7 @@ use upline_common::purchase::{Field, PurchaseId, PurchaseRequest};
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{PathText, ValidatedJson};
+use crate::extract::{idempotency_key, PathText, ValidatedJson};
 use crate::model::{Accepted, PurchaseAccepted, PurchaseReport};
 use crate::responses::ProducerErrors;
 use crate::{store, AppState};
@@ -55,29 +55,13 @@ pub async fn create(
     ApiError,
 > {
     caller.producer_or_admin()?;
-    let header_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::validation("Idempotency-Key", "must be ASCII"))?
-                .trim()
-                .to_owned(),
-        ),
+    let body_id = || match body.purchase_id.clone() {
+        None => Ok(None),
+        Some(Field::Valid(id)) => Ok(Some(id)),
+        Some(Field::Invalid(message)) => Err(ApiError::validation("purchase_id", message)),
     };
-    let body_id = match body.purchase_id.clone() {
-        None => None,
-        Some(Field::Valid(id)) => Some(id),
-        Some(Field::Invalid(message)) => return Err(ApiError::validation("purchase_id", message)),
-    };
-    let raw_id = match (body_id, header_key) {
-        (Some(b), Some(h)) if b != h => {
-            return Err(ApiError::validation(
-                "Idempotency-Key",
-                "differs from the body's purchase_id",
-            ));
-        }
-        (Some(id), _) | (None, Some(id)) => id,
-        (None, None) => return Err(ApiError::IdempotencyKeyRequired),
+    let Some((_, raw_id)) = idempotency_key(&headers, body_id, "purchase_id")? else {
+        return Err(ApiError::IdempotencyKeyRequired);
     };
     let purchase_id =
         PurchaseId::parse(&raw_id).map_err(|m| ApiError::validation("purchase_id", m))?;
