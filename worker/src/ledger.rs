@@ -3,8 +3,10 @@
 //! Exactly-once comes from the database: the purchase id is the primary key of `purchases`
 //! (a second delivery finds it and changes nothing), the earners' rows are locked in id order
 //! in one statement (so concurrent workers never deadlock and `seq`, totals and caps stay
-//! exact), and every credited earning is written to `earning_outbox` in the same transaction,
-//! to be published after the commit by the relay (see `outbox.rs`).
+//! exact), and every credited earning is written to `earning_outbox` in the same transaction.
+//! The batch hands its earning events back to the caller, which publishes them straight after
+//! the commit; the outbox rows are the recovery path, leased to that caller for a while so
+//! that no other relay publishes them meanwhile (see `outbox.rs`).
 //!
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
 //! statement over arrays (`unnest`).
@@ -18,12 +20,15 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
+use upline_common::events::EarningEvent;
 use upline_common::money::Money;
 use upline_common::purchase::{Purchase, PurchaseId};
 use upline_common::rules::{Balances, CommissionStatus, Rules};
 use upline_common::{Level, PurchaseStatus, UserId};
 
 use plan::{Decision, Earner, LevelOutcome, NewEarning, Plan, Upline};
+
+use crate::outbox::Lease;
 
 /// What recording a purchase came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,8 +87,20 @@ impl Item {
     }
 }
 
-/// Records a batch in one transaction; returns one [`Recorded`] per item, in order. Items are
-/// applied in order: an earner's `seq` follows the order of the batch.
+/// A committed batch: what became of each item, and the earning events to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    /// One per item, in the batch's order.
+    pub results: Vec<Recorded>,
+    /// The credited commissions as contract §4 events, in `earning_id` order. Their outbox
+    /// rows are leased to the `lease` holder given to [`record_batch`] (or to nobody).
+    pub events: Vec<EarningEvent>,
+}
+
+/// Records a batch in one transaction. Items are applied in order: an earner's `seq` follows
+/// the order of the batch. Each credited earning is queued in `earning_outbox`, leased to
+/// `lease.holder` for `lease.duration` when a lease is given (the caller publishes the
+/// returned events itself), or free for any relay to take.
 ///
 /// # Errors
 /// Database errors; the transaction is rolled back and nothing of the batch is recorded.
@@ -91,37 +108,44 @@ pub async fn record_batch(
     pool: &PgPool,
     rules: &Rules,
     items: &[Item],
-) -> sqlx::Result<Vec<Recorded>> {
+    lease: Option<&Lease>,
+) -> sqlx::Result<Committed> {
     let mut tx = pool.begin().await?;
-    let results = record_in(&mut tx, rules, items).await?;
+    let committed = record_in(&mut tx, rules, items, lease).await?;
     tx.commit().await?;
-    Ok(results)
+    Ok(committed)
 }
 
-/// A batch's state: per item, its result once known.
+/// A batch's state: per item, its result once known; the events credited.
 struct Batch<'a> {
     items: &'a [Item],
     fingerprints: Vec<String>,
     results: Vec<Option<Recorded>>,
+    events: Vec<EarningEvent>,
 }
 
 async fn record_in(
     tx: &mut PgConnection,
     rules: &Rules,
     items: &[Item],
-) -> sqlx::Result<Vec<Recorded>> {
+    lease: Option<&Lease>,
+) -> sqlx::Result<Committed> {
     let mut batch = Batch {
         items,
         fingerprints: items.iter().map(Item::fingerprint).collect(),
         results: vec![None; items.len()],
+        events: Vec::new(),
     };
     let claimed = claim(tx, &mut batch).await?;
-    credit(tx, rules, &mut batch, &claimed).await?;
-    Ok(batch
-        .results
-        .into_iter()
-        .map(|r| r.expect("every item gets a result"))
-        .collect())
+    credit(tx, rules, &mut batch, &claimed, lease).await?;
+    Ok(Committed {
+        results: batch
+            .results
+            .into_iter()
+            .map(|r| r.expect("every item gets a result"))
+            .collect(),
+        events: batch.events,
+    })
 }
 
 /// Inserts the batch's purchases, in purchase-id order (so two batches sharing ids wait on
@@ -318,6 +342,7 @@ async fn credit(
     rules: &Rules,
     batch: &mut Batch<'_>,
     claimed: &[usize],
+    lease: Option<&Lease>,
 ) -> sqlx::Result<()> {
     let (indexes, purchases): (Vec<usize>, Vec<&Purchase>) = claimed
         .iter()
@@ -333,9 +358,17 @@ async fn credit(
     let earners = lock_earners(tx, uplines.values().flatten().copied(), rules.rates.len()).await?;
     let plan = plan::plan(rules, &purchases, &uplines, earners);
     write_rejections(tx, &purchases, &plan.decisions).await?;
-    let earning_ids = insert_earnings(tx, &plan.earnings, rules.hold).await?;
+    let inserted = insert_earnings(tx, &plan.earnings, rules.hold, lease).await?;
     update_aggregates(tx, &plan).await?;
+    let earning_ids: Vec<i64> = inserted.iter().map(|(id, _)| *id).collect();
     insert_levels(tx, &plan.levels, &earning_ids).await?;
+    batch.events = plan
+        .earnings
+        .iter()
+        .zip(inserted)
+        .map(|(e, (id, created_at))| e.event(id, created_at))
+        .collect();
+    batch.events.sort_unstable_by_key(|e| e.earning_id);
     for (i, decision) in indexes.into_iter().zip(plan.decisions) {
         batch.results[i] = Some(match decision {
             Decision::Processed { earnings } => Recorded::Processed { earnings },
@@ -462,13 +495,15 @@ async fn write_rejections(
     Ok(())
 }
 
-/// Inserts the earnings, queues them in the outbox and holds the pending ones in
-/// `commission_holds` until `hold` from now; returns their ids, in order.
+/// Inserts the earnings, queues them in the outbox (leased to `lease`'s holder, if any) and
+/// holds the pending ones in `commission_holds` until `hold` from now; returns their ids and
+/// `created_at`, in order.
 async fn insert_earnings(
     tx: &mut PgConnection,
     earnings: &[NewEarning],
     hold: std::time::Duration,
-) -> sqlx::Result<Vec<i64>> {
+    lease: Option<&Lease>,
+) -> sqlx::Result<Vec<(i64, OffsetDateTime)>> {
     if earnings.is_empty() {
         return Ok(Vec::new());
     }
@@ -482,14 +517,15 @@ async fn insert_earnings(
                            $8::text[], $9::text[], $10::bool[])
                     with ordinality as t(earner, seq, source, purchase, level, rate, amount, currency, totals, held, n)
                order by n
-               returning id, earner_id, seq, hold_until
+               returning id, earner_id, seq, hold_until, created_at
            ), queued as (
-               insert into earning_outbox (earning_id) select id from new
+               insert into earning_outbox (earning_id, claimed_by, claimed_until)
+               select id, $12::text, now() + make_interval(secs => $13) from new
            ), held as (
                insert into commission_holds (earning_id, due_at)
                select id, hold_until from new where hold_until is not null
            )
-           select t.n::int4 as "n!", new.id as "id!"
+           select t.n::int4 as "n!", new.id as "id!", new.created_at as "created_at!"
            from new join unnest($1::int8[], $2::int8[]) with ordinality as t(earner, seq, n)
              on new.earner_id = t.earner and new.seq = t.seq"#,
         &earnings.iter().map(|e| e.earner_id.get()).collect::<Vec<_>>(),
@@ -509,12 +545,16 @@ async fn insert_earnings(
             .map(|e| e.status == CommissionStatus::Pending)
             .collect::<Vec<_>>(),
         hold.as_secs_f64(),
+        lease.map(|l| l.holder.as_str()),
+        // No holder: `claimed_until` is in the past, free for any relay at once.
+        lease.map_or(-1.0, |l| l.duration.as_secs_f64()),
     )
     .fetch_all(&mut *tx)
     .await?;
-    let mut by_position = vec![0i64; earnings.len()];
+    let mut by_position = vec![(0i64, OffsetDateTime::UNIX_EPOCH); earnings.len()];
     for row in rows {
-        by_position[usize::try_from(row.n - 1).expect("ordinality starts at 1")] = row.id;
+        by_position[usize::try_from(row.n - 1).expect("ordinality starts at 1")] =
+            (row.id, row.created_at);
     }
     Ok(by_position)
 }

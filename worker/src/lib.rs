@@ -47,6 +47,7 @@ pub async fn run(
         db,
         rules,
         outbox_ready: Arc::new(Notify::new()),
+        direct: outbox::Direct::new(relay_options(&settings)),
         circuit: Arc::new(circuit::Circuit::new(probes.database_writable.clone())),
         max_message_bytes: settings.worker.max_message_bytes,
     };
@@ -141,17 +142,15 @@ async fn session(
     // batches committed, instead of leaving it to the next worker.
     let relay_stop = CancellationToken::new();
     let mut relay = {
-        let (db, conn, ready, cancel) = (
+        let (db, conn, direct, ready, cancel) = (
             ctx.db.clone(),
             conn.clone(),
+            ctx.direct.clone(),
             ctx.outbox_ready.clone(),
             relay_stop.clone(),
         );
-        let options = outbox::RelayOptions {
-            poll: Duration::from_millis(settings.worker.outbox_poll_ms),
-            confirm_timeout: Duration::from_millis(settings.worker.outbox_confirm_timeout_ms),
-        };
-        tokio::spawn(async move { outbox::relay(db, &conn, ready, options, cancel).await })
+        let options = relay_options(settings);
+        tokio::spawn(async move { outbox::relay(db, &conn, &direct, ready, options, cancel).await })
     };
     // lapin records `connection.blocked`/`unblocked` in the connection's status (and holds
     // every outgoing frame meanwhile) but offers no callback: look at it a few times a second.
@@ -245,6 +244,14 @@ async fn session(
     match first_error {
         Some(e) if !shutdown.is_cancelled() => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// The relay's settings: `worker.outbox_poll_ms`, `worker.outbox_confirm_timeout_ms`.
+fn relay_options(settings: &Settings) -> outbox::RelayOptions {
+    outbox::RelayOptions {
+        poll: Duration::from_millis(settings.worker.outbox_poll_ms),
+        confirm_timeout: Duration::from_millis(settings.worker.outbox_confirm_timeout_ms),
     }
 }
 

@@ -6,8 +6,18 @@
 //! between commit and publish leaves the rows behind, and any worker's relay publishes them on
 //! its next sweep. Delivery is at least once; the notifier drops duplicates by `seq`.
 //!
+//! **Published right after the commit; the outbox is the recovery path.** The purchase
+//! ledger inserts its outbox rows already leased to this worker's relay ([`Lease`]) and hands
+//! the batch's events over in memory ([`Direct`]): the relay publishes them at once, with no
+//! claim statement and no read back of the earnings. Only if this worker dies, or the broker
+//! does not confirm in time, do the rows wait for the lease to expire and a sweep to take
+//! them. The sweep also publishes the entries written outside the purchase path (reversals,
+//! approvals, payouts), which are queued free.
+//!
 //! No transaction is ever open while the relay waits for the broker (a broker under a memory
 //! or disk alarm blocks publishers for as long as the alarm lasts):
+//!
+//! A sweep, like the direct path after its hand-over, goes:
 //!
 //! 1. **Claim**: one statement leases up to [`BATCH`] rows that nobody holds (or whose lease
 //!    expired): `claimed_by` = this relay, `claimed_until` = now + the lease, taken `for update
@@ -31,7 +41,7 @@ use lapin::publisher_confirm::PublisherConfirm;
 use lapin::{Channel, Connection};
 use sqlx::types::Json;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::db::EarningRow;
@@ -41,6 +51,8 @@ use upline_common::{Level, UserId};
 
 /// Most earnings leased and published at once.
 const BATCH: i64 = 500;
+/// Committed batches a worker's consumers may hand its relay ahead of what it has published.
+pub const DIRECT_BATCHES: usize = 8;
 /// Longest pause between attempts after a nack, a confirm timeout or a database error.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a blocked connection is looked at again.
@@ -84,8 +96,76 @@ pub enum RelayError {
     Timeout(usize),
 }
 
-/// Relays until `cancel` fires: right after a commit that queued earnings (`ready`), and every
-/// `options.poll` for rows another worker left behind.
+/// The events of a committed batch, handed from a worker's consumers to its relay so that
+/// they are published straight after the commit. Their outbox rows were inserted leased to
+/// [`Direct::lease`]'s holder (this worker's relay), so no other relay publishes them
+/// meanwhile; if this worker dies first, the lease expires and any relay's sweep takes them.
+#[derive(Clone)]
+pub struct Direct {
+    /// The lease the ledger gives the outbox rows of the batches it hands over.
+    pub lease: Lease,
+    sender: mpsc::Sender<Vec<EarningEvent>>,
+    /// Taken by the (one) relay running in this worker; kept across broker sessions, so what
+    /// one session did not publish the next one does.
+    inbox: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<EarningEvent>>>>,
+}
+
+/// Who holds a row of `earning_outbox`, and for how long from its insert.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The relay's name, `<pid>-<nanoseconds since the epoch>`: unique per worker process.
+    pub holder: String,
+    pub duration: Duration,
+}
+
+impl Direct {
+    /// A hand-off for a worker whose relay runs with `options`: the lease is the relay's
+    /// (twice the confirm timeout plus a second).
+    pub fn new(options: RelayOptions) -> Direct {
+        let holder = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let (sender, receiver) = mpsc::channel(DIRECT_BATCHES);
+        Direct {
+            lease: Lease {
+                holder,
+                duration: options.lease(),
+            },
+            sender,
+            inbox: Arc::new(tokio::sync::Mutex::new(receiver)),
+        }
+    }
+
+    /// Hands a committed batch's events to the relay. While the relay is [`DIRECT_BATCHES`]
+    /// batches behind this waits (the consumers slow down to what the broker takes), but at
+    /// most half the lease: then the events are left to the outbox, whose sweep publishes them
+    /// once their lease has expired.
+    pub async fn hand_over(&self, events: Vec<EarningEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len();
+        match tokio::time::timeout(self.lease.duration / 2, self.sender.send(events)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => {
+                tracing::debug!(
+                    events = n,
+                    "relay behind; these events are left to the outbox sweep"
+                );
+                metrics::counter!("upline_outbox_handover_overflows_total").increment(1);
+            }
+        }
+    }
+}
+
+/// Relays until `cancel` fires: each batch `direct` hands over, right away; and a sweep of the
+/// outbox for rows nobody holds (another worker's lease expired, or entries written outside
+/// the purchase path: refunds, approvals, payouts) after every `ready` and every
+/// `options.poll`.
 ///
 /// # Errors
 /// The broker connection is lost (the caller reconnects). Nacks, timeouts and database errors
@@ -93,42 +173,59 @@ pub enum RelayError {
 pub async fn relay(
     db: PgPool,
     conn: &Connection,
+    direct: &Direct,
     ready: Arc<Notify>,
     options: RelayOptions,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let relay_id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
+    let relay_id = direct.lease.holder.as_str();
+    let mut inbox = direct.inbox.lock().await;
     let mut channel = open_channel(conn).await?;
     let mut failures = 0u32;
     let mut backlog_at: Option<Instant> = None;
+    // The first sweep at once: rows other workers left behind.
+    let mut sweep_at = tokio::time::Instant::now();
     let result = loop {
-        // A sweep: batches until one comes back short, the broker blocks, or an attempt fails.
-        let mut broken = None;
-        while !conn.status().blocked() {
-            match relay_batch(&db, &channel, &relay_id, options).await {
-                Ok(n) => {
-                    failures = 0;
-                    if n < BATCH as usize {
-                        break;
+        enum Wake {
+            Direct(Vec<EarningEvent>),
+            Sweep,
+        }
+        let wake = tokio::select! {
+            () = cancel.cancelled() => break Ok(()),
+            Some(events) = inbox.recv(), if failures == 0 && !conn.status().blocked() => {
+                Wake::Direct(events)
+            }
+            () = ready.notified(), if failures == 0 => Wake::Sweep,
+            () = tokio::time::sleep_until(sweep_at) => Wake::Sweep,
+        };
+        let outcome = match wake {
+            Wake::Direct(mut events) => {
+                // Whatever else is waiting, in one go (up to a few sweeps' worth).
+                while events.len() < 4 * BATCH as usize {
+                    match inbox.try_recv() {
+                        Ok(more) => events.extend(more),
+                        Err(_) => break,
                     }
                 }
-                Err(RelayError::Broker(e)) => {
-                    broken = Some(e);
-                    break;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, failures, "outbox relay: attempt failed; backing off");
-                    metrics::counter!("upline_outbox_relay_failures_total", "reason" => reason(&e))
-                        .increment(1);
-                    break;
-                }
+                publish(&db, &channel, relay_id, events, options, "direct")
+                    .await
+                    .map(drop)
+            }
+            Wake::Sweep => {
+                let swept = sweep(&db, &channel, relay_id, conn, options).await;
+                sweep_at = tokio::time::Instant::now() + options.poll;
+                swept
+            }
+        };
+        let mut broken = None;
+        match outcome {
+            Ok(()) => failures = 0,
+            Err(RelayError::Broker(e)) => broken = Some(e),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "outbox relay: attempt failed; backing off");
+                metrics::counter!("upline_outbox_relay_failures_total", "reason" => reason(&e))
+                    .increment(1);
             }
         }
         if let Some(e) = broken {
@@ -150,35 +247,31 @@ pub async fn relay(
                 Err(e) => tracing::debug!(error = %e, "outbox relay: backlog not measured"),
             }
         }
-        let wait = if conn.status().blocked() {
-            BLOCKED_POLL
+        let now = tokio::time::Instant::now();
+        if conn.status().blocked() {
+            sweep_at = sweep_at.min(now + BLOCKED_POLL);
         } else if failures > 0 {
-            (Duration::from_millis(100) * 2u32.pow(failures.min(6))).min(MAX_BACKOFF)
-        } else {
-            options.poll
-        };
-        tokio::select! {
-            () = cancel.cancelled() => break Ok(()),
-            () = ready.notified(), if failures == 0 => {}
-            () = tokio::time::sleep(wait) => {}
+            sweep_at =
+                now + (Duration::from_millis(100) * 2u32.pow(failures.min(6))).min(MAX_BACKOFF);
         }
     };
-    if result.is_ok() {
+    if result.is_ok() && !conn.status().blocked() {
         // Publish what the last in-flight purchases committed before stopping (the worker
         // stops its relay after its consumers).
-        while !conn.status().blocked() {
-            match relay_batch(&db, &channel, &relay_id, options).await {
-                Ok(n) if n == BATCH as usize => {}
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay: last sweep failed; the rows stay queued");
-                    break;
-                }
-            }
+        let mut events = Vec::new();
+        while let Ok(more) = inbox.try_recv() {
+            events.extend(more);
+        }
+        let last = match publish(&db, &channel, relay_id, events, options, "direct").await {
+            Ok(_) => sweep(&db, &channel, relay_id, conn, options).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = last {
+            tracing::warn!(error = %e, "outbox relay: last sweep failed; the rows stay queued");
         }
     }
     // Hand back whatever this relay still holds, so the next relay need not wait for the lease.
-    if let Err(e) = release_all(&db, &relay_id).await {
+    if let Err(e) = release_all(&db, relay_id).await {
         tracing::warn!(error = %e, "outbox relay: leases not released; they will expire");
     }
     if channel.status().connected() && !conn.status().blocked() {
@@ -189,6 +282,22 @@ pub async fn relay(
         .await;
     }
     result
+}
+
+/// Relays batches of rows nobody holds until one comes back short or the broker blocks.
+async fn sweep(
+    db: &PgPool,
+    channel: &Channel,
+    relay_id: &str,
+    conn: &Connection,
+    options: RelayOptions,
+) -> Result<(), RelayError> {
+    while !conn.status().blocked() {
+        if relay_batch(db, channel, relay_id, options).await? < BATCH as usize {
+            break;
+        }
+    }
+    Ok(())
 }
 
 async fn open_channel(conn: &Connection) -> anyhow::Result<Channel> {
@@ -217,7 +326,22 @@ async fn relay_batch(
     options: RelayOptions,
 ) -> Result<usize, RelayError> {
     let rows = claim(db, relay_id, options.lease()).await?;
-    let claimed = rows.len();
+    let events = rows.into_iter().map(EarningEvent::from).collect();
+    publish(db, channel, relay_id, events, options, "sweep").await
+}
+
+/// Publishes `events` (their outbox rows held by `relay_id`) and awaits the confirms within
+/// `options.confirm_timeout`, then deletes the confirmed rows and releases the refused ones;
+/// returns how many events there were. `path` labels the published counter.
+async fn publish(
+    db: &PgPool,
+    channel: &Channel,
+    relay_id: &str,
+    events: Vec<EarningEvent>,
+    options: RelayOptions,
+    path: &'static str,
+) -> Result<usize, RelayError> {
+    let claimed = events.len();
     if claimed == 0 {
         return Ok(0);
     }
@@ -225,10 +349,8 @@ async fn relay_batch(
     // Pipelined: publish everything, then wait for the confirms. Publishing itself waits while
     // the connection is blocked, hence the deadline around both.
     let published = tokio::time::timeout_at(deadline, async {
-        let mut confirms: Vec<(i64, PublisherConfirm)> = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id = row.id;
-            let event = EarningEvent::from(row);
+        let mut confirms: Vec<(i64, PublisherConfirm)> = Vec::with_capacity(events.len());
+        for event in events {
             let body = serde_json::to_vec(&event).expect("an EarningEvent always serialises");
             let confirm = channel
                 .basic_publish(
@@ -239,7 +361,7 @@ async fn relay_batch(
                     amqp::persistent_json(),
                 )
                 .await?;
-            confirms.push((id, confirm));
+            confirms.push((event.earning_id, confirm));
         }
         Ok::<_, lapin::Error>(confirms)
     })
@@ -271,7 +393,7 @@ async fn relay_batch(
     // Whatever happened to the rest, what the broker confirmed is done.
     if !confirmed.is_empty() {
         delete(db, &confirmed).await?;
-        metrics::counter!("upline_earning_events_published_total")
+        metrics::counter!("upline_earning_events_published_total", "path" => path)
             .increment(confirmed.len() as u64);
     }
     if !refused.is_empty() {

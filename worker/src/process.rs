@@ -19,8 +19,11 @@ use crate::ledger::{self, Incoming, Item, Recorded};
 pub struct Ctx {
     pub db: PgPool,
     pub rules: Arc<Rules>,
-    /// Woken after a commit that queued earnings in the outbox.
+    /// Woken after a commit that queued earnings in the outbox free for any relay (refunds).
     pub outbox_ready: Arc<Notify>,
+    /// Takes the events of each committed purchase batch to this worker's relay, which
+    /// publishes them at once; their outbox rows are leased to it.
+    pub direct: crate::outbox::Direct,
     /// Open while the database fails: consumers wait, one probes (see [`crate::circuit`]).
     pub circuit: Arc<crate::circuit::Circuit>,
     /// Largest message body read (`worker.max_message_bytes`); bigger ones are dead-lettered.
@@ -97,7 +100,10 @@ pub async fn process_batch(ctx: &Ctx, messages: &[Message<'_>]) -> sqlx::Result<
     }
     let mut processed: Vec<String> = Vec::new();
     if !items.is_empty() {
-        let recorded = ledger::record_batch(&ctx.db, &ctx.rules, &items).await?;
+        let committed =
+            ledger::record_batch(&ctx.db, &ctx.rules, &items, Some(&ctx.direct.lease)).await?;
+        ctx.direct.hand_over(committed.events).await;
+        let recorded = committed.results;
         processed = items
             .iter()
             .zip(&recorded)
@@ -127,9 +133,6 @@ pub async fn process_batch(ctx: &Ctx, messages: &[Message<'_>]) -> sqlx::Result<
             dispositions[position] = Some(Disposition::Done(recorded));
         }
         metrics::counter!("upline_earnings_credited_total").increment(credited as u64);
-        if credited > 0 {
-            ctx.outbox_ready.notify_one();
-        }
     }
     let mut changed = false;
     for (i, incoming) in refunds {

@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
-use upline_common::events::Totals;
+use upline_common::events::{EarningEvent, Totals};
 use upline_common::money::Money;
 use upline_common::purchase::Purchase;
 use upline_common::rules::{
-    self, Balances, CommissionStatus, Movement, Outcome, Rules, UplineMember,
+    self, Balances, CommissionStatus, EntryKind, Movement, Outcome, Rules, UplineMember,
 };
 use upline_common::{Level, UserId};
 
@@ -66,6 +66,30 @@ pub(super) struct NewEarning {
     pub status: CommissionStatus,
     /// The earner's totals including this earning (SPEC §4 `totals`).
     pub totals: Totals,
+}
+
+impl NewEarning {
+    /// The contract §4 event of this earning once inserted as `earnings.id` = `id` at
+    /// `created_at`: the same event the relay builds from the stored row.
+    pub fn event(&self, id: i64, created_at: time::OffsetDateTime) -> EarningEvent {
+        EarningEvent {
+            earning_id: id,
+            seq: self.seq,
+            earner_id: self.earner_id,
+            kind: EntryKind::Commission,
+            source_user_id: Some(self.source_user_id),
+            purchase_id: Some(self.purchase_id.clone()),
+            level: Some(self.level),
+            rate: Some(self.rate.normalize()),
+            amount: self.amount,
+            currency: self.currency.clone(),
+            refers_to: None,
+            refund_id: None,
+            payout_id: None,
+            totals: self.totals.clone(),
+            created_at,
+        }
+    }
 }
 
 /// One row of `purchase_levels` to insert.
