@@ -13,6 +13,7 @@ mod live;
 mod notifier;
 mod notifier_limits;
 mod openapi;
+mod outbox;
 mod payouts;
 mod purchases;
 mod queue;
