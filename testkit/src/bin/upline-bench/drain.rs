@@ -2,7 +2,7 @@
 //! worker processes; next to "PostgreSQL alone": the same purchases applied by the ledger's
 //! batch transaction straight to the database, with no broker in the way.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,8 @@ async fn drain(
 
     let cpu_before = env.cpu();
     let started = Instant::now();
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn(lock_waits(env.db.clone(), stop_sampling.clone()));
     for _ in 0..workers {
         env.start("worker", extra).await?;
     }
@@ -216,6 +218,8 @@ async fn drain(
     let secs = started.elapsed().as_secs_f64();
     progress_done();
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    stop_sampling.store(true, Ordering::Relaxed);
+    let (waiting, writing, samples) = sampler.await??;
     // Events: wait for the outbox to empty (all earning events confirmed by the broker).
     pipeline::wait_outbox_empty(&env.db, Duration::from_secs(1800)).await?;
     let with_events = started.elapsed().as_secs_f64();
@@ -224,8 +228,41 @@ async fn drain(
         sent.len(),
         sent.len() as f64 / secs
     );
+    println!(
+        "  row-lock waits: {:.1} % of the time in writing transactions ({samples} samples of pg_stat_activity every {} ms: {waiting} of {writing} session samples holding a transaction id were waiting on a lock)",
+        if writing == 0 { 0.0 } else { 100.0 * waiting as f64 / writing as f64 },
+        SAMPLE_EVERY.as_millis(),
+    );
     verify(env, sent).await?;
     Ok((sent.len() as f64 / secs, secs))
+}
+
+/// How often [`lock_waits`] looks at `pg_stat_activity`.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+
+/// Samples `pg_stat_activity` of the bench's database until `stop`: per sample, the sessions
+/// in a transaction that has written (it holds a transaction id: the ledger's batches and the
+/// relay's statements, not the bench's own reads), and those of them waiting on a lock
+/// (`wait_event_type = 'Lock'`: a row lock shows as a wait on the holder's `transactionid` or
+/// on the `tuple`). Returns (waiting, writing, samples): waiting / writing is the share of
+/// write-transaction time spent waiting for locks.
+async fn lock_waits(db: sqlx::PgPool, stop: Arc<AtomicBool>) -> anyhow::Result<(i64, i64, u64)> {
+    let (mut waiting, mut writing, mut samples) = (0i64, 0i64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let (w, x): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where wait_event_type = 'Lock'), count(*) \
+             from pg_stat_activity \
+             where datname = current_database() and backend_xid is not null \
+               and pid <> pg_backend_pid()",
+        )
+        .fetch_one(&db)
+        .await?;
+        waiting += w;
+        writing += x;
+        samples += 1;
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    Ok((waiting, writing, samples))
 }
 
 async fn verify(env: &BenchEnv, sent: &[Order]) -> anyhow::Result<()> {
