@@ -70,8 +70,11 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     // ~10,000 events/s in bursts, and on two shared cores the observer's reads can stall for
     // longer than 1,024 frames take. It is the instrument, not the system under test: give it
     // room.
-    env.start("notifier", &[("UPLINE__NOTIFIER__BUFFER", "65536".to_owned())])
-        .await?;
+    env.start(
+        "notifier",
+        &[("UPLINE__NOTIFIER__BUFFER", "65536".to_owned())],
+    )
+    .await?;
     env.start("api", &[]).await?;
     let api = env.service("api").expect("started").base.clone();
     let ws_url = format!(
