@@ -37,7 +37,7 @@ use upline_testkit::oracle;
 use upline_testkit::order::Order;
 use upline_testkit::spawn::{self, Output, ServiceCommand};
 
-use crate::harness::user_id;
+use crate::harness::{metric_value, metrics_text, user_id};
 use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// The longest any one phase (start-up, a stream, a drain) may take.
@@ -980,23 +980,8 @@ async fn broker_memory_alarm_blocks_the_relay_without_holding_a_transaction() {
         .fetch_one(&stack.db)
         .await
         .expect("count");
-    let metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.worker.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let gauge = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    let backlog = gauge("upline_outbox_backlog");
+    let metrics = metrics_text(&stack.http, &stack.worker.base()).await;
+    let backlog = metric_value(&metrics, |l| l.starts_with("upline_outbox_backlog"));
     let timeouts = metrics
         .lines()
         .find(|l| l.starts_with("upline_outbox_relay_failures_total") && l.contains("timeout"))
@@ -1162,15 +1147,7 @@ async fn nacked_earning_events_are_retried_without_ending_the_worker_session() {
         not_ready, 0,
         "the worker was not ready while its events were nacked"
     );
-    let metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.worker.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&stack.http, &stack.worker.base()).await;
     let refused = metrics
         .lines()
         .find(|l| l.starts_with("upline_outbox_relay_failures_total") && l.contains("refused"))

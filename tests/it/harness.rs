@@ -67,6 +67,26 @@ pub struct User {
 }
 
 /// A test's user id as the domain type (test users are registered, so positive).
+/// The Prometheus text a service serves at `{base}/metrics`.
+pub async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
+    http.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of the first sample in `metrics` whose line `picks`.
+pub fn metric_value(metrics: &str, picks: impl Fn(&str) -> bool) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| picks(l))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
 pub fn user_id(id: i64) -> UserId {
     UserId::new(id).expect("a positive user id")
 }

@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use upline_common::amqp;
 use upline_common::events::EarningEvent;
 
-use crate::harness::{Services, TestApp};
+use crate::harness::{metric_value, metrics_text, Services, TestApp};
 
 async fn outbox_rows(app: &TestApp) -> i64 {
     sqlx::query_scalar("select count(*) from earning_outbox")
@@ -70,20 +70,10 @@ async fn earning_events_are_published_right_after_the_commit_without_waiting_for
     // Counted as published by the direct path (the metrics recorder is the test process's, so
     // other tests' workers add to it too; none of this one's events went through a sweep).
     let worker = app.worker.as_deref().expect("a worker");
-    let metrics = app
-        .http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let direct = metrics
-        .lines()
-        .find(|l| l.starts_with(r#"upline_earning_events_published_total{path="direct"}"#))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok());
+    let metrics = metrics_text(&app.http, worker).await;
+    let direct = metric_value(&metrics, |l| {
+        l.starts_with(r#"upline_earning_events_published_total{path="direct"}"#)
+    });
     assert!(direct.is_some_and(|n| n >= 6.0), "{metrics}");
     app.stop().await;
 }
