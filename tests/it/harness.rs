@@ -395,15 +395,21 @@ impl TestApp {
             .expect("connect to RabbitMQ")
     }
 
-    /// Publishes raw bytes onto `upline.purchases` (like a careless external producer: not
-    /// mandatory, no message id) and waits for the broker's confirm.
-    pub async fn publish_raw(&self, body: &[u8]) {
+    /// A connection of its own and a channel on it in publisher-confirm mode.
+    pub async fn confirming_channel(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = self.amqp().await;
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(Default::default())
             .await
             .expect("confirms");
+        (conn, channel)
+    }
+
+    /// Publishes raw bytes onto `upline.purchases` (like a careless external producer: not
+    /// mandatory, no message id) and waits for the broker's confirm.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let (conn, channel) = self.confirming_channel().await;
         let confirm = amqp::publish_raw(&channel, body)
             .await
             .expect("publish")

@@ -600,12 +600,7 @@ async fn holds_that_fell_due_during_downtime_are_approved_when_a_worker_starts()
 #[tokio::test]
 async fn an_unreadable_refund_is_dead_lettered_as_a_refund() {
     let app = TestApp::spawn().await;
-    let conn = app.amqp().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
+    let (conn, channel) = app.confirming_channel().await;
     for body in [
         br#"{"purchase_id":"ord-x","amount":"10.00"}"#.as_slice(),
         br#"{"refund_id":"rf-neg","purchase_id":"ord-x","amount":"-10.00"}"#.as_slice(),

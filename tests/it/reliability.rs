@@ -349,12 +349,7 @@ async fn dead_letters_are_listed_shown_and_replayed_with_upline_dlq() {
     app.publish_raw(big.to_string().as_bytes()).await;
     wait_dead_letters(&app, 2).await;
     // A good purchase set aside by some past failure, with its reason.
-    let conn = app.amqp().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
+    let (conn, channel) = app.confirming_channel().await;
     let good = json!({"purchase_id": "good-from-dlq", "buyer_id": c.id, "amount": "2000.00"});
     let confirm = channel
         .basic_publish(
