@@ -118,8 +118,13 @@ pub struct NotifierSettings {
     pub ping_interval_secs: u64,
     /// A connection that has not answered for this many seconds is closed.
     pub idle_timeout_secs: u64,
-    /// Frames buffered per subscription before a slow client is closed.
+    /// Frames buffered for the admin feed of every earner (`"*"`), which has no replay: a
+    /// subscriber further behind is closed with `lagged`. At least 1.
     pub buffer: usize,
+    /// Frames buffered in each earner's channel, shared by that earner's subscriptions and
+    /// allocated up front (about 48 bytes a frame) while the earner has any. A subscription
+    /// further behind is not closed: it catches up from PostgreSQL (contract §5). At least 1.
+    pub user_buffer: usize,
     /// Seconds one frame may take to be written to a client before it counts as too slow.
     pub send_timeout_secs: u64,
     /// Kernel send buffer per client socket, in bytes (fixed, so it cannot grow unbounded).
@@ -329,12 +334,14 @@ impl Settings {
         }
         let n = &self.notifier;
         if n.replay_page_size == 0
+            || n.buffer == 0
+            || n.user_buffer == 0
             || n.subscribe_timeout_secs == 0
             || n.max_connections == 0
             || n.max_connections_per_user == 0
             || n.max_connections_per_address == 0
         {
-            bail!("notifier.replay_page_size, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
+            bail!("notifier.replay_page_size, notifier.buffer, notifier.user_buffer, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
         }
         if self.worker.outbox_confirm_timeout_ms < 100 {
             bail!("worker.outbox_confirm_timeout_ms must be at least 100");
@@ -664,6 +671,15 @@ mod tests {
             "values are not guessed to be numbers"
         );
         assert_eq!(settings.database.url, "postgres://db.example/upline");
+    }
+
+    #[test]
+    fn notifier_buffers_default_to_a_short_earner_channel_and_refuse_zero() {
+        let settings = load(&[DEVELOPMENT]).expect("defaults load");
+        assert_eq!(settings.notifier.user_buffer, 64);
+        assert_eq!(settings.notifier.buffer, 1024);
+        let e = load(&[DEVELOPMENT, ("UPLINE__NOTIFIER__USER_BUFFER", "0")]).expect_err("zero");
+        assert!(format!("{e:#}").contains("notifier.user_buffer"), "{e:#}");
     }
 
     #[test]

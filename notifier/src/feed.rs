@@ -16,7 +16,7 @@
 //! The same paged replay is how the feed recovers whenever the hub cannot be trusted to be
 //! complete: a frame that jumps ahead (events of one earner can be published out of order by
 //! several workers' relays), a broker reconnect ([`Signal::Resync`]), or a channel that lagged
-//! (the client or the replay took longer than `notifier.buffer` frames): the feed goes back to
+//! (the client or the replay took longer than `notifier.user_buffer` frames): the feed goes back to
 //! the database after the last `seq` it read instead of ending the client with `lagged`.
 
 use std::collections::VecDeque;
@@ -197,7 +197,9 @@ impl Feed {
             }
             if self.token_check_due {
                 if let Some(token) = &self.token {
-                    if !upline_common::auth::token_is_current(&self.db, token).await? {
+                    // Boxed, as every database read of a feed: its future is kilobytes, and
+                    // inline it would size every idle connection's task (see ws.rs).
+                    if !Box::pin(upline_common::auth::token_is_current(&self.db, token)).await? {
                         return Err(FeedEnd::Revoked);
                     }
                 }
@@ -211,7 +213,7 @@ impl Feed {
                 if self.token_check_due {
                     continue;
                 }
-                self.read_page(id).await?;
+                Box::pin(self.read_page(id)).await?;
                 continue;
             }
             let expiry = expiry_sleep(self.token.as_ref());

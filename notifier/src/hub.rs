@@ -70,7 +70,8 @@ pub enum Signal {
 
 /// Subscriptions by earner, plus the admin feed of everything.
 pub struct Hub {
-    capacity: usize,
+    /// Frames per earner's channel (`notifier.user_buffer`).
+    user_capacity: usize,
     users: Mutex<HashMap<UserId, broadcast::Sender<Signal>>>,
     all: broadcast::Sender<Signal>,
 }
@@ -121,11 +122,14 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// `capacity` = frames buffered per subscription before it lags.
-    pub fn new(capacity: usize) -> Self {
-        let (all, _) = broadcast::channel(capacity);
+    /// `user_capacity`: frames buffered in each earner's channel before its subscriptions lag
+    /// (`notifier.user_buffer`); a tokio broadcast channel allocates its slots up front, so
+    /// this is the hub's memory per subscribed earner. `all_capacity`: the same for the admin
+    /// feed of every earner (`notifier.buffer`). Both at least 1.
+    pub fn new(user_capacity: usize, all_capacity: usize) -> Self {
+        let (all, _) = broadcast::channel(all_capacity);
         Hub {
-            capacity,
+            user_capacity,
             users: Mutex::new(HashMap::new()),
             all,
         }
@@ -142,7 +146,7 @@ impl Hub {
         let mut users = self.lock_users();
         let rx = users
             .entry(user_id)
-            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .or_insert_with(|| broadcast::channel(self.user_capacity).0)
             .subscribe();
         set_users_gauge(users.len());
         Subscription {
@@ -224,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_earners_entry_goes_with_its_last_subscription() {
-        let hub = Arc::new(Hub::new(8));
+        let hub = Arc::new(Hub::new(8, 8));
         let first = hub.subscribe(user(7));
         let second = hub.subscribe(user(7));
         let other = hub.subscribe(user(8));
@@ -245,7 +249,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscription_after_the_entry_went_gets_new_events() {
-        let hub = Arc::new(Hub::new(8));
+        let hub = Arc::new(Hub::new(8, 8));
         drop(hub.subscribe(user(7)));
         let mut sub = hub.subscribe(user(7));
         let event = RawValue::from_string("{}".to_owned()).expect("JSON");

@@ -177,7 +177,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let hub = Arc::new(Hub::new(settings.notifier.buffer));
+    let hub = Arc::new(Hub::new(
+        settings.notifier.user_buffer,
+        settings.notifier.buffer,
+    ));
     serve(settings, listener, shutdown, hub).await
 }
 

@@ -28,9 +28,10 @@ pub async fn upgrade(
     let slot = state.slots.connect(ip);
     // Small buffers: tungstenite's defaults (128 KiB each way) would cost ~140 KiB per idle
     // connection; frames here are a few hundred bytes, and back-pressure is the hub's bounded
-    // buffer, not the socket's.
+    // buffer, not the socket's. The read buffer is allocated up front for every connection
+    // and grows to fit a longer message (a subscribe with its token is ~400 bytes).
     ws.max_message_size(64 * 1024)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(64 * 1024)
         .on_upgrade(move |socket| connection(state, socket, ip, slot))
@@ -91,19 +92,22 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
             return;
         }
     };
-    let Authorized { target, token } = match state.authorize(Ok(sub.user_id), &sub.token, ip).await
-    {
-        Ok(authorized) => authorized,
-        Err(refused) => {
-            if let Refused::Db(e) = &refused {
-                tracing::error!(error = %e, "checking a token");
+    // The set-up's futures (token check, first replay page) are boxed: inline, their
+    // kilobytes would stay in this task's state for the connection's whole life, although they
+    // are done once it subscribes.
+    let Authorized { target, token } =
+        match Box::pin(state.authorize(Ok(sub.user_id), &sub.token, ip)).await {
+            Ok(authorized) => authorized,
+            Err(refused) => {
+                if let Refused::Db(e) = &refused {
+                    tracing::error!(error = %e, "checking a token");
+                }
+                socket
+                    .reject(ErrorMessage::new(refused.code(), refused.to_string()))
+                    .await;
+                return;
             }
-            socket
-                .reject(ErrorMessage::new(refused.code(), refused.to_string()))
-                .await;
-            return;
-        }
-    };
+        };
     // One of the user's stream slots, held as long as the feed (the admin feed of everyone is
     // not a user's).
     let _user_slot = match target {
@@ -116,14 +120,14 @@ async fn serve(state: &NotifierState, socket: &mut Client, ip: Option<IpAddr>) {
         },
         Target::All => None,
     };
-    let mut feed = match Feed::open(
+    let mut feed = match Box::pin(Feed::open(
         &state.hub,
         state.db.clone(),
         target,
         sub.since,
         token,
         state.replay_page_size,
-    )
+    ))
     .await
     {
         Ok(feed) => feed,

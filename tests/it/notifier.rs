@@ -75,7 +75,7 @@ async fn clients_on_any_of_several_notifiers_get_all_their_events() {
 #[tokio::test]
 async fn a_client_too_slow_to_keep_up_is_closed_without_slowing_the_others() {
     let app = TestApp::spawn_with(Services::default(), |s| {
-        s.notifier.buffer = 256;
+        s.notifier.user_buffer = 256;
         s.notifier.socket_send_buffer = 8192;
         s.notifier.send_timeout_secs = 2;
     })

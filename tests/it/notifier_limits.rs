@@ -68,7 +68,7 @@ async fn a_long_history_replays_in_small_pages_exactly_once_in_order_while_purch
     // Pages of 64 and a hub buffer of 16: the live channel lags many times during the replay.
     let app = TestApp::spawn_with(Services::default(), |s| {
         s.notifier.replay_page_size = 64;
-        s.notifier.buffer = 16;
+        s.notifier.user_buffer = 16;
     })
     .await;
     let (_, b, c) = app.chain_abc().await;
@@ -109,7 +109,7 @@ async fn a_feed_never_holds_more_than_one_page_and_fills_gaps_and_lags_from_the_
     let (_, b, c) = app.chain_abc().await;
     insert_history(&app, b.id, c.id, 0, 3_000).await;
     // A hub of its own, with room for 4 frames, fed by hand.
-    let hub = Arc::new(Hub::new(4));
+    let hub = Arc::new(Hub::new(4, 4));
     let page = 50;
     let mut feed = Feed::open(
         &hub,
@@ -549,7 +549,7 @@ async fn a_users_hub_entry_goes_when_its_last_client_disconnects() {
     let app = TestApp::spawn().await;
     let (a, b, c) = app.chain_abc().await;
     // A notifier whose hub the test can see.
-    let hub = Arc::new(Hub::new(64));
+    let hub = Arc::new(Hub::new(64, 64));
     let stop = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
