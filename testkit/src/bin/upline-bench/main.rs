@@ -11,6 +11,7 @@
 //! for the servers and settings it starts the services with.
 
 mod autovacuum;
+mod churn;
 mod drain;
 mod env;
 mod reads;
@@ -108,6 +109,11 @@ impl Latency {
 
     pub fn add(&mut self, other: &Latency) {
         self.0.add(&other.0).expect("same bounds");
+    }
+
+    /// The latency at quantile `q` (0.0–1.0), in milliseconds; `None` without samples.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        (!self.0.is_empty()).then(|| self.0.value_at_quantile(q) as f64 / 1000.0)
     }
 
     /// `p50 1.23 ms, p99 4.56 ms, max 7.89 ms (n = 1000)`

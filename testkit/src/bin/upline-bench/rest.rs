@@ -11,13 +11,15 @@ use rand::Rng;
 use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
 use tokio_tungstenite::tungstenite::Message;
+use upline_common::auth::Auth;
 use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_common::{Level, UserId};
 use upline_testkit::client::Api;
 use upline_testkit::order::Order;
 use upline_testkit::{oracle, pipeline};
 
-use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
+use super::churn;
+use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -37,9 +39,27 @@ pub struct RestArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// A soak's report: every this many seconds, the purchase → WebSocket latency of the
+    /// purchases sent in that window, each service's resident memory and the hot tables' dead
+    /// rows; at the end, the last window against the first.
+    #[arg(long)]
+    window_secs: Option<u64>,
+    /// WebSocket subscribers that keep connecting as a random earner, reading 2–10 s and
+    /// reconnecting with `since` (churn), beside the observer.
+    #[arg(long, default_value_t = 0)]
+    churn: usize,
     /// Keep the benchmark's database and vhost afterwards.
     #[arg(long)]
     keep: bool,
+}
+
+/// What one soak window ended with.
+struct WindowSample {
+    accepted: u64,
+    /// Resident memory per service, MiB.
+    rss: Vec<(String, f64)>,
+    /// Dead and live row versions of the hot tables (`pg_stat_user_tables`).
+    tables: Vec<(String, i64, i64)>,
 }
 
 pub async fn run(bench: Bench<'_>, args: RestArgs) -> anyhow::Result<()> {
@@ -89,6 +109,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let client = Api::new(env.http.clone(), &api, &admin, &producer);
 
     // The observer: one admin subscription to every earning.
+    let started = Instant::now();
+    let window = args.window_secs.map(|w| Duration::from_secs(w.max(1)));
     let sent: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let delivered = Arc::new(AtomicU64::new(0));
     let stop_observer = tokio_util::sync::CancellationToken::new();
@@ -106,6 +128,8 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
             // PostgreSQL's now(): the start of the transaction that credited it).
             let (mut latency, mut to_ledger, mut from_ledger) =
                 (Latency::new(), Latency::new(), Latency::new());
+            // By the window the purchase was sent in.
+            let mut windows: Vec<Latency> = Vec::new();
             loop {
                 let msg = tokio::select! {
                     () = stop.cancelled() => break,
@@ -128,20 +152,37 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                         .remove(earning.purchase_id.as_deref().unwrap_or_default());
                     if let Some((t, wall)) = sent_at {
                         latency.record(t.elapsed());
+                        if let Some(w) = window {
+                            let i = (t.duration_since(started).as_secs() / w.as_secs()) as usize;
+                            if windows.len() <= i {
+                                windows.resize_with(i + 1, Latency::new);
+                            }
+                            windows[i].record(t.elapsed());
+                        }
                         let (created, now) = (earning.created_at, time::OffsetDateTime::now_utc());
                         to_ledger.record((created - wall).try_into().unwrap_or_default());
                         from_ledger.record((now - created).try_into().unwrap_or_default());
                     }
                 }
             }
-            (latency, to_ledger, from_ledger)
+            (latency, to_ledger, from_ledger, windows)
         })
     };
 
     let accepted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
+    let churn = (args.churn > 0).then(|| {
+        // The earners of the 8-ary tree: every user with a referral.
+        let earners = (args.users - 2) / 8 + 1;
+        tokio::spawn(churn::run(
+            ws_url.clone(),
+            Auth::new(&env.settings.auth),
+            earners,
+            args.churn,
+            deadline,
+        ))
+    });
     let cpu_before = env.cpu();
     let mut tasks = Vec::new();
     for task in 0..args.connections {
@@ -201,8 +242,14 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         }));
     }
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut samples: Vec<WindowSample> = Vec::new();
     while Instant::now() < deadline {
         ticker.tick().await;
+        if let Some(w) = window {
+            if started.elapsed() >= w * (samples.len() as u32 + 1) {
+                samples.push(sample(env, accepted.load(Ordering::Relaxed)).await?);
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
         progress(&format!(
             "{secs:>5.1} s  accepted {} ({:.0}/s)  delivered events {}",
@@ -245,7 +292,11 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let total_time = started.elapsed();
     let cpu_after = env.cpu();
     stop_observer.cancel();
-    let (e2e, to_ledger, from_ledger) = observer.await?;
+    let (e2e, to_ledger, from_ledger, windows) = observer.await?;
+    let churned = match churn {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
 
     let rules = env.settings.commission.rules()?;
     let expected = oracle::recompute(&env.db, &all_sent, &rules).await?;
@@ -272,6 +323,18 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, total_time)
     );
+    if let Some(w) = window {
+        print_windows(w, &windows, &samples);
+    }
+    if let Some(c) = &churned {
+        println!(
+            "churn           {} connections subscribed, {} earnings received, {} failed, {} out of seq order",
+            c.connections, c.earnings, c.failures, c.out_of_order
+        );
+        if c.out_of_order > 0 {
+            bail!("check FAILED: a churning subscriber received an earning twice or out of order");
+        }
+    }
     if differences.is_empty() && expected.count as i64 == earnings {
         println!(
             "check           passed: {} earnings, totals equal an independent recomputation",
@@ -288,4 +351,73 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
             differences.len()
         )
     }
+}
+
+/// Each service's RSS and the hot tables' row versions, now.
+async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
+    let rss = env
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), rss_bytes(s.pid) as f64 / 1_048_576.0))
+        .collect();
+    let tables = sqlx::query_as(
+        "select relname::text, n_dead_tup, n_live_tup from pg_stat_user_tables
+         where relname in ('users', 'earning_outbox', 'earner_levels') order by relname",
+    )
+    .fetch_all(&env.db)
+    .await?;
+    Ok(WindowSample {
+        accepted,
+        rss,
+        tables,
+    })
+}
+
+/// One line per soak window, then the last window against the first.
+fn print_windows(window: Duration, latency: &[Latency], samples: &[WindowSample]) {
+    let w = window.as_secs();
+    let mut before = 0;
+    for (i, s) in samples.iter().enumerate() {
+        let rss: Vec<String> = s
+            .rss
+            .iter()
+            .map(|(n, mib)| format!("{n} {mib:.1}"))
+            .collect();
+        let tables: Vec<String> = s
+            .tables
+            .iter()
+            .map(|(n, dead, live)| format!("{n} {dead}/{live}"))
+            .collect();
+        println!(
+            "window {:>5}-{:<5} s  {:>6} purchases  to WebSocket {}\n                     RSS MiB: {}; dead/live rows: {}",
+            i as u64 * w,
+            (i as u64 + 1) * w,
+            s.accepted - before,
+            latency.get(i).map_or("no samples".into(), Latency::summary),
+            rss.join(", "),
+            tables.join(", ")
+        );
+        before = s.accepted;
+    }
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return;
+    };
+    let last_i = samples.len() - 1;
+    let p99 = |i: usize| latency.get(i).and_then(|l| l.quantile_ms(0.99));
+    if let (Some(a), Some(b)) = (p99(0), p99(last_i)) {
+        println!(
+            "soak            p99 to WebSocket: first window {a:.2} ms, last {b:.2} ms = {:.2}×",
+            b / a
+        );
+    }
+    let growth: Vec<String> = first
+        .rss
+        .iter()
+        .zip(&last.rss)
+        .map(|((n, a), (_, b))| format!("{n} {a:.1} → {b:.1}"))
+        .collect();
+    println!(
+        "soak            RSS MiB, first window → last: {}",
+        growth.join(", ")
+    );
 }

@@ -1,0 +1,133 @@
+//! WebSocket churn for soaks: subscribers that keep connecting as a random user, reading a few
+//! seconds and going away, then reconnecting with `since` = the last `seq` they saw, as a
+//! dashboard does. Exercises the notifier's connect, replay and clean-up paths for the whole
+//! run, so that a leak per connection shows as growing RSS.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use upline_common::auth::Auth;
+use upline_common::protocol::{ServerMessage, Subscribe, Target};
+use upline_common::UserId;
+
+/// What the churning subscribers did.
+#[derive(Debug, Default)]
+pub struct ChurnReport {
+    /// Connections opened and subscribed.
+    pub connections: u64,
+    /// Earnings received in all (live and replayed).
+    pub earnings: u64,
+    /// Connections refused, failed or closed with an error frame.
+    pub failures: u64,
+    /// Earnings that arrived out of `seq` order or twice within one user's stream.
+    pub out_of_order: u64,
+}
+
+impl ChurnReport {
+    fn add(&mut self, other: &ChurnReport) {
+        self.connections += other.connections;
+        self.earnings += other.earnings;
+        self.failures += other.failures;
+        self.out_of_order += other.out_of_order;
+    }
+}
+
+/// Runs `subscribers` churning WebSocket clients against `ws_url` until `until`. Each follows
+/// one user at a time, chosen from `1..=users` (the earners of an 8-ary tree of `8 × users`
+/// are its first `users` ids), for 2–10 s per connection.
+pub async fn run(
+    ws_url: String,
+    auth: Auth,
+    users: i64,
+    subscribers: usize,
+    until: Instant,
+) -> ChurnReport {
+    let mut set = JoinSet::new();
+    for _ in 0..subscribers {
+        let (url, auth) = (ws_url.clone(), auth.clone());
+        set.spawn(async move {
+            let mut report = ChurnReport::default();
+            // The last seq seen per user, as a dashboard keeps it across reconnects.
+            let mut last_seq = std::collections::HashMap::<i64, i64>::new();
+            while Instant::now() < until {
+                let (user, hold) = {
+                    let mut rng = rand::thread_rng();
+                    (
+                        rng.gen_range(1..=users),
+                        Duration::from_millis(rng.gen_range(2_000..10_000)),
+                    )
+                };
+                // Live only the first time; from the last seq seen after that.
+                let since = last_seq.get(&user).copied();
+                let mut seen = since.unwrap_or(0);
+                let followed = follow(&url, &auth, user, since, hold, &mut seen, &mut report).await;
+                if seen > 0 {
+                    last_seq.insert(user, seen);
+                }
+                if followed.is_err() {
+                    report.failures += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            report
+        });
+    }
+    let mut total = ChurnReport::default();
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            total.add(&r);
+        }
+    }
+    total
+}
+
+/// One connection: subscribe to `user` from `since`, read for `hold`, close.
+async fn follow(
+    url: &str,
+    auth: &Auth,
+    user: i64,
+    since: Option<i64>,
+    hold: Duration,
+    last_seq: &mut i64,
+    report: &mut ChurnReport,
+) -> anyhow::Result<()> {
+    let user = UserId::new(user).expect("a positive id");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let token = auth.issue(user, 0).token;
+    ws.send(Message::Text(
+        Subscribe::new(Target::User(user), token, since)
+            .to_text()
+            .into(),
+    ))
+    .await?;
+    let end = tokio::time::Instant::now() + hold;
+    let mut subscribed = false;
+    loop {
+        let msg = match tokio::time::timeout_at(end, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(msg))) => msg,
+            Ok(_) => anyhow::bail!("closed by the notifier"),
+        };
+        let Message::Text(text) = msg else { continue };
+        match serde_json::from_str::<ServerMessage>(&text)? {
+            ServerMessage::Subscribed { .. } => {
+                subscribed = true;
+                report.connections += 1;
+            }
+            ServerMessage::Earning { earning } => {
+                report.earnings += 1;
+                if earning.seq <= *last_seq {
+                    report.out_of_order += 1;
+                }
+                *last_seq = (*last_seq).max(earning.seq);
+            }
+            ServerMessage::Error(e) => anyhow::bail!("error frame {}", e.code),
+        }
+    }
+    anyhow::ensure!(subscribed, "no subscribed frame within {hold:?}");
+    let _ = ws.close(None).await;
+    Ok(())
+}
