@@ -122,7 +122,7 @@ pub struct NotifierSettings {
     /// subscriber further behind is closed with `lagged`. At least 1.
     pub buffer: usize,
     /// Frames buffered in each earner's channel, shared by that earner's subscriptions and
-    /// allocated up front (about 48 bytes a frame) while the earner has any. A subscription
+    /// allocated up front (about 40 bytes a frame) while the earner has any. A subscription
     /// further behind is not closed: it catches up from PostgreSQL (contract §5). At least 1.
     pub user_buffer: usize,
     /// Seconds one frame may take to be written to a client before it counts as too slow.

@@ -1,7 +1,8 @@
-//! WebSocket churn for soaks: subscribers that keep connecting as a random user, reading a few
-//! seconds and going away, then reconnecting with `since` = the last `seq` they saw, as a
-//! dashboard does. Exercises the notifier's connect, replay and clean-up paths for the whole
-//! run, so that a leak per connection shows as growing RSS.
+//! WebSocket churn for soaks: dashboards that each follow one earner, drop their connection
+//! every few seconds and reconnect with `since` = the last `seq` they saw, as a dashboard on a
+//! flaky network does. Exercises the notifier's connect, replay and clean-up paths for the
+//! whole run, so that a leak per connection shows as growing RSS, and checks that no earning
+//! arrives twice or out of order across the reconnects.
 
 use std::time::{Duration, Instant};
 
@@ -36,8 +37,8 @@ impl ChurnReport {
 }
 
 /// Runs `subscribers` churning WebSocket clients against `ws_url` until `until`. Each follows
-/// one user at a time, chosen from `1..=users` (the earners of an 8-ary tree of `8 × users`
-/// are its first `users` ids), for 2–10 s per connection.
+/// one earner picked at random from `1..=users` (the earners of an 8-ary tree of `8 × users`
+/// are its first `users` ids), 2–10 s per connection and up to 1 s apart.
 pub async fn run(
     ws_url: String,
     auth: Auth,
@@ -50,27 +51,27 @@ pub async fn run(
         let (url, auth) = (ws_url.clone(), auth.clone());
         set.spawn(async move {
             let mut report = ChurnReport::default();
-            // The last seq seen per user, as a dashboard keeps it across reconnects.
-            let mut last_seq = std::collections::HashMap::<i64, i64>::new();
+            let user = rand::thread_rng().gen_range(1..=users);
+            // Live only at first; then from the last seq seen, as a dashboard keeps it.
+            let mut last_seq: Option<i64> = None;
             while Instant::now() < until {
-                let (user, hold) = {
+                let (hold, pause) = {
                     let mut rng = rand::thread_rng();
                     (
-                        rng.gen_range(1..=users),
                         Duration::from_millis(rng.gen_range(2_000..10_000)),
+                        Duration::from_millis(rng.gen_range(0..1_000)),
                     )
                 };
-                // Live only the first time; from the last seq seen after that.
-                let since = last_seq.get(&user).copied();
-                let mut seen = since.unwrap_or(0);
-                let followed = follow(&url, &auth, user, since, hold, &mut seen, &mut report).await;
+                let mut seen = last_seq.unwrap_or(0);
+                let followed =
+                    follow(&url, &auth, user, last_seq, hold, &mut seen, &mut report).await;
                 if seen > 0 {
-                    last_seq.insert(user, seen);
+                    last_seq = Some(seen);
                 }
                 if followed.is_err() {
                     report.failures += 1;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+                tokio::time::sleep(pause).await;
             }
             report
         });

@@ -44,8 +44,8 @@ pub struct RestArgs {
     /// rows; at the end, the last window against the first.
     #[arg(long)]
     window_secs: Option<u64>,
-    /// WebSocket subscribers that keep connecting as a random earner, reading 2–10 s and
-    /// reconnecting with `since` (churn), beside the observer.
+    /// WebSocket subscribers beside the observer that each follow one earner, dropping the
+    /// connection every 2–10 s and reconnecting with `since` (churn).
     #[arg(long, default_value_t = 0)]
     churn: usize,
     /// Keep the benchmark's database and vhost afterwards.
