@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
 use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::Message;
+use upline_common::protocol::{ServerMessage, Subscribe};
 use upline_common::Settings;
 use upline_testkit::rabbit::RabbitAdmin;
 use upline_testkit::sandbox::Sandbox;
@@ -237,4 +240,28 @@ pub async fn seed_tree(db: &PgPool, n: i64) -> anyhow::Result<()> {
         .await?;
     sqlx::query("analyze users").execute(db).await?;
     Ok(())
+}
+
+/// A WebSocket client of the notifier.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `url`, sends `subscribe`, and waits for the `subscribed` answer.
+///
+/// # Errors
+/// The connection fails, or the notifier answers anything else (an error frame, a close).
+pub async fn subscribe(url: &str, subscribe: &Subscribe) -> anyhow::Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::Text(subscribe.to_text().into())).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t)))
+            if matches!(
+                serde_json::from_str(&t),
+                Ok(ServerMessage::Subscribed { .. })
+            ) =>
+        {
+            Ok(ws)
+        }
+        other => anyhow::bail!("subscription refused: {other:?}"),
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rand::Rng;
 use rust_decimal::Decimal;
 use secrecy::ExposeSecret;
@@ -19,7 +19,7 @@ use upline_testkit::order::Order;
 use upline_testkit::{oracle, pipeline};
 
 use super::churn;
-use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
+use super::env::{cpu_report, rss_bytes, seed_tree, subscribe, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -116,13 +116,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let stop_observer = tokio_util::sync::CancellationToken::new();
     let observer = {
         let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop_observer.clone());
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
-        ws.send(Message::Text(
-            Subscribe::new(Target::All, admin.as_str(), None)
-                .to_text()
-                .into(),
-        ))
-        .await?;
+        let mut ws = subscribe(&ws_url, &Subscribe::new(Target::All, admin.as_str(), None)).await?;
         tokio::spawn(async move {
             // Whole path, then split at the ledger transaction (the event's created_at is
             // PostgreSQL's now(): the start of the transaction that credited it).

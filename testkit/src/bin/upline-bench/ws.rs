@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
-use futures_util::SinkExt;
 use rand::Rng;
 use rust_decimal::Decimal;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,7 +18,7 @@ use upline_common::protocol::{ServerMessage, Subscribe, Target};
 use upline_common::UserId;
 use upline_testkit::order::Order;
 
-use super::env::{cpu_report, rss_bytes, seed_tree, Bench, BenchEnv};
+use super::env::{cpu_report, rss_bytes, seed_tree, subscribe, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -76,21 +75,7 @@ async fn scenario(env: &mut BenchEnv, args: &WsArgs) -> anyhow::Result<()> {
             let (url, token, connected) =
                 (ws_url.clone(), auth.issue(user, 0).token, connected.clone());
             async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
-                ws.send(Message::Text(
-                    Subscribe::new(Target::User(user), token, None)
-                        .to_text()
-                        .into(),
-                ))
-                .await?;
-                match ws.next().await {
-                    Some(Ok(Message::Text(t)))
-                        if matches!(
-                            serde_json::from_str(&t),
-                            Ok(ServerMessage::Subscribed { .. })
-                        ) => {}
-                    other => bail!("subscription refused: {other:?}"),
-                }
+                let ws = subscribe(&url, &Subscribe::new(Target::User(user), token, None)).await?;
                 let n = connected.fetch_add(1, Ordering::Relaxed) + 1;
                 if n % 500 == 0 {
                     progress(&format!("connected {n}"));
