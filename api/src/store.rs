@@ -524,9 +524,9 @@ pub async fn purchase(
     };
     let levels = sqlx::query_as!(
         LevelRow,
-        r#"select level as "level: Level", earner_id as "earner_id: UserId",
-                  outcome as "outcome: Outcome", rate, amount, earning_id
-           from purchase_levels where purchase_id = $1 order by level"#,
+        r#"select level as "level!: Level", earner_id as "earner_id: UserId",
+                  outcome as "outcome!: Outcome", rate as "rate!", amount as "amount!", earning_id
+           from purchase_level_outcomes where purchase_id = $1 order by level"#,
         id,
     )
     .fetch_all(db)

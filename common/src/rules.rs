@@ -35,7 +35,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The name stored in `purchase_levels.outcome` and shown in the API.
+    /// The name stored in `purchase_levels.outcome` (every outcome but `paid`, which is its earning) and shown in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Paid => "paid",

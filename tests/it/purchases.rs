@@ -232,7 +232,7 @@ async fn the_cap_per_level_holds_under_many_concurrent_purchases() {
     let eb = app.earnings(b.id).await;
     assert_eq!(eb["total"], "1000.00");
     let outcomes: Vec<(String, i64)> = sqlx::query_as(
-        "select outcome, count(*) from purchase_levels where level = 1 group by 1 order by 1",
+        "select outcome, count(*) from purchase_level_outcomes where level = 1 group by 1 order by 1",
     )
     .fetch_all(&app.db)
     .await

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use upline_common::events::EarningEvent;
 use upline_common::money::Money;
 use upline_common::purchase::{Purchase, PurchaseId};
-use upline_common::rules::{Balances, CommissionStatus, Rules};
+use upline_common::rules::{Balances, CommissionStatus, Outcome, Rules};
 use upline_common::{Level, PurchaseStatus, UserId};
 
 use plan::{Decision, Earner, LevelOutcome, NewEarning, Plan, Upline};
@@ -620,12 +620,21 @@ async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<(
     Ok(())
 }
 
-/// Inserts the `purchase_levels` rows; `earning_ids` are the ids of the plan's earnings.
+/// Inserts the `purchase_levels` rows of the levels not paid in full; `earning_ids` are the ids
+/// of the plan's earnings. A `paid` level is its commission earning, and readers see it through
+/// the `purchase_level_outcomes` view (migration `20261203000002`).
 async fn insert_levels(
     tx: &mut PgConnection,
     levels: &[LevelOutcome],
     earning_ids: &[i64],
 ) -> sqlx::Result<()> {
+    let levels: Vec<&LevelOutcome> = levels
+        .iter()
+        .filter(|o| o.outcome != Outcome::Paid)
+        .collect();
+    if levels.is_empty() {
+        return Ok(());
+    }
     let earnings: Vec<Option<i64>> = levels
         .iter()
         .map(|o| o.earning.map(|e| earning_ids[e]))

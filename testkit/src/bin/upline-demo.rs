@@ -232,7 +232,7 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
     // 5. What was paid, by level.
     let rows: Vec<(Level, Outcome, i64, Decimal)> = sqlx::query_as(
         r#"select l.level, l.outcome, count(*), coalesce(sum(l.amount), 0)
-           from purchase_levels l where l.purchase_id like $1 group by 1, 2 order by 1, 2"#,
+           from purchase_level_outcomes l where l.purchase_id like $1 group by 1, 2 order by 1, 2"#,
     )
     .bind(&prefix)
     .fetch_all(&db)

@@ -92,7 +92,7 @@ impl NewEarning {
     }
 }
 
-/// One row of `purchase_levels` to insert.
+/// What one level of a purchase came to; the ledger stores the ones not `paid` in `purchase_levels`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct LevelOutcome {
     pub purchase_id: String,
