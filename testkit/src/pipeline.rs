@@ -16,6 +16,32 @@ pub async fn purchases(db: &PgPool) -> sqlx::Result<i64> {
         .await
 }
 
+/// How close [`purchases_towards`] gets to its target on the statistics' estimate before it
+/// counts exactly: more than a few seconds of a drain, so that a statistics flush that is late
+/// (a backend flushes at most once a second while busy) cannot hide the end.
+const EXACT_WITHIN: i64 = 50_000;
+
+/// Purchases recorded, for polling a drain towards `target` without slowing it. While
+/// PostgreSQL's statistics (`n_tup_ins` of `purchases`: up to about a second old, and counting
+/// aborted inserts) put it more than 50,000 below `target`, that estimate is returned; closer
+/// than that, the exact [`purchases`]. An exact `count(*)` scans the table: polled every 250 ms
+/// through a 200,000-purchase drain it took 6–8 % of PostgreSQL's time, time the drain lost.
+///
+/// # Errors
+/// Database errors.
+pub async fn purchases_towards(db: &PgPool, target: i64) -> sqlx::Result<i64> {
+    let inserted: i64 = sqlx::query_scalar(
+        "select coalesce(sum(n_tup_ins), 0)::int8 from pg_stat_user_tables where relname = 'purchases'",
+    )
+    .fetch_one(db)
+    .await?;
+    if inserted + EXACT_WITHIN < target {
+        Ok(inserted)
+    } else {
+        purchases(db).await
+    }
+}
+
 /// Earning events committed but not yet confirmed by the broker (`earning_outbox`).
 ///
 /// # Errors

@@ -200,7 +200,7 @@ async fn drain(
         env.start("worker", extra).await?;
     }
     loop {
-        let n = pipeline::purchases(&env.db).await?;
+        let n = pipeline::purchases_towards(&env.db, sent.len() as i64).await?;
         let secs = started.elapsed().as_secs_f64();
         progress(&format!(
             "{workers} worker(s): {n}/{} processed, {:.0}/s",
