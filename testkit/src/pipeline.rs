@@ -25,7 +25,7 @@ const EXACT_WITHIN: i64 = 50_000;
 /// PostgreSQL's statistics (`n_tup_ins` of `purchases`: up to about a second old, and counting
 /// aborted inserts) put it more than 50,000 below `target`, that estimate is returned; closer
 /// than that, the exact [`purchases`]. An exact `count(*)` scans the table: polled every 250 ms
-/// through a 200,000-purchase drain it took 6–8 % of PostgreSQL's time, time the drain lost.
+/// through a 200,000-purchase drain it took 6–8 % of PostgreSQL's time.
 ///
 /// # Errors
 /// Database errors.
