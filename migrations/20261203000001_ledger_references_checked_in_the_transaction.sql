@@ -1,8 +1,8 @@
 -- The ledger's own references are checked by the transaction that writes them, not by
 -- foreign keys (issue 11).
 --
--- `pg_stat_statements` over a 200,000-purchase drain (docs/perf.md, "Foreign keys on the
--- ledger's own rows") counted 1.47 million referential-integrity checks: one per earning to
+-- `pg_stat_statements` over a 200,000-purchase drain (docs/perf.md, "Fewer checks, bigger
+-- batches") counted 1.47 million referential-integrity checks: one per earning to
 -- its purchase, one per purchase level to its purchase, one per outbox row and one per held
 -- commission to its earning. Each is a trigger that runs a query per inserted row. Every one
 -- of them checks a row that the same transaction has just inserted (the purchase it claimed,

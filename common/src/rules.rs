@@ -35,7 +35,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The name stored in `purchase_levels.outcome` (every outcome but `paid`, which is its earning) and shown in the API.
+    /// The name shown in the API and stored in `purchase_levels.outcome` (every outcome but
+    /// `paid`: a paid level is its earning, see the `purchase_level_outcomes` view).
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Paid => "paid",

@@ -4,21 +4,23 @@
 -- updates their totals. No idempotency check, no aggregates, no outbox, no lifecycle: what
 -- PostgreSQL on this machine does with the least a ledger must write.
 --
--- Run it with pgbench against a scratch database:
+-- Everything lives in the schema `plain_ledger`, which the script drops and creates again. Run it
+-- with pgbench against a scratch database:
 --   createdb -h 127.0.0.1 -U postgres ceiling
 --   psql -h 127.0.0.1 -U postgres -d ceiling -f testkit/sql/plain_ledger.sql
---   echo 'select plain_batch(512);' > /tmp/b512.sql
+--   echo 'select plain_ledger.plain_batch(512);' > /tmp/b512.sql
 --   pgbench -h 127.0.0.1 -U postgres -n -f /tmp/b512.sql -c 1 -j 1 -T 30 ceiling
 -- purchases/s = tps × N. Drop the database afterwards.
-drop table if exists purchases, earnings, users;
-drop sequence if exists pid;
+drop schema if exists plain_ledger cascade;
+create schema plain_ledger;
+set search_path = plain_ledger;
 create sequence pid;
 create table users (id bigint primary key, referrer_id bigint, seq bigint not null default 0, total numeric not null default 0);
 insert into users select i, case when i > 1 then greatest(1, (i / 3))::bigint end from generate_series(1, 10000) i;
 create table purchases (purchase_id text primary key, buyer_id bigint not null, amount numeric not null, created_at timestamptz not null default now());
 create table earnings (id bigint generated always as identity primary key, earner_id bigint not null, purchase_id text not null, level smallint not null, amount numeric not null, seq bigint not null, created_at timestamptz not null default now(), unique (purchase_id, level));
 create index on earnings (earner_id, seq);
-create or replace function plain_batch(n int) returns void language plpgsql as $$
+create function plain_batch(n int) returns void language plpgsql set search_path = plain_ledger as $$
 declare pids text[]; buyers bigint[]; amounts numeric[];
         c_pid text[]; c_level int[]; c_earner bigint[]; c_amount numeric[];
 begin

@@ -92,7 +92,8 @@ impl NewEarning {
     }
 }
 
-/// What one level of a purchase came to; the ledger stores the ones not `paid` in `purchase_levels`.
+/// What one level of a purchase came to; the ledger stores the ones not `paid` in
+/// `purchase_levels`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct LevelOutcome {
     pub purchase_id: String,
