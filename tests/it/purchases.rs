@@ -51,6 +51,41 @@ async fn a_purchase_pays_five_percent_to_level_one_and_one_percent_to_level_two(
     app.stop().await;
 }
 
+/// A paid level is read from its commission earning (migration `20261203000002`): the ledger
+/// stores no `purchase_levels` row for it, and a purchase recorded before, with a row per
+/// level, reads the same.
+#[tokio::test]
+async fn a_paid_level_is_its_earning_and_levels_stored_before_read_the_same() {
+    let app = TestApp::spawn().await;
+    let (a, b, c) = app.chain_abc().await;
+    app.purchase("ord-paid", c.id, "2000.00").await;
+    let report = app.wait_processed("ord-paid").await;
+    assert_eq!(level(&report, 1), ("paid".into(), "100.00".into()));
+    assert_eq!(level(&report, 2), ("paid".into(), "20.00".into()));
+    assert_eq!(report["levels"][0]["earner_id"].as_i64(), Some(b.id));
+    assert_eq!(report["levels"][1]["earner_id"].as_i64(), Some(a.id));
+    assert!(report["levels"][0]["earning_id"].as_i64().is_some());
+    let stored: i64 =
+        sqlx::query_scalar("select count(*) from purchase_levels where purchase_id = 'ord-paid'")
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+    assert_eq!(stored, 0, "paid levels are not stored twice");
+
+    // What the ledger wrote before: a row for every level, paid ones included.
+    sqlx::query(
+        "insert into purchase_levels (purchase_id, level, earner_id, outcome, rate, amount, earning_id)
+         select purchase_id, level, earner_id, 'paid', rate, amount, id from earnings
+         where purchase_id = 'ord-paid' and kind = 'commission'",
+    )
+    .execute(&app.db)
+    .await
+    .expect("levels as stored before");
+    let again = app.wait_processed("ord-paid").await;
+    assert_eq!(again["levels"], report["levels"]);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_threshold_is_strict_and_commissions_round_half_to_even() {
     let app = TestApp::spawn().await;
