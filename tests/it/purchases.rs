@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{Services, TestApp, ADMIN};
+use crate::harness::{Services, TestApp, User, ADMIN};
 
 fn level(report: &Value, n: usize) -> (String, String) {
     let l = &report["levels"][n - 1];
@@ -14,17 +14,24 @@ fn level(report: &Value, n: usize) -> (String, String) {
     )
 }
 
-#[tokio::test]
-async fn a_purchase_pays_five_percent_to_level_one_and_one_percent_to_level_two() {
-    let app = TestApp::spawn().await;
+/// On the chain a ← b ← c, c buys `purchase_id` for Rs 2000.00, and the report shows b paid
+/// 100.00 at level 1 and a paid 20.00 at level 2. Returns the report and the three users.
+async fn a_paid_purchase(app: &TestApp, purchase_id: &str) -> (Value, User, User, User) {
     let (a, b, c) = app.chain_abc().await;
-    app.purchase("ord-1", c.id, "2000.00").await;
-    let report = app.wait_processed("ord-1").await;
-    assert_eq!(report["status"], "processed");
+    app.purchase(purchase_id, c.id, "2000.00").await;
+    let report = app.wait_processed(purchase_id).await;
     assert_eq!(level(&report, 1), ("paid".into(), "100.00".into()));
     assert_eq!(level(&report, 2), ("paid".into(), "20.00".into()));
     assert_eq!(report["levels"][0]["earner_id"].as_i64(), Some(b.id));
     assert_eq!(report["levels"][1]["earner_id"].as_i64(), Some(a.id));
+    (report, a, b, c)
+}
+
+#[tokio::test]
+async fn a_purchase_pays_five_percent_to_level_one_and_one_percent_to_level_two() {
+    let app = TestApp::spawn().await;
+    let (report, a, b, c) = a_paid_purchase(&app, "ord-1").await;
+    assert_eq!(report["status"], "processed");
 
     let eb = app.earnings(b.id).await;
     assert_eq!(eb["total"], "100.00");
@@ -57,13 +64,7 @@ async fn a_purchase_pays_five_percent_to_level_one_and_one_percent_to_level_two(
 #[tokio::test]
 async fn a_paid_level_is_its_earning_and_levels_stored_before_read_the_same() {
     let app = TestApp::spawn().await;
-    let (a, b, c) = app.chain_abc().await;
-    app.purchase("ord-paid", c.id, "2000.00").await;
-    let report = app.wait_processed("ord-paid").await;
-    assert_eq!(level(&report, 1), ("paid".into(), "100.00".into()));
-    assert_eq!(level(&report, 2), ("paid".into(), "20.00".into()));
-    assert_eq!(report["levels"][0]["earner_id"].as_i64(), Some(b.id));
-    assert_eq!(report["levels"][1]["earner_id"].as_i64(), Some(a.id));
+    let (report, ..) = a_paid_purchase(&app, "ord-paid").await;
     assert!(report["levels"][0]["earning_id"].as_i64().is_some());
     let stored: i64 =
         sqlx::query_scalar("select count(*) from purchase_levels where purchase_id = 'ord-paid'")
