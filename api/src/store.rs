@@ -58,9 +58,10 @@ fn money<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
 pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<User>> {
     sqlx::query_as!(
         User,
-        r#"select id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
-                  is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at
-           from users where id = $1"#,
+        r#"select u.id as "id: UserId", u.name, u.email, u.referral_code,
+                  u.referrer_id as "referrer_id: UserId", u.is_active, u.direct_referrals,
+                  b.total_earnings, u.show_on_leaderboard, u.erased_at, u.created_at
+           from users u join earner_balances b on b.user_id = u.id where u.id = $1"#,
         id.get(),
     )
     .fetch_optional(db)
@@ -74,9 +75,11 @@ pub async fn user(db: impl PgExecutor<'_>, id: UserId) -> sqlx::Result<Option<Us
 pub async fn users_page(db: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
     sqlx::query_as!(
         User,
-        r#"select id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
-                  is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at
-           from users where id > $1 order by id limit $2"#,
+        r#"select u.id as "id: UserId", u.name, u.email, u.referral_code,
+                  u.referrer_id as "referrer_id: UserId", u.is_active, u.direct_referrals,
+                  b.total_earnings, u.show_on_leaderboard, u.erased_at, u.created_at
+           from users u join earner_balances b on b.user_id = u.id
+           where u.id > $1 order by u.id limit $2"#,
         after,
         limit,
     )
@@ -147,7 +150,8 @@ pub async fn insert_user(
         User,
         r#"insert into users (name, email, referral_code, referrer_id) values ($1, $2, $3, $4)
            returning id as "id: UserId", name, email, referral_code, referrer_id as "referrer_id: UserId",
-                     is_active, direct_referrals, total_earnings, show_on_leaderboard, erased_at, created_at"#,
+                     is_active, direct_referrals, 0::numeric as "total_earnings!", show_on_leaderboard,
+                     erased_at, created_at"#,
         name,
         email,
         referral_code,
@@ -570,7 +574,7 @@ pub async fn earnings_balances(
         r#"select total_earnings as total, pending_earnings as pending,
                   approved_earnings as approved, paid_earnings as paid,
                   reversed_earnings as reversed
-           from users where id = $1"#,
+           from earner_balances where user_id = $1"#,
         user_id.get(),
     )
     .fetch_optional(db)
@@ -729,9 +733,10 @@ pub struct Leader {
 pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
     sqlx::query_as!(
         Leader,
-        r#"select id as "user_id: UserId", name, total_earnings from users
-           where total_earnings > 0 and show_on_leaderboard
-           order by total_earnings desc, id limit $1"#,
+        r#"select b.user_id as "user_id: UserId", u.name, b.total_earnings
+           from earner_balances b join users u on u.id = b.user_id
+           where b.total_earnings > 0 and u.show_on_leaderboard
+           order by b.total_earnings desc, b.user_id limit $1"#,
         limit,
     )
     .fetch_all(db)
@@ -896,12 +901,12 @@ pub async fn create_payout(
         };
     }
     let lines = sqlx::query!(
-        r#"select u.id, u.approved_earnings, u.earnings_seq from users u
-           where u.approved_earnings >= $1 and u.approved_earnings > 0
+        r#"select b.user_id as id, b.approved_earnings, b.earnings_seq from earner_balances b
+           where b.approved_earnings >= $1 and b.approved_earnings > 0
              and not exists (select 1 from payout_lines l join payouts p on p.id = l.payout_id
-                             where l.user_id = u.id and p.status = 'created')
-           order by u.id
-           for no key update of u"#,
+                             where l.user_id = b.user_id and p.status = 'created')
+           order by b.user_id
+           for no key update of b"#,
         new.minimum.as_decimal(),
     )
     .fetch_all(&mut *tx)
@@ -1025,9 +1030,9 @@ pub async fn mark_payout_paid(tx: &mut PgConnection, id: i64, levels: usize) -> 
     .await?;
     let ids: Vec<i64> = lines.iter().map(|l| l.user_id).collect();
     let users = sqlx::query!(
-        r#"select id, earnings_seq, total_earnings, pending_earnings, approved_earnings,
+        r#"select user_id as id, earnings_seq, total_earnings, pending_earnings, approved_earnings,
                   paid_earnings, reversed_earnings
-           from users where id = any($1) order by id for no key update"#,
+           from earner_balances where user_id = any($1) order by user_id for no key update"#,
         &ids,
     )
     .fetch_all(&mut *tx)
@@ -1100,11 +1105,11 @@ pub async fn mark_payout_paid(tx: &mut PgConnection, id: i64, levels: usize) -> 
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        r#"update users u set earnings_seq = t.seq, approved_earnings = t.approved,
+        r#"update earner_balances b set earnings_seq = t.seq, approved_earnings = t.approved,
                   paid_earnings = t.paid
            from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[])
                 as t(id, seq, approved, paid)
-           where u.id = t.id"#,
+           where b.user_id = t.id"#,
         &earners,
         &seqs,
         &approved,

@@ -250,7 +250,7 @@ pub async fn all_earnings_after(
 /// Database errors.
 pub async fn latest_seq(db: impl PgExecutor<'_>, user_id: UserId) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar!(
-        "select earnings_seq from users where id = $1",
+        "select earnings_seq from earner_balances where user_id = $1",
         user_id.get()
     )
     .fetch_optional(db)

@@ -156,17 +156,20 @@ pub async fn compare(
     {
         differences.push(format!("earner {earner}: recorded earnings, expected none"));
     }
-    // Every user's seq counts its entries; its total is its commissions less reversals; its
-    // states add up to the total; `reversed` and `paid` are what its reversal and payout
-    // entries say.
+    // Every user has balances (seq -1 below when not); its seq counts its entries; its total
+    // is its commissions less reversals; its states add up to the total; `reversed` and `paid`
+    // are what its reversal and payout entries say.
     let broken: Vec<(i64, i64, i64)> = sqlx::query_as(
-        r#"select u.id, u.earnings_seq, count(e.id) from users u left join earnings e on e.earner_id = u.id
-           group by u.id
-           having u.earnings_seq <> count(e.id)
-               or u.total_earnings <> coalesce(sum(e.amount) filter (where e.kind in ('commission', 'reversal')), 0)
-               or u.total_earnings <> u.pending_earnings + u.approved_earnings + u.paid_earnings
-               or u.reversed_earnings <> -coalesce(sum(e.amount) filter (where e.kind = 'reversal'), 0)
-               or u.paid_earnings <> coalesce(sum(e.amount) filter (where e.kind = 'payout'), 0)
+        r#"select u.id, coalesce(b.earnings_seq, -1), count(e.id)
+           from users u left join earner_balances b on b.user_id = u.id
+                left join earnings e on e.earner_id = u.id
+           group by u.id, b.user_id
+           having b.user_id is null
+               or b.earnings_seq <> count(e.id)
+               or b.total_earnings <> coalesce(sum(e.amount) filter (where e.kind in ('commission', 'reversal')), 0)
+               or b.total_earnings <> b.pending_earnings + b.approved_earnings + b.paid_earnings
+               or b.reversed_earnings <> -coalesce(sum(e.amount) filter (where e.kind = 'reversal'), 0)
+               or b.paid_earnings <> coalesce(sum(e.amount) filter (where e.kind = 'payout'), 0)
            limit 10"#,
     )
     .fetch_all(db)

@@ -111,7 +111,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() 
             "earner {earner}: seq must run 1..n without gaps"
         );
         let recorded: Decimal =
-            sqlx::query_scalar("select total_earnings from users where id = $1")
+            sqlx::query_scalar("select total_earnings from earner_balances where user_id = $1")
                 .bind(earner)
                 .fetch_one(&app.db)
                 .await

@@ -283,9 +283,9 @@ impl Stack {
         (expected.count, expected.by_earner.len())
     }
 
-    /// `users.earnings_seq` of a user.
+    /// `earner_balances.earnings_seq` of a user.
     async fn latest_seq(&self, user: i64) -> i64 {
-        sqlx::query_scalar("select earnings_seq from users where id = $1")
+        sqlx::query_scalar("select earnings_seq from earner_balances where user_id = $1")
             .bind(user)
             .fetch_one(&self.db)
             .await

@@ -54,7 +54,7 @@ async fn insert_history(app: &TestApp, earner: i64, source: i64, from_seq: i64, 
     .execute(&mut *tx)
     .await
     .expect("history earnings");
-    sqlx::query("update users set earnings_seq = $2 where id = $1")
+    sqlx::query("update earner_balances set earnings_seq = $2 where user_id = $1")
         .bind(earner)
         .bind(from_seq + n)
         .execute(&mut *tx)

@@ -21,7 +21,7 @@ async fn app_without_hold() -> TestApp {
 /// A user's balances as stored: (approved, paid, earnings_seq).
 async fn balances(app: &TestApp, user: &User) -> (String, String, i64) {
     let row: (Decimal, Decimal, i64) = sqlx::query_as(
-        "select approved_earnings, paid_earnings, earnings_seq from users where id = $1",
+        "select approved_earnings, paid_earnings, earnings_seq from earner_balances where user_id = $1",
     )
     .bind(user.id)
     .fetch_one(&app.db)

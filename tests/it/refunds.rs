@@ -59,7 +59,7 @@ async fn balances(app: &TestApp, user: i64) -> [String; 5] {
         "select total_earnings::numeric(20,2)::text, pending_earnings::numeric(20,2)::text,
                 approved_earnings::numeric(20,2)::text, paid_earnings::numeric(20,2)::text,
                 reversed_earnings::numeric(20,2)::text
-         from users where id = $1",
+         from earner_balances where user_id = $1",
     )
     .bind(user)
     .fetch_one(&app.db)

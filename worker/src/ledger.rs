@@ -413,8 +413,9 @@ async fn load_uplines(
     Ok(uplines)
 }
 
-/// Locks every earner of the batch at once, in id order: the same order in every worker.
-/// `for no key update` is enough (ids never change) and does not block readers' key locks.
+/// Locks every earner's `earner_balances` row at once, in id order: the same order in every
+/// worker. `for no key update` is enough (ids never change) and does not block readers' key
+/// locks. `users` is only read, for `is_active`.
 /// Returns them with their per-level totals for the first `levels` levels.
 async fn lock_earners(
     tx: &mut PgConnection,
@@ -429,9 +430,10 @@ async fn lock_earners(
         return Ok(earners);
     }
     let rows = sqlx::query!(
-        r#"select id as "id: UserId", is_active, earnings_seq, total_earnings,
-                  pending_earnings, approved_earnings, paid_earnings, reversed_earnings
-           from users where id = any($1) order by id for no key update"#,
+        r#"select b.user_id as "id: UserId", u.is_active, b.earnings_seq, b.total_earnings,
+                  b.pending_earnings, b.approved_earnings, b.paid_earnings, b.reversed_earnings
+           from earner_balances b join users u on u.id = b.user_id
+           where b.user_id = any($1) order by b.user_id for no key update of b"#,
         &ids,
     )
     .fetch_all(&mut *tx)
@@ -559,7 +561,7 @@ async fn insert_earnings(
     Ok(by_position)
 }
 
-/// Updates `users` (seq, total), `earner_levels` and `earner_referrals` for what the batch
+/// Updates `earner_balances` (seq, money), `earner_levels` and `earner_referrals` for what the batch
 /// credited: one statement each, with the batch's sums per row.
 async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<()> {
     if plan.earnings.is_empty() {
@@ -567,11 +569,11 @@ async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<(
     }
     let changed: Vec<(UserId, &Earner)> = plan.changed_earners().collect();
     sqlx::query!(
-        r#"update users u set earnings_seq = t.seq, total_earnings = t.total,
+        r#"update earner_balances b set earnings_seq = t.seq, total_earnings = t.total,
                   pending_earnings = t.pending, approved_earnings = t.approved
            from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[], $5::numeric[])
                 as t(id, seq, total, pending, approved)
-           where u.id = t.id"#,
+           where b.user_id = t.id"#,
         &changed.iter().map(|(id, _)| id.get()).collect::<Vec<_>>(),
         &changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
         &changed

@@ -517,11 +517,11 @@ async fn write_earners(
         changed.iter().map(|(_, e)| f(e).as_decimal()).collect()
     };
     sqlx::query!(
-        r#"update users u set earnings_seq = t.seq, total_earnings = t.total, pending_earnings = t.pending,
+        r#"update earner_balances b set earnings_seq = t.seq, total_earnings = t.total, pending_earnings = t.pending,
                               approved_earnings = t.approved, paid_earnings = t.paid, reversed_earnings = t.reversed
            from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[], $5::numeric[], $6::numeric[], $7::numeric[])
                 as t(id, seq, total, pending, approved, paid, reversed)
-           where u.id = t.id"#,
+           where b.user_id = t.id"#,
         &changed.iter().map(|(id, _)| id.get()).collect::<Vec<_>>(),
         &changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
         &column(|e| e.total),

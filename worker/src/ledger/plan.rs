@@ -19,18 +19,19 @@ use upline_common::{Level, UserId};
 /// A buyer with no referrer has an empty upline; an unknown buyer has none at all.
 pub(super) type Upline = Vec<UserId>;
 
-/// A locked earner: its row of `users` plus its per-level totals, updated as the batch is
+/// A locked earner: its `earner_balances` row, `users.is_active` and its per-level totals,
+/// updated as the batch is
 /// planned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Earner {
     pub is_active: bool,
-    /// `users.earnings_seq`: the `seq` of the earner's latest earning.
+    /// `earner_balances.earnings_seq`: the `seq` of the earner's latest earning.
     pub seq: i64,
-    /// `users.total_earnings`.
+    /// `earner_balances.total_earnings`.
     pub total: Money,
     /// `earner_levels.total` per configured level, level 1 first.
     pub levels: Vec<Money>,
-    /// `users.pending_earnings`, `approved_earnings`, `paid_earnings`, `reversed_earnings`.
+    /// `earner_balances.pending_earnings`, `approved_earnings`, `paid_earnings`, `reversed_earnings`.
     pub balances: Balances,
     /// Whether the batch credited this earner (its row must be written back).
     pub changed: bool,

@@ -28,7 +28,7 @@ pub struct DrainArgs {
     /// Users in the referral tree.
     #[arg(long, default_value_t = 10_000)]
     users: i64,
-    /// Worker counts to measure, comma-separated.
+    /// Worker counts to measure, comma-separated; `0` alone measures only PostgreSQL alone.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     workers: Vec<usize>,
     /// Consumers per worker process (UPLINE__WORKER__CONSUMERS); default from configuration.
@@ -87,7 +87,7 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
             r?,
         ));
     }
-    for &workers in &args.workers {
+    for &workers in args.workers.iter().filter(|&&w| w > 0) {
         let mut env = BenchEnv::new(bench, "drain", args.keep).await?;
         let extra = [
             ("UPLINE__WORKER__CONSUMERS", consumers.to_string()),

@@ -70,7 +70,7 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
     progress_done();
     timed("leaderboard totals", async {
         sqlx::query(
-            "update users set total_earnings = round((random() * 100000)::numeric, 2) where id > 1",
+            "update earner_balances set total_earnings = round((random() * 100000)::numeric, 2) where user_id > 1",
         )
         .execute(&db)
         .await?;
@@ -107,7 +107,7 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
         .bind(e)
         .execute(&db)
         .await?;
-        sqlx::query("update users set earnings_seq = $1, total_earnings = $1 * 100 where id = 1").bind(e).execute(&db).await?;
+        sqlx::query("update earner_balances set earnings_seq = $1, total_earnings = $1 * 100 where user_id = 1").bind(e).execute(&db).await?;
         sqlx::query("vacuum analyze").execute(&db).await?;
         Ok(())
     })
@@ -140,9 +140,10 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
         .await?
         .json()
         .await?;
-    let top: rust_decimal::Decimal = sqlx::query_scalar("select max(total_earnings) from users")
-        .fetch_one(&db)
-        .await?;
+    let top: rust_decimal::Decimal =
+        sqlx::query_scalar("select max(total_earnings) from earner_balances")
+            .fetch_one(&db)
+            .await?;
     let top = upline_common::money::Money::from_total(top).to_string();
     if board[0]["total_earnings"].as_str() != Some(top.as_str()) {
         bail!("the leaderboard is wrong: {} vs {top}", board[0]);
@@ -207,7 +208,7 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
 
     if args.explain {
         for (label, sql) in [
-            ("user", "select id, name, total_earnings from users where id = 1"),
+            ("user", "select u.id, u.name, b.total_earnings from users u join earner_balances b on b.user_id = u.id where u.id = 1"),
             ("by_level", "select level, total, count from earner_levels where user_id = 1 order by level"),
             (
                 "by_referral",
@@ -215,7 +216,7 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
             ),
             ("recent", "select * from earnings where earner_id = 1 order by seq desc limit 20"),
             ("replay since seq", "select * from earnings where earner_id = 1 and seq > 999000 order by seq limit 500"),
-            ("leaderboard", "select id, name, total_earnings from users where total_earnings > 0 and show_on_leaderboard order by total_earnings desc, id limit 10"),
+            ("leaderboard", "select b.user_id, u.name, b.total_earnings from earner_balances b join users u on u.id = b.user_id where b.total_earnings > 0 and u.show_on_leaderboard order by b.total_earnings desc, b.user_id limit 10"),
         ] {
             let plan: Vec<String> = sqlx::query_scalar(&format!("explain (analyze, buffers) {sql}")).fetch_all(&db).await?;
             println!("\n-- {label}\n{sql};\n{}", plan.join("\n"));
