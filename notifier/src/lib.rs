@@ -1,5 +1,5 @@
-//! upline-notifier: consumes earning events and fans them out to WebSocket (`/ws`) and SSE
-//! (`/events/{user_id}`) clients (SPEC §5). Any number of notifiers may run; each has its own
+//! upline-notifier: consumes earning events and fans them out to WebSocket (`/ws`), SSE
+//! (`/events/{user_id}`) and Socket.IO (`/socket.io/`) clients (SPEC §5). Any number of notifiers may run; each has its own
 //! queue on `upline.earnings` and serves its own clients. Subscriptions resume from `since` /
 //! `Last-Event-ID` by replaying from PostgreSQL, with no gap and no duplicate at the seam.
 
@@ -8,6 +8,7 @@ pub mod feed;
 pub mod hub;
 pub mod revocations;
 pub mod slots;
+pub mod socketio;
 pub mod sse;
 pub mod ws;
 
@@ -149,23 +150,27 @@ impl NotifierState {
 
 /// The notifier's HTTP surface.
 ///
-/// SSE is readable cross-origin (`Access-Control-Allow-Origin: *`): dashboards are served by
-/// the api on another port, and credentials travel in the URL or `Authorization` header,
-/// never in cookies.
+/// SSE and Socket.IO are readable cross-origin (`Access-Control-Allow-Origin: *`): dashboards
+/// are served by the api on another port, and credentials travel in the URL, the
+/// `Authorization` header or Socket.IO's `auth`, never in cookies.
 pub fn router(state: NotifierState, probes: Probes) -> Router {
     let cors = tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
-        .allow_methods([axum::http::Method::GET])
+        // POST: Socket.IO's long-polling transport sends with it.
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
         .allow_headers([
             axum::http::header::AUTHORIZATION,
             axum::http::HeaderName::from_static("last-event-id"),
         ]);
+    let socketio = socketio::layer(state.clone());
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/events/{user_id}", get(sse::events))
         .with_state(state)
-        .layer(cors)
         .merge(upline_common::http::ops_routes(probes))
+        // It answers `/socket.io/` itself and passes every other request on.
+        .layer(socketio)
+        .layer(cors)
 }
 
 /// Serves WebSocket and SSE clients on `listener` until `shutdown` fires.

@@ -612,7 +612,10 @@ pub fn server_message(text: &str) -> upline_common::protocol::ServerMessage {
 /// `tests/browser/node_modules`, installed with `npm ci` when missing.
 pub async fn browser_test_dir() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").is_dir() {
+    let installed = ["playwright-core", "socket.io-client"]
+        .iter()
+        .all(|module| dir.join("node_modules").join(module).is_dir());
+    if !installed {
         let out = tokio::process::Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])
             .current_dir(&dir)

@@ -23,5 +23,6 @@ mod reliability;
 mod reports;
 mod security;
 mod servers;
+mod socketio;
 mod sse_browser;
 mod tls;
