@@ -15,14 +15,17 @@
 //!   disconnects.
 //!
 //! Each connection takes a place in the same caps as WebSocket and SSE
-//! (`notifier.max_connections*`), and failed tokens count against the same per-address budget.
+//! (`notifier.max_connections*`; over one the client gets `connect_error` with the reason), and
+//! failed tokens count against the same per-address budget.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ConnectInfo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::SocketIo;
 use tokio::sync::mpsc;
@@ -32,7 +35,7 @@ use upline_common::protocol::{ErrorCode, ErrorMessage, Target};
 use upline_common::UserId;
 
 use crate::feed::{Feed, FeedEnd};
-use crate::slots::RETRY_AFTER;
+use crate::slots::{CapExceeded, ConnectionSlot, RETRY_AFTER};
 use crate::{Authorized, NotifierState, Refused};
 
 /// The handshake's `auth` object.
@@ -73,41 +76,59 @@ pub fn layer(state: NotifierState) -> SocketIoLayer {
         // A register or a handshake is a few hundred bytes.
         .max_payload(64 * 1024)
         // Packets queued for one client before an emit fails: the client is not reading.
-        .max_buffer_size(256)
+        .max_buffer_size(MAX_UNREAD_PACKETS)
+        // Allocated up front for every WebSocket (engineioxide's default is 4 KiB); it grows to
+        // fit a longer message, as on `/ws`.
+        .ws_read_buffer_size(512)
         .build_layer();
-    io.ns(
-        "/",
-        move |socket: SocketRef, TryData(auth): TryData<Handshake>| {
+    let handler = {
+        let state = state.clone();
+        move |socket: SocketRef| {
             let state = state.clone();
-            async move { connect(state, socket, auth.unwrap_or_default()).await }
-        },
-    );
+            async move { connected(state, socket) }
+        }
+    };
+    let middleware = move |socket: SocketRef, TryData(auth): TryData<Handshake>| {
+        let state = state.clone();
+        async move { prepare(&state, &socket, auth.unwrap_or_default()) }
+    };
+    io.ns("/", handler.with(middleware));
     layer
 }
+
+/// Packets one client may leave unread before it counts as too slow.
+pub const MAX_UNREAD_PACKETS: usize = 256;
 
 /// What a socket's connection task is asked to do.
 enum Command {
     Register(UserId),
 }
 
-async fn connect(state: NotifierState, socket: SocketRef, auth: Handshake) {
+/// A socket between its handshake and its connection task: what [`prepare`] set up.
+struct Session {
+    slot: ConnectionSlot,
+    auth: Handshake,
+    ip: Option<IpAddr>,
+    commands: mpsc::Receiver<Command>,
+    gone: CancellationToken,
+}
+
+/// Kept in the socket's extensions (which need `Clone`) until the connection task takes it.
+#[derive(Clone)]
+struct PendingSession(Arc<Mutex<Option<Session>>>);
+
+/// Runs before the server confirms the connection: takes a connection slot (over a cap the
+/// client gets `connect_error` with the reason) and attaches the `register` and disconnect
+/// handlers, so that a `register` emitted the moment the client connects is never missed.
+fn prepare(state: &NotifierState, socket: &SocketRef, auth: Handshake) -> Result<(), CapExceeded> {
     let peer = socket
         .req_parts()
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let ip = state.limits.client_ip(peer, &socket.req_parts().headers);
-    let slot = match state.slots.connect(ip) {
-        Ok(slot) => slot,
-        Err(refused) => {
-            let error = ErrorMessage::new(refused.code(), refused.to_string())
-                .retry_after(RETRY_AFTER.as_secs());
-            let _ = socket.emit("error", &error);
-            let _ = socket.disconnect();
-            return;
-        }
-    };
-    let (commands, mut rx) = mpsc::channel::<Command>(4);
+    let slot = state.slots.connect(ip)?;
+    let (commands, rx) = mpsc::channel::<Command>(4);
     let gone = CancellationToken::new();
     {
         let gone = gone.clone();
@@ -136,10 +157,39 @@ async fn connect(state: NotifierState, socket: SocketRef, auth: Handshake) {
             }
         },
     );
+    socket
+        .extensions
+        .insert(PendingSession(Arc::new(Mutex::new(Some(Session {
+            slot,
+            auth,
+            ip,
+            commands: rx,
+            gone,
+        })))));
+    Ok(())
+}
+
+/// The connection is confirmed: its task runs until the socket goes away.
+fn connected(state: NotifierState, socket: SocketRef) {
+    let session = socket
+        .extensions
+        .get::<PendingSession>()
+        .and_then(|pending| pending.0.lock().ok()?.take());
+    let Some(mut session) = session else {
+        return;
+    };
     tokio::spawn(async move {
-        let _slot = slot;
+        let _slot = session.slot;
         metrics::gauge!("upline_notifier_connections", "protocol" => "socket.io").increment(1.0);
-        serve(&state, &socket, auth, ip, &mut rx, &gone).await;
+        serve(
+            &state,
+            &socket,
+            session.auth,
+            session.ip,
+            &mut session.commands,
+            &session.gone,
+        )
+        .await;
         metrics::gauge!("upline_notifier_connections", "protocol" => "socket.io").decrement(1.0);
     });
 }

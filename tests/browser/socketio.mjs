@@ -54,13 +54,14 @@ function client(name, token, { register, transports = ['websocket'] } = {}) {
       cb(last ? { token, since: last.seq } : { token });
     },
   });
+  const quiet = name.startsWith('many-');
   socket.on('connect', () => {
     seen.connects += 1;
-    log(`${name}: connected (${seen.connects})`);
+    if (!quiet) log(`${name}: connected (${seen.connects})`);
     if (register !== undefined) socket.emit('register', register);
   });
   socket.on('connect_error', (e) => log(`${name}: connect_error ${e.message}`));
-  socket.on('registered', (id) => { seen.registered.push(id); log(`${name}: registered ${id}`); });
+  socket.on('registered', (id) => { seen.registered.push(id); if (!quiet) log(`${name}: registered ${id}`); });
   socket.on('new_earning', (e) => { seen.earnings.push(e); log(`${name}: new_earning seq ${e.seq} ${e.purchase_id} ${e.amount}`); });
   socket.on('error', (e) => { seen.errors.push(e); log(`${name}: error ${JSON.stringify(e)}`); });
   return { socket, seen };
@@ -122,6 +123,13 @@ async function main() {
     `unexpected errors: ${JSON.stringify([user.seen.errors, admin.seen.errors])}`);
 
   for (const c of [user, admin, stranger]) c.socket.disconnect();
+
+  // 4. Many legacy dashboards at once, each emitting register the moment it connects: every
+  // one is registered (a register that arrived before the server attached its handler used to
+  // be lost, and such a dashboard waited forever).
+  const many = Array.from({ length: 300 }, (_, i) => client(`many-${i}`, adminKey, { register: earnerId }));
+  await until('300 dashboards registered', () => many.every((c) => c.seen.registered.length === 1));
+  for (const c of many) c.socket.disconnect();
   log('ok');
 }
 
