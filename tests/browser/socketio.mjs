@@ -125,8 +125,8 @@ async function main() {
   for (const c of [user, admin, stranger]) c.socket.disconnect();
 
   // 4. Many legacy dashboards at once, each emitting register the moment it connects: every
-  // one is registered (a register that arrived before the server attached its handler used to
-  // be lost, and such a dashboard waited forever).
+  // one is registered. (A register that arrived before the server attached its handler used to
+  // be lost; 300 did not show it, 3,000 did: docs/perf.md, "Socket.IO memory per connection".)
   const many = Array.from({ length: 300 }, (_, i) => client(`many-${i}`, adminKey, { register: earnerId }));
   await until('300 dashboards registered', () => many.every((c) => c.seen.registered.length === 1));
   for (const c of many) c.socket.disconnect();
