@@ -9,6 +9,7 @@ import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { pipeline } from './pipeline.mjs';
 
 const [api, adminKey, producerKey, userToken, userIdArg, buyerIdArg, screenshot] = process.argv.slice(2);
 if (!screenshot) {
@@ -102,25 +103,11 @@ async function adminGet(path) {
   return JSON.parse(body);
 }
 
-/** A purchase straight through the REST API (as the producer), as another system would. */
-async function postPurchase(purchaseId, amount, buyer = buyerId) {
-  const r = await fetch(`${api}/api/purchases`, {
-    method: 'POST',
-    headers: { Authorization: `Bearer ${producerKey}`, 'Content-Type': 'application/json' },
-    body: JSON.stringify({ purchase_id: purchaseId, buyer_id: buyer, amount }),
-  });
-  check(r.status === 202, `POST /api/purchases ${purchaseId}: ${r.status} ${await r.text()}`);
-}
+const rest = pipeline({ api, adminKey, producerKey, timeout: TIMEOUT });
+const { waitProcessed } = rest;
 
-async function waitProcessed(purchaseId) {
-  const deadline = Date.now() + TIMEOUT;
-  while (Date.now() < deadline) {
-    const r = await fetch(`${api}/api/purchases/${purchaseId}`, { headers: { Authorization: `Bearer ${adminKey}` } });
-    if (r.status === 200) return r.json();
-    await new Promise((res) => { setTimeout(res, 50); });
-  }
-  throw new Error(`purchase ${purchaseId} was not processed within ${TIMEOUT} ms`);
-}
+/** A purchase straight through the REST API (as the producer), as another system would. */
+const postPurchase = (purchaseId, amount, buyer = buyerId) => rest.postPurchase(purchaseId, amount, buyer);
 
 async function signIn(token) {
   await page.fill('#token', token);

@@ -7,6 +7,7 @@
 // <buyer_id>'s purchases pay <earner_id> at level 1. Exits 0 when every step held, 1 with the
 // reason otherwise; prints what it saw.
 import { io } from 'socket.io-client';
+import { pipeline } from './pipeline.mjs';
 
 const [api, notifier, adminKey, producerKey, earnerToken, earnerIdArg, buyerIdArg] = process.argv.slice(2);
 if (!buyerIdArg) {
@@ -21,24 +22,8 @@ const log = (...args) => console.log(new Date().toISOString().slice(11, 23), ...
 const check = (ok, what) => { if (!ok) throw new Error(what); };
 const sleep = (ms) => new Promise((res) => { setTimeout(res, ms); });
 
-async function buy(purchaseId, amount) {
-  const r = await fetch(`${api}/api/purchases`, {
-    method: 'POST',
-    headers: { Authorization: `Bearer ${producerKey}`, 'Content-Type': 'application/json' },
-    body: JSON.stringify({ purchase_id: purchaseId, buyer_id: buyerId, amount }),
-  });
-  check(r.status === 202, `POST /api/purchases ${purchaseId}: ${r.status} ${await r.text()}`);
-}
-
-async function waitProcessed(purchaseId) {
-  const deadline = Date.now() + TIMEOUT;
-  while (Date.now() < deadline) {
-    const r = await fetch(`${api}/api/purchases/${purchaseId}`, { headers: { Authorization: `Bearer ${adminKey}` } });
-    if (r.status === 200) return r.json();
-    await sleep(50);
-  }
-  throw new Error(`purchase ${purchaseId} was not processed within ${TIMEOUT} ms`);
-}
+const { postPurchase, waitProcessed } = pipeline({ api, adminKey, producerKey, timeout: TIMEOUT });
+const buy = (purchaseId, amount) => postPurchase(purchaseId, amount, buyerId);
 
 /**
  * A client as a dashboard writes it: `auth` is a function, so every (re)connect sends the last
