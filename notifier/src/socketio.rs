@@ -205,8 +205,8 @@ async fn serve(
 ) {
     let token = auth.token.unwrap_or_default();
     // A user token names its user: its feed opens at once. The admin key waits for register.
-    let mut current = match state.auth.identify(&token) {
-        Ok(Credential::User(user)) => Some(Target::User(user.user_id)),
+    let mut next = match state.auth.identify(&token) {
+        Ok(Credential::User(user)) => Some(user.user_id),
         Ok(Credential::Admin) => None,
         Ok(Credential::Producer) | Err(_) => {
             // Counted and reported now; every register on this socket is refused too.
@@ -219,31 +219,28 @@ async fn serve(
     };
     let mut since = auth.since;
     loop {
-        let ended = match current.take() {
-            Some(Target::User(user)) => {
-                let outcome = stream(state, socket, &token, user, since, ip, commands, gone).await;
-                match outcome {
-                    Outcome::Registered(next) => {
-                        // A new feed from its own start (the `since` of the handshake was
-                        // the previous user's).
-                        since = None;
-                        current = Some(Target::User(next));
-                        continue;
-                    }
-                    Outcome::Ended => true,
+        if let Some(user) = next.take() {
+            match stream(state, socket, &token, user, since, ip, commands, gone).await {
+                Outcome::Registered(other) => {
+                    // A new feed from its own start: the handshake's `since` was the previous
+                    // user's.
+                    since = None;
+                    next = Some(other);
+                    continue;
+                }
+                // The socket stays open: it may register a user its token is good for.
+                Outcome::Refused => {}
+                Outcome::Ended => {
+                    let _ = socket.clone().disconnect();
+                    return;
                 }
             }
-            _ => false,
-        };
-        if ended {
-            let _ = socket.clone().disconnect();
-            return;
         }
         tokio::select! {
             () = gone.cancelled() => return,
             () = state.shutdown.cancelled() => return,
             command = commands.recv() => match command {
-                Some(Command::Register(user)) => current = Some(Target::User(user)),
+                Some(Command::Register(user)) => next = Some(user),
                 None => return,
             },
         }
@@ -254,6 +251,8 @@ async fn serve(
 enum Outcome {
     /// The client registered another user.
     Registered(UserId),
+    /// The token is not good for the user (the client got `error`); no feed was opened.
+    Refused,
     /// The socket went away, or the feed ended (and the client was told why).
     Ended,
 }
@@ -263,7 +262,7 @@ enum Outcome {
 async fn stream(
     state: &NotifierState,
     socket: &SocketRef,
-    token: &str,
+    token_text: &str,
     user: UserId,
     since: Option<i64>,
     ip: Option<IpAddr>,
@@ -271,12 +270,11 @@ async fn stream(
     gone: &CancellationToken,
 ) -> Outcome {
     let Authorized { target, token } =
-        match Box::pin(state.authorize(Ok(Target::User(user)), token, ip)).await {
+        match Box::pin(state.authorize(Ok(Target::User(user)), token_text, ip)).await {
             Ok(authorized) => authorized,
             Err(refused) => {
                 emit_refused(socket, &refused);
-                // A refused register leaves the socket open: it may register its own id.
-                return wait_for_register(state, commands, gone).await;
+                return Outcome::Refused;
             }
         };
     let _user_slot = match state.slots.subscribe(user) {
@@ -323,7 +321,13 @@ async fn stream(
                 Some(Command::Register(next)) if next == user => {
                     let _ = socket.emit("registered", &user.get());
                 }
-                Some(Command::Register(next)) => return Outcome::Registered(next),
+                Some(Command::Register(next)) => {
+                    // A user token registering someone else keeps its own feed.
+                    match Box::pin(state.authorize(Ok(Target::User(next)), token_text, ip)).await {
+                        Ok(_) => return Outcome::Registered(next),
+                        Err(refused) => emit_refused(socket, &refused),
+                    }
+                }
                 None => return Outcome::Ended,
             },
             frame = feed.next() => match frame {
@@ -362,22 +366,6 @@ async fn stream(
                 }
             },
         }
-    }
-}
-
-/// After a refused register: the next register, or the end of the socket.
-async fn wait_for_register(
-    state: &NotifierState,
-    commands: &mut mpsc::Receiver<Command>,
-    gone: &CancellationToken,
-) -> Outcome {
-    tokio::select! {
-        () = gone.cancelled() => Outcome::Ended,
-        () = state.shutdown.cancelled() => Outcome::Ended,
-        command = commands.recv() => match command {
-            Some(Command::Register(next)) => Outcome::Registered(next),
-            None => Outcome::Ended,
-        },
     }
 }
 

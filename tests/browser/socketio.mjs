@@ -107,7 +107,15 @@ async function main() {
   check(user.seen.errors.length === 0 && admin.seen.errors.length === 0,
     `unexpected errors: ${JSON.stringify([user.seen.errors, admin.seen.errors])}`);
 
-  for (const c of [user, admin, stranger]) c.socket.disconnect();
+  // A user token that registers someone else gets `error` and keeps its own feed.
+  const nosy = client('nosy', earnerToken, { register: buyerId });
+  await until('the nosy client refused', () => nosy.seen.errors.length === 1);
+  check(nosy.seen.errors[0].code === 'unauthorized', `nosy error: ${JSON.stringify(nosy.seen.errors)}`);
+  await buy('sio-5', '6000.00');
+  await until('seq 5 on the nosy client', () => nosy.seen.earnings.some((e) => e.seq === 5));
+  check(JSON.stringify(seqs(nosy)) === '[5]', `nosy seqs ${JSON.stringify(seqs(nosy))}`);
+
+  for (const c of [user, admin, stranger, nosy]) c.socket.disconnect();
 
   // 4. Many legacy dashboards at once, each emitting register the moment it connects: every
   // one is registered. (A register that arrived before the server attached its handler used to
