@@ -6,8 +6,9 @@
 //!   admin key opens nothing until `emit('register', userId)`. `since` is the last `seq` the
 //!   client holds: the feed replays every earning after it from PostgreSQL first (set `auth` to
 //!   a function so that each reconnect sends the latest).
-//! - `register` with a user id: opens that user's feed (the admin key), or confirms the user's
-//!   own (a user token). A second `register` replaces the feed.
+//! - `register` with a user id: opens that user's feed (the admin key; a later `register`
+//!   replaces it), or confirms the user's own (a user token, which gets `error` for anyone
+//!   else's and keeps its feed).
 //! - `new_earning`: one earning event of §4 per emit, as a JSON object, in `seq` order.
 //! - `error`: `{code, message, last_seq?, retry_after?}`, the WebSocket's error frame. Without
 //!   a valid token `register` gets only this, never data. A feed that ends (token revoked or
