@@ -37,6 +37,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
        target/release/upline-api \
        target/release/upline-worker \
        target/release/upline-notifier \
+       target/release/upline-webhooks \
        /out/
 
 # ---- runtime -------------------------------------------------------------------------------
@@ -63,12 +64,12 @@ COPY deploy/ /app/deploy/
 
 USER upline:upline
 
-# api, notifier, worker (health and metrics)
-EXPOSE 8080 8081 8082
+# api, notifier, worker and webhooks service (health and metrics)
+EXPOSE 8080 8081 8082 8083
 
 # The services stop gracefully on SIGTERM (docker stop's default signal).
 STOPSIGNAL SIGTERM
 
-# Everything in one process by default; compose runs upline-api, upline-worker and
-# upline-notifier separately.
+# Everything in one process by default; compose runs upline-api, upline-worker,
+# upline-notifier and upline-webhooks separately.
 CMD ["upline", "run"]

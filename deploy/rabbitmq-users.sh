@@ -9,7 +9,8 @@
 #   RABBITMQ_MANAGEMENT_URL   management API       (default http://127.0.0.1:15672)
 #   RABBITMQ_VHOST            vhost, created if missing (default /)
 #   UPLINE_AMQP_USER_PREFIX   prefix of the three service users (default "upline-")
-#   UPLINE_API_AMQP_PASSWORD, UPLINE_WORKER_AMQP_PASSWORD, UPLINE_NOTIFIER_AMQP_PASSWORD
+#   UPLINE_API_AMQP_PASSWORD, UPLINE_WORKER_AMQP_PASSWORD, UPLINE_NOTIFIER_AMQP_PASSWORD,
+#   UPLINE_WEBHOOKS_AMQP_PASSWORD
 #                             the service users' passwords (required, not empty)
 #   UPLINE_PRODUCER_AMQP_USER, UPLINE_PRODUCER_AMQP_PASSWORD
 #                             optional: one external producer, who may only publish purchases
@@ -28,6 +29,12 @@
 #       upline.earnings.
 #   <prefix>notifier       ^amq\.gen-.*$ / ^amq\.gen-.*$ / ^(amq\.gen-.*|upline\.earnings)$
 #       its own server-named exclusive queue, bound to upline.earnings, consumed.
+#   <prefix>webhooks       ^upline\.webhooks\.(earnings|purchases)$ (both)
+#                          / ^(upline\.webhooks\.(earnings|purchases)|upline\.earnings|upline\.purchases)$
+#       declares its two queues and binds them to upline.earnings and upline.purchases
+#       (binding needs read on the exchange), consumes them. RabbitMQ permissions do not tell
+#       an exchange from a queue of the same name, so this user could also read the workers'
+#       queue upline.purchases: give it to the webhooks service only.
 # None of them gets a management tag: they cannot use the management UI or API.
 
 set -eu
@@ -52,6 +59,7 @@ require RABBITMQ_ADMIN_PASSWORD
 require UPLINE_API_AMQP_PASSWORD
 require UPLINE_WORKER_AMQP_PASSWORD
 require UPLINE_NOTIFIER_AMQP_PASSWORD
+require UPLINE_WEBHOOKS_AMQP_PASSWORD
 if [ -n "${UPLINE_PRODUCER_AMQP_USER-}" ] || [ -n "${UPLINE_PRODUCER_AMQP_PASSWORD-}" ]; then
     require UPLINE_PRODUCER_AMQP_USER
     require UPLINE_PRODUCER_AMQP_PASSWORD
@@ -149,6 +157,9 @@ user "${PREFIX}worker" "$UPLINE_WORKER_AMQP_PASSWORD" \
     "$WORKER_OWNS" "$WORKER_OWNS" '^upline\.purchases(\.dlx)?$'
 user "${PREFIX}notifier" "$UPLINE_NOTIFIER_AMQP_PASSWORD" \
     '^amq\.gen-.*$' '^amq\.gen-.*$' '^(amq\.gen-.*|upline\.earnings)$'
+WEBHOOK_QUEUES='^upline\.webhooks\.(earnings|purchases)$'
+user "${PREFIX}webhooks" "$UPLINE_WEBHOOKS_AMQP_PASSWORD" "$WEBHOOK_QUEUES" "$WEBHOOK_QUEUES" \
+    '^(upline\.webhooks\.(earnings|purchases)|upline\.earnings|upline\.purchases)$'
 if [ -n "${UPLINE_PRODUCER_AMQP_USER-}" ]; then
     user "$UPLINE_PRODUCER_AMQP_USER" "$UPLINE_PRODUCER_AMQP_PASSWORD" \
         '^$' "$PUBLISH_PURCHASES" '^$'

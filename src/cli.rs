@@ -17,7 +17,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run api, worker and notifier in this process (database created and migrated, broker
+    /// Run api, worker, notifier and webhooks service in this process (database created and migrated, broker
     /// topology declared). Stops gracefully on Ctrl-C or SIGTERM.
     Run,
     /// Create the database if missing and apply pending migrations.
@@ -38,6 +38,8 @@ pub enum Command {
     Worker,
     /// Run only a notifier (same as `upline-notifier`).
     Notifier,
+    /// Run only a webhooks service (same as `upline-webhooks`).
+    Webhooks,
 }
 
 /// Executes a parsed command line.
@@ -84,6 +86,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let listener = bind(settings.notifier.bind, "notifier.bind").await?;
             upline_notifier::run(settings, listener, shutdown).await
         }
+        Command::Webhooks => {
+            let listener = bind(settings.webhooks.bind, "webhooks.bind").await?;
+            upline_webhooks::run(settings, listener, shutdown).await
+        }
     }
 }
 
@@ -120,7 +126,7 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListen
         .with_context(|| format!("binding {key} = {addr}"))
 }
 
-/// Runs the three services side by side until `shutdown` fires or one of them fails (then
+/// Runs the four services side by side until `shutdown` fires or one of them fails (then
 /// the others are stopped too).
 ///
 /// # Errors
@@ -134,11 +140,13 @@ pub async fn run_all(settings: Settings, shutdown: CancellationToken) -> anyhow:
     let api = bind(settings.api.bind, "api.bind").await?;
     let worker = bind(settings.worker.bind, "worker.bind").await?;
     let notifier = bind(settings.notifier.bind, "notifier.bind").await?;
+    let webhooks = bind(settings.webhooks.bind, "webhooks.bind").await?;
     println!(
-        "upline running: api http://{}  notifier ws://{}/ws  worker health http://{}/healthz  (Ctrl-C stops)",
+        "upline running: api http://{}  notifier ws://{}/ws  worker health http://{}/healthz  webhooks health http://{}/healthz  (Ctrl-C stops)",
         api.local_addr()?,
         notifier.local_addr()?,
-        worker.local_addr()?
+        worker.local_addr()?,
+        webhooks.local_addr()?
     );
     let mut services = JoinSet::new();
     services.spawn(named(
@@ -151,7 +159,11 @@ pub async fn run_all(settings: Settings, shutdown: CancellationToken) -> anyhow:
     ));
     services.spawn(named(
         "notifier",
-        upline_notifier::run(settings, notifier, shutdown.clone()),
+        upline_notifier::run(settings.clone(), notifier, shutdown.clone()),
+    ));
+    services.spawn(named(
+        "webhooks",
+        upline_webhooks::run(settings, webhooks, shutdown.clone()),
     ));
     let mut first_error = None;
     while let Some(joined) = services.join_next().await {

@@ -26,7 +26,7 @@ use upline_common::rules::Rules;
 use upline_common::Settings;
 
 use crate::publisher::Publisher;
-use crate::routes::{dashboard, history, payouts, purchases, refunds, reports, users};
+use crate::routes::{dashboard, history, payouts, purchases, refunds, reports, users, webhooks};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -48,6 +48,8 @@ pub struct AppState {
     pub dashboard: Arc<dashboard::DashboardConfig>,
     /// Smallest approved balance that gets a payout line (`payout.minimum`, contract §10).
     pub payout_minimum: upline_common::money::Money,
+    /// `webhooks.*`: what endpoints may be registered (contract §11).
+    pub webhooks: upline_common::config::WebhookSettings,
 }
 
 /// The whole HTTP surface.
@@ -83,6 +85,21 @@ pub fn router(state: AppState, probes: Probes) -> Router {
         .route("/api/payouts/{id}/paid", post(payouts::mark_paid))
         .route("/api/users/{id}/earnings/history", get(history::history))
         .route("/api/leaderboard", get(reports::leaderboard))
+        .route("/api/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/api/webhooks/{id}",
+            get(webhooks::get).delete(webhooks::delete),
+        )
+        .route(
+            "/api/webhooks/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
+        .route("/api/webhooks/{id}/enable", post(webhooks::enable))
+        .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/api/webhooks/{id}/deliveries/{delivery_id}/replay",
+            post(webhooks::replay),
+        )
         .route("/", get(dashboard::index))
         .route("/assets/{*path}", get(dashboard::asset))
         .route("/dashboard/config.json", get(dashboard::config))
@@ -145,6 +162,7 @@ pub async fn run(
             settings.notifier.bind,
         )),
         payout_minimum,
+        webhooks: settings.webhooks.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "api listening");
     // The peer address feeds the abuse limits.

@@ -1228,3 +1228,258 @@ pub async fn history(
     .fetch_all(db)
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Webhook endpoints (contract §11); the webhooks service's own SQL is in `upline-webhooks`.
+
+/// A webhook endpoint without its secrets.
+#[derive(Debug)]
+pub struct WebhookEndpointRow {
+    pub id: i64,
+    pub url: String,
+    pub description: String,
+    pub event_types: Vec<String>,
+    pub disabled_at: Option<OffsetDateTime>,
+    pub disabled_reason: Option<String>,
+    pub failing_since: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+}
+
+/// Registers an endpoint with the signing key `secret` (base64), unless `max_endpoints` exist
+/// already (`None`). Registrations are counted one at a time (an advisory lock), so the limit
+/// holds under concurrent requests.
+///
+/// # Errors
+/// Database errors.
+pub async fn create_webhook_endpoint(
+    db: &PgPool,
+    url: &str,
+    description: &str,
+    event_types: &[String],
+    secret: &str,
+    max_endpoints: i64,
+) -> sqlx::Result<Option<WebhookEndpointRow>> {
+    let mut tx = db.begin().await?;
+    sqlx::query!("select pg_advisory_xact_lock(hashtext('upline.webhook_endpoints'))")
+        .execute(&mut *tx)
+        .await?;
+    let count = sqlx::query_scalar!(r#"select count(*) as "n!" from webhook_endpoints"#)
+        .fetch_one(&mut *tx)
+        .await?;
+    if count >= max_endpoints {
+        return Ok(None);
+    }
+    let row = sqlx::query_as!(
+        WebhookEndpointRow,
+        r#"insert into webhook_endpoints (url, description, event_types, secret)
+           values ($1, $2, $3, $4)
+           returning id, url, description, event_types, disabled_at, disabled_reason,
+                     failing_since, created_at"#,
+        url,
+        description,
+        event_types,
+        secret,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(row))
+}
+
+/// One endpoint.
+///
+/// # Errors
+/// Database errors.
+pub async fn webhook_endpoint(db: &PgPool, id: i64) -> sqlx::Result<Option<WebhookEndpointRow>> {
+    sqlx::query_as!(
+        WebhookEndpointRow,
+        r#"select id, url, description, event_types, disabled_at, disabled_reason,
+                  failing_since, created_at
+           from webhook_endpoints where id = $1"#,
+        id,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Endpoints with an id above `after`, oldest first.
+///
+/// # Errors
+/// Database errors.
+pub async fn webhook_endpoints_page(
+    db: &PgPool,
+    after: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<WebhookEndpointRow>> {
+    sqlx::query_as!(
+        WebhookEndpointRow,
+        r#"select id, url, description, event_types, disabled_at, disabled_reason,
+                  failing_since, created_at
+           from webhook_endpoints where id > coalesce($1::int8, 0) order by id limit $2"#,
+        after,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes an endpoint with its deliveries; false when there is none.
+///
+/// # Errors
+/// Database errors.
+pub async fn delete_webhook_endpoint(db: &PgPool, id: i64) -> sqlx::Result<bool> {
+    let done = sqlx::query!("delete from webhook_endpoints where id = $1", id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Makes `secret` the endpoint's key and keeps the current one signing for `overlap`; returns
+/// when it stops, or `None` when there is no such endpoint.
+///
+/// # Errors
+/// Database errors.
+pub async fn rotate_webhook_secret(
+    db: &PgPool,
+    id: i64,
+    secret: &str,
+    overlap: std::time::Duration,
+) -> sqlx::Result<Option<OffsetDateTime>> {
+    sqlx::query_scalar!(
+        r#"update webhook_endpoints
+              set previous_secret = secret, secret = $2,
+                  previous_secret_expires_at = now() + make_interval(secs => $3)
+            where id = $1
+        returning previous_secret_expires_at as "expires!""#,
+        id,
+        secret,
+        overlap.as_secs_f64(),
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Enables an endpoint and makes its pending deliveries due at once.
+///
+/// # Errors
+/// Database errors.
+pub async fn enable_webhook_endpoint(
+    db: &PgPool,
+    id: i64,
+) -> sqlx::Result<Option<WebhookEndpointRow>> {
+    let mut tx = db.begin().await?;
+    let row = sqlx::query_as!(
+        WebhookEndpointRow,
+        r#"update webhook_endpoints
+              set disabled_at = null, disabled_reason = null, failing_since = null
+            where id = $1
+        returning id, url, description, event_types, disabled_at, disabled_reason,
+                  failing_since, created_at"#,
+        id,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if row.is_some() {
+        sqlx::query!(
+            r#"update webhook_deliveries set next_attempt_at = now()
+                where endpoint_id = $1 and status = 'pending' and next_attempt_at > now()
+                  and attempts = 0"#,
+            id,
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// A delivery with its message.
+#[derive(Debug)]
+pub struct WebhookDeliveryRow {
+    pub id: i64,
+    pub message_id: String,
+    pub event_type: String,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<OffsetDateTime>,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub delivered_at: Option<OffsetDateTime>,
+    pub payload: String,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug)]
+pub struct WebhookAttemptRow {
+    pub delivery_id: i64,
+    pub attempted_at: OffsetDateTime,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+/// An endpoint's deliveries with an id below `before`, newest first, optionally of one
+/// `status`, with the latest 20 attempts of each (newest first).
+///
+/// # Errors
+/// Database errors.
+pub async fn webhook_deliveries_page(
+    db: &PgPool,
+    endpoint_id: i64,
+    status: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<(Vec<WebhookDeliveryRow>, Vec<WebhookAttemptRow>)> {
+    let rows = sqlx::query_as!(
+        WebhookDeliveryRow,
+        r#"select d.id, d.message_id, m.event_type, d.status, d.attempts, d.next_attempt_at,
+                  d.last_status_code, d.last_error, d.created_at, d.delivered_at, m.payload
+           from webhook_deliveries d join webhook_messages m on m.id = d.message_id
+           where d.endpoint_id = $1 and ($2::text is null or d.status = $2)
+             and d.id < coalesce($3, 9223372036854775807)
+           order by d.id desc limit $4"#,
+        endpoint_id,
+        status,
+        before,
+        limit,
+    )
+    .fetch_all(db)
+    .await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let attempts = sqlx::query_as!(
+        WebhookAttemptRow,
+        r#"select a.delivery_id as "delivery_id!", a.attempted_at as "attempted_at!",
+                  a.status_code, a.error, a.duration_ms as "duration_ms!"
+           from unnest($1::int8[]) as d (id)
+           cross join lateral (
+               select delivery_id, attempted_at, status_code, error, duration_ms
+               from webhook_attempts where delivery_id = d.id order by id desc limit 20) a"#,
+        &ids,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok((rows, attempts))
+}
+
+/// Queues a delivery of the endpoint for an attempt at once, with a fresh run of retries;
+/// false when the endpoint has no such delivery.
+///
+/// # Errors
+/// Database errors.
+pub async fn replay_webhook_delivery(
+    db: &PgPool,
+    endpoint_id: i64,
+    delivery_id: i64,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        r#"update webhook_deliveries
+              set status = 'pending', attempts = 0, started_at = null, next_attempt_at = now()
+            where id = $1 and endpoint_id = $2"#,
+        delivery_id,
+        endpoint_id,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}

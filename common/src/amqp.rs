@@ -43,6 +43,18 @@ pub const PURCHASES_DLX: &str = "upline.purchases.dlx";
 pub const PURCHASES_DEAD_QUEUE: &str = "upline.purchases.dead";
 /// Topic exchange of earning events, routing key `earning.<level>.<earner_id>`.
 pub const EARNINGS_EXCHANGE: &str = "upline.earnings";
+/// Quorum queue of the webhooks service for earning events, bound to [`EARNINGS_EXCHANGE`]
+/// with `earning.#` (contract §11). Declared by the webhooks service only, so it exists once
+/// one has run.
+pub const WEBHOOK_EARNINGS_QUEUE: &str = "upline.webhooks.earnings";
+/// Quorum queue of the webhooks service for purchase messages, bound to
+/// [`PURCHASES_EXCHANGE`] with [`PURCHASE_ROUTING_KEY`]: a copy of each purchase, held until a
+/// worker has recorded it, then turned into `purchase.processed` or `purchase.rejected`.
+pub const WEBHOOK_PURCHASES_QUEUE: &str = "upline.webhooks.purchases";
+/// Most messages each webhooks queue keeps while no webhooks service consumes it; past that
+/// the oldest are dropped (`x-overflow = drop-head`), so that a webhooks service taken out of a
+/// deployment cannot fill the broker's disk.
+pub const WEBHOOK_QUEUE_MAX_LENGTH: i64 = 10_000_000;
 /// Header of a dead-lettered message saying why it could not be processed.
 pub const ERROR_HEADER: &str = "x-upline-error";
 /// Deliveries of one message after which RabbitMQ dead-letters it (a message that keeps
@@ -229,6 +241,52 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
             FieldTable::default(),
         )
         .await?;
+    Ok(())
+}
+
+/// Declares and binds the webhooks service's two queues ([`WEBHOOK_EARNINGS_QUEUE`],
+/// [`WEBHOOK_PURCHASES_QUEUE`]): durable quorum queues, at most [`WEBHOOK_QUEUE_MAX_LENGTH`]
+/// messages each. The exchanges must exist ([`declare_topology`]).
+///
+/// # Errors
+/// Broker errors (a 403 when the user may not configure `upline.webhooks.*`).
+pub async fn declare_webhook_queues(channel: &Channel) -> lapin::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(WEBHOOK_QUEUE_MAX_LENGTH),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (queue, exchange, key) in [
+        (WEBHOOK_EARNINGS_QUEUE, EARNINGS_EXCHANGE, "earning.#"),
+        (
+            WEBHOOK_PURCHASES_QUEUE,
+            PURCHASES_EXCHANGE,
+            PURCHASE_ROUTING_KEY,
+        ),
+    ] {
+        channel.queue_declare(queue, durable, args.clone()).await?;
+        channel
+            .queue_bind(
+                queue,
+                exchange,
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }
 

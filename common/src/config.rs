@@ -35,6 +35,7 @@ pub struct Settings {
     pub api: ApiSettings,
     pub worker: WorkerSettings,
     pub notifier: NotifierSettings,
+    pub webhooks: WebhookSettings,
     pub commission: CommissionSettings,
     pub payout: PayoutSettings,
     pub referrals: ReferralSettings,
@@ -148,6 +149,68 @@ pub struct NotifierSettings {
     /// `too_many_connections_from_address`. An abuse limit: off with `limits.enabled =
     /// false`. At least 1.
     pub max_connections_per_address: usize,
+}
+
+/// Signed webhooks (contract §11): the `upline-webhooks` service and `/api/webhooks`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookSettings {
+    /// Health and metrics of the webhooks service.
+    pub bind: SocketAddr,
+    /// Accept endpoint URLs on loopback, private, link-local and other non-public addresses
+    /// (SSRF protection off). `false` by default; for tests and closed networks only.
+    pub allow_private_targets: bool,
+    /// The wait before each retry of a failed delivery, in order (`"5s"`, `"5m"`, …): a
+    /// delivery is attempted once at once and once after each of these, each wait varied by up
+    /// to ±20 % (jitter). At least one; each at most 7 days.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub retry_schedule: Vec<String>,
+    /// Seconds an endpoint has to answer an attempt (connect, send and the response headers);
+    /// at least 1.
+    pub timeout_secs: u64,
+    /// Deliveries in flight at once from one webhooks service, all endpoints together.
+    pub max_in_flight: usize,
+    /// Deliveries in flight at once to any one endpoint: a slow endpoint uses up only these,
+    /// never the others' share.
+    pub max_in_flight_per_endpoint: usize,
+    /// Most endpoints that can be registered.
+    pub max_endpoints: i64,
+    /// Longest endpoint URL, in bytes.
+    pub max_url_bytes: usize,
+    /// Milliseconds between looks for due retries when nothing new arrives.
+    pub poll_ms: u64,
+    /// Events the webhooks service takes from each of its queues before acknowledging any.
+    pub prefetch: u16,
+    /// How long a rotated-out secret keeps signing deliveries next to the new one (`"24h"`).
+    #[serde(with = "humantime_serde_compat")]
+    pub rotation_overlap: Duration,
+    /// How long messages, deliveries and attempts are kept once no delivery of the message is
+    /// pending (`"30d"`).
+    #[serde(with = "humantime_serde_compat")]
+    pub retention: Duration,
+}
+
+impl WebhookSettings {
+    /// [`Self::retry_schedule`] parsed.
+    ///
+    /// # Errors
+    /// An empty schedule, or an entry that is not a duration of at most 7 days, named by its key.
+    pub fn retry_waits(&self) -> anyhow::Result<Vec<Duration>> {
+        if self.retry_schedule.is_empty() {
+            bail!("webhooks.retry_schedule must list at least one wait");
+        }
+        self.retry_schedule
+            .iter()
+            .map(|w| {
+                let wait = humantime::parse_duration(w.trim()).with_context(|| {
+                    format!("webhooks.retry_schedule: {w:?} is not a duration such as \"5m\"")
+                })?;
+                if wait > Duration::from_secs(7 * 24 * 3600) {
+                    bail!("webhooks.retry_schedule: {w:?} is longer than 7 days");
+                }
+                Ok(wait)
+            })
+            .collect()
+    }
 }
 
 /// Commission rules, SPEC §2.
@@ -342,6 +405,18 @@ impl Settings {
             || n.max_connections_per_address == 0
         {
             bail!("notifier.replay_page_size, notifier.buffer, notifier.user_buffer, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
+        }
+        self.webhooks.retry_waits()?;
+        let w = &self.webhooks;
+        if w.timeout_secs == 0
+            || w.max_in_flight == 0
+            || w.max_in_flight_per_endpoint == 0
+            || w.max_endpoints < 1
+            || w.max_url_bytes < 16
+            || w.poll_ms == 0
+            || w.prefetch == 0
+        {
+            bail!("webhooks.timeout_secs, webhooks.max_in_flight, webhooks.max_in_flight_per_endpoint, webhooks.max_endpoints, webhooks.poll_ms and webhooks.prefetch must be at least 1, webhooks.max_url_bytes at least 16");
         }
         if self.worker.outbox_confirm_timeout_ms < 100 {
             bail!("worker.outbox_confirm_timeout_ms must be at least 100");

@@ -20,6 +20,7 @@ pub mod refund;
 pub mod rules;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 pub use config::Settings;
 pub use domain::{Email, Level, PurchaseStatus, UserId};

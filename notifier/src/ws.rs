@@ -209,6 +209,9 @@ async fn first_text(socket: &mut WebSocket) -> Option<String> {
     }
 }
 
+/// Longest wait for a client's close frame after the notifier sent its own.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
 /// A client socket with this notifier's send timeout.
 struct Client {
     socket: WebSocket,
@@ -249,14 +252,31 @@ impl Client {
         self.reject_with(error, refused.close_code()).await;
     }
 
+    /// Sends the close frame, then waits up to [`CLOSE_HANDSHAKE`] for the client's (the
+    /// closing handshake of RFC 6455 §7.1.1), reading and dropping whatever comes first.
+    /// Dropping the connection at once, with frames of the client still unread (pongs it
+    /// queued while not reading), can make the kernel reset it, and a reset can discard the
+    /// close frame before the client reads it: the client would see a dropped connection
+    /// instead of the reason.
     async fn close(&mut self, code: CloseCode, reason: &str) {
         // Close reasons are limited to 123 bytes.
         let reason: String = reason.chars().take(120).collect();
-        let _ = self
+        let sent = self
             .send_message(Message::Close(Some(CloseFrame {
                 code: code.code(),
                 reason: reason.into(),
             })))
             .await;
+        if sent.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(message)) = self.socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }

@@ -170,10 +170,22 @@ impl RabbitAdmin {
     /// # Errors
     /// The management API is unreachable or answers neither 200 nor 404.
     pub async fn exchange_exists(&self, vhost: &str, name: &str) -> anyhow::Result<bool> {
+        self.exists("exchanges", vhost, name).await
+    }
+
+    /// Whether queue `name` exists in `vhost`.
+    ///
+    /// # Errors
+    /// The management API is unreachable or answers neither 200 nor 404.
+    pub async fn queue_exists(&self, vhost: &str, name: &str) -> anyhow::Result<bool> {
+        self.exists("queues", vhost, name).await
+    }
+
+    async fn exists(&self, kind: &str, vhost: &str, name: &str) -> anyhow::Result<bool> {
         let r = self
             .request(
                 reqwest::Method::GET,
-                &format!("exchanges/{}/{}", encode(vhost), encode(name)),
+                &format!("{kind}/{}/{}", encode(vhost), encode(name)),
             )
             .send()
             .await

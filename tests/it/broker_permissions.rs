@@ -67,6 +67,7 @@ impl BrokerUsers {
             .env("UPLINE_API_AMQP_PASSWORD", self.password("api"))
             .env("UPLINE_WORKER_AMQP_PASSWORD", self.password("worker"))
             .env("UPLINE_NOTIFIER_AMQP_PASSWORD", self.password("notifier"))
+            .env("UPLINE_WEBHOOKS_AMQP_PASSWORD", self.password("webhooks"))
             .env("UPLINE_PRODUCER_AMQP_USER", self.name("producer"))
             .env("UPLINE_PRODUCER_AMQP_PASSWORD", self.password("producer"))
             .output()
@@ -77,7 +78,7 @@ impl BrokerUsers {
             out.status.success(),
             "rabbitmq-users.sh failed:\n{stdout}{stderr}"
         );
-        for service in ["api", "worker", "notifier", "producer"] {
+        for service in ["api", "worker", "notifier", "webhooks", "producer"] {
             assert!(
                 stdout.contains(&format!("user '{}'", self.name(service))),
                 "the script did not report user {service}:\n{stdout}"
@@ -92,7 +93,7 @@ impl BrokerUsers {
 
 impl Drop for BrokerUsers {
     fn drop(&mut self) {
-        for service in ["api", "worker", "notifier", "producer"] {
+        for service in ["api", "worker", "notifier", "webhooks", "producer"] {
             // Best effort (a user that was never created answers 404).
             let _ = Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-u", "guest:guest", "-X", "DELETE"])
@@ -219,6 +220,23 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
     // The worker, last, declares the topology; the others notice by themselves.
     app.spawn_worker().await;
     app.wait_until_ready().await;
+    // The webhooks service declares and binds its own queues as its own user.
+    let stop_webhooks = tokio_util::sync::CancellationToken::new();
+    let (_, webhooks) = app.spawn_stoppable_webhooks(stop_webhooks.clone()).await;
+    for queue in [amqp::WEBHOOK_EARNINGS_QUEUE, amqp::WEBHOOK_PURCHASES_QUEUE] {
+        assert!(
+            RabbitAdmin::local()
+                .queue_exists(&vhost, queue)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}")),
+            "{queue} was not declared"
+        );
+    }
+    stop_webhooks.cancel();
+    webhooks
+        .await
+        .expect("joined")
+        .expect("webhooks service stopped cleanly");
 
     // End to end over REST, with the earning pushed to a WebSocket subscriber.
     let mut ws = app.subscribe(b.id, &b.token, None).await;

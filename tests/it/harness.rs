@@ -261,6 +261,40 @@ impl TestApp {
         (base, task)
     }
 
+    /// Starts a webhooks service that stops when `stop` is cancelled, as a restart would;
+    /// returns its health base URL once ready. Await the handle after cancelling.
+    pub async fn spawn_stoppable_webhooks(
+        &self,
+        stop: CancellationToken,
+    ) -> (String, JoinHandle<anyhow::Result<()>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(upline_webhooks::run(
+            service_settings(&self.settings, "webhooks"),
+            listener,
+            stop,
+        ));
+        self.wait_ready(&base, "/readyz").await;
+        (base, task)
+    }
+
+    /// Starts a worker that stops when `stop` is cancelled (for apps spawned without one), as
+    /// a worker restart would. Await the handle after cancelling.
+    pub async fn spawn_stoppable_worker(
+        &self,
+        stop: CancellationToken,
+    ) -> JoinHandle<anyhow::Result<()>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(upline_worker::run(
+            service_settings(&self.settings, "worker"),
+            listener,
+            stop,
+        ));
+        self.wait_ready(&base, "/readyz").await;
+        task
+    }
+
     /// Closes, from the broker's side, every connection of this app whose client-provided
     /// name is `name` (e.g. "upline-notifier"), as a broker restart or network cut would.
     /// The management API lists connections with a few seconds' delay, so this waits (up to
@@ -612,7 +646,7 @@ pub fn server_message(text: &str) -> upline_common::protocol::ServerMessage {
 /// `tests/browser/node_modules`, installed with `npm ci` when missing.
 pub async fn browser_test_dir() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let installed = ["playwright-core", "socket.io-client"]
+    let installed = ["playwright-core", "socket.io-client", "standardwebhooks"]
         .iter()
         .all(|module| dir.join("node_modules").join(module).is_dir());
     if !installed {

@@ -26,3 +26,4 @@ mod servers;
 mod socketio;
 mod sse_browser;
 mod tls;
+mod webhooks;

@@ -18,7 +18,9 @@ use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::OpenApi;
 
 use crate::error::ErrorCode;
-use crate::routes::{dashboard, docs, history, payouts, purchases, refunds, reports, users};
+use crate::routes::{
+    dashboard, docs, history, payouts, purchases, refunds, reports, users, webhooks,
+};
 
 mod document;
 
@@ -63,6 +65,14 @@ pub fn document() -> &'static OpenApiDoc {
         payouts::get_csv,
         payouts::mark_paid,
         history::history,
+        webhooks::create,
+        webhooks::list,
+        webhooks::get,
+        webhooks::delete,
+        webhooks::rotate_secret,
+        webhooks::enable,
+        webhooks::deliveries,
+        webhooks::replay,
         upline_common::http::healthz,
         upline_common::http::readyz,
         upline_common::http::metrics,
@@ -81,6 +91,7 @@ pub fn document() -> &'static OpenApiDoc {
         (name = "purchases", description = "Purchase intake (published to RabbitMQ) and what the workers made of it"),
         (name = "reports", description = "Earnings, downlines and the leaderboard"),
         (name = "payouts", description = "Payout batches of approved earnings, their CSV export, and marking them paid (contract §10)"),
+        (name = "webhooks", description = "Signed webhooks (Standard Webhooks): endpoints, their secrets, deliveries and replays (contract §11)"),
         (name = "operations", description = "Liveness, readiness and metrics (every service serves them)"),
         (name = "documentation", description = "This description and its interactive viewer"),
         (name = "dashboard", description = "The browser dashboard (static page and its configuration)"),

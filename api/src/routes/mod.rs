@@ -8,3 +8,4 @@ pub mod purchases;
 pub mod refunds;
 pub mod reports;
 pub mod users;
+pub mod webhooks;
