@@ -34,7 +34,10 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/api/webhooks/{id}/rotate-secret", &["post"]),
     ("/api/webhooks/{id}/enable", &["post"]),
     ("/api/webhooks/{id}/deliveries", &["get"]),
-    ("/api/webhooks/{id}/deliveries/{delivery_id}/replay", &["post"]),
+    (
+        "/api/webhooks/{id}/deliveries/{delivery_id}/replay",
+        &["post"],
+    ),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/metrics", &["get"]),

@@ -11,12 +11,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
+use upline_common::Settings;
+
 use crate::harness::{browser_test_dir, free_port, Services, TestApp, ADMIN};
 
 /// Fast retries for tests: 7 attempts within about 3 s.
 const FAST_RETRIES: &str = "100ms,200ms,300ms,500ms,700ms,1s";
 
-async fn app_with_webhooks(worker: bool) -> TestApp {
+async fn app_with_webhooks(worker: bool, configure: impl FnOnce(&mut Settings)) -> TestApp {
     TestApp::spawn_with(
         Services {
             worker,
@@ -27,6 +29,7 @@ async fn app_with_webhooks(worker: bool) -> TestApp {
             s.webhooks.retry_schedule = FAST_RETRIES.split(',').map(str::to_owned).collect();
             s.webhooks.timeout_secs = 2;
             s.webhooks.poll_ms = 50;
+            configure(s);
         },
     )
     .await
@@ -172,7 +175,7 @@ async fn expected_ids(app: &TestApp) -> BTreeSet<String> {
 /// same `webhook-id` again, and after a secret rotation deliveries verify with both secrets.
 #[tokio::test]
 async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restarts() {
-    let app = app_with_webhooks(false).await;
+    let app = app_with_webhooks(false, |_| {}).await;
     let port = free_port();
     let receiver = Receiver::start(port, 2).await;
     let (endpoint, secret) = register_endpoint(
@@ -350,69 +353,88 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
     app.stop().await;
 }
 
-/// An endpoint that accepts connections and never answers does not hold back a healthy one:
-/// the healthy one gets every event while the dead one's attempts time out; once a message
-/// has failed every attempt, the dead endpoint is disabled with the reason, and enabling it
-/// sends its pending deliveries again.
+/// A slow endpoint never holds back a healthy one, and a dead one is disabled:
+/// - with 10 attempts in flight in all and 8 per endpoint, an endpoint that accepts
+///   connections and never answers, with 16 deliveries due, holds only 8 attempts for the
+///   whole 30 s timeout (without the cap per endpoint it would take all 10), while the healthy
+///   endpoint gets every event within 20 s through the slots left;
+/// - an endpoint that refuses connections fails every attempt of its first message and is
+///   disabled with the reason; enabling it clears the reason.
 #[tokio::test]
-async fn a_dead_endpoint_is_disabled_and_never_holds_back_a_healthy_one() {
-    let app = app_with_webhooks(true).await;
+async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_disabled() {
+    let app = app_with_webhooks(true, |s| {
+        s.webhooks.max_in_flight = 10;
+        s.webhooks.max_in_flight_per_endpoint = 8;
+        s.webhooks.timeout_secs = 30;
+    })
+    .await;
     // Accepts and holds every connection, answering nothing.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let dead_port = dead.local_addr().expect("addr").port();
+    let hanging_port = hanging.local_addr().expect("addr").port();
     let held = tokio::spawn(async move {
         let mut open = Vec::new();
-        while let Ok((socket, _)) = dead.accept().await {
+        while let Ok((socket, _)) = hanging.accept().await {
             open.push(socket);
         }
     });
+    // Refuses connections: a port nobody listens on.
+    let refused_port = free_port();
     let port = free_port();
     let receiver = Receiver::start(port, 0).await;
-    let (dead_id, _) = register_endpoint(
+    let events = ["earning.created"];
+    let (hanging_id, _) = register_endpoint(
         &app,
-        &format!("http://127.0.0.1:{dead_port}/hook"),
-        &["earning.created"],
+        &format!("http://127.0.0.1:{hanging_port}/hook"),
+        &events,
     )
     .await;
-    let (_, secret) = register_endpoint(
+    let (refused_id, _) = register_endpoint(
         &app,
-        &format!("http://127.0.0.1:{port}/hook"),
-        &["earning.created"],
+        &format!("http://127.0.0.1:{refused_port}/hook"),
+        &events,
     )
     .await;
+    let (_, secret) =
+        register_endpoint(&app, &format!("http://127.0.0.1:{port}/hook"), &events).await;
     receiver.set_secrets(&app.http, &[&secret]).await;
     let stop = CancellationToken::new();
     let (_, hooks) = app.spawn_stoppable_webhooks(stop.clone()).await;
 
-    let (_, b, c) = app.chain_abc().await;
-    let started = Instant::now();
-    for i in 0..20 {
-        app.purchase(&format!("dead-{i}"), c.id, "2000.00").await;
+    let (_, _, c) = app.chain_abc().await;
+    for i in 0..8 {
+        app.purchase(&format!("slow-{i}"), c.id, "2000.00").await;
     }
-    app.wait_processed("dead-19").await;
-    let ids = expected_ids(&app).await;
-    assert_eq!(ids.len(), 20 * 2 + 20, "earnings and purchases");
-    let earning_ids: BTreeSet<String> = ids
+    for i in 0..8 {
+        app.wait_processed(&format!("slow-{i}")).await;
+    }
+    let earning_ids: BTreeSet<String> = expected_ids(&app)
+        .await
         .into_iter()
         .filter(|i| i.starts_with("msg_earning_"))
         .collect();
-    // Every attempt at the dead endpoint takes the full 2 s timeout; the healthy endpoint
-    // must not wait for them.
+    assert_eq!(earning_ids.len(), 16);
+    // Well within the hanging endpoint's 30 s timeout.
     receiver
-        .wait_for(&app.http, &earning_ids, Duration::from_secs(30))
+        .wait_for(&app.http, &earning_ids, Duration::from_secs(20))
         .await;
-    println!(
-        "healthy endpoint had all 40 earnings after {:?}",
-        started.elapsed()
+    let hanging_deliveries =
+        admin_get(&app, &format!("/api/webhooks/{hanging_id}/deliveries")).await;
+    let items = hanging_deliveries["items"].as_array().expect("items");
+    assert_eq!(items.len(), 16);
+    assert!(items.iter().all(|d| d["status"] == "pending"), "{items:?}");
+    let hanging_now = items.iter().filter(|d| d["attempts"] == 1).count();
+    let waiting = items.iter().filter(|d| d["attempts"] == 0).count();
+    assert_eq!(
+        (hanging_now, waiting),
+        (8, 8),
+        "8 attempts hang, 8 wait their turn"
     );
-    assert!(b.id > 0);
 
-    // 7 attempts, 2 s each, over about 3 s of waits: disabled within a minute.
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let endpoint = loop {
-        let e = admin_get(&app, &format!("/api/webhooks/{dead_id}")).await;
+        let e = admin_get(&app, &format!("/api/webhooks/{refused_id}")).await;
         if e["enabled"] == false {
             break e;
         }
@@ -420,21 +442,34 @@ async fn a_dead_endpoint_is_disabled_and_never_holds_back_a_healthy_one() {
             Instant::now() < deadline,
             "the dead endpoint was never disabled: {e}"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let reason = endpoint["disabled_reason"].as_str().expect("a reason");
     assert!(reason.contains("failed all 7 attempts"), "{reason}");
-    assert!(reason.contains("timed out"), "{reason}");
+    assert!(reason.contains("could not connect"), "{reason}");
     let failed = admin_get(
         &app,
-        &format!("/api/webhooks/{dead_id}/deliveries?status=failed"),
+        &format!("/api/webhooks/{refused_id}/deliveries?status=failed"),
     )
     .await;
-    assert!(!failed["items"].as_array().expect("items").is_empty());
+    let failed = failed["items"].as_array().expect("items");
+    assert!(!failed.is_empty());
+    assert_eq!(
+        failed[0]["attempt_log"]
+            .as_array()
+            .expect("attempt_log")
+            .len(),
+        7
+    );
+    let hanging_endpoint = admin_get(&app, &format!("/api/webhooks/{hanging_id}")).await;
+    assert_eq!(
+        hanging_endpoint["enabled"], true,
+        "nothing of the hanging endpoint failed yet"
+    );
 
     let enabled: Value = app
         .http
-        .post(app.url(&format!("/api/webhooks/{dead_id}/enable")))
+        .post(app.url(&format!("/api/webhooks/{refused_id}/enable")))
         .bearer_auth(ADMIN)
         .send()
         .await
@@ -445,12 +480,13 @@ async fn a_dead_endpoint_is_disabled_and_never_holds_back_a_healthy_one() {
     assert_eq!(enabled["enabled"], true);
     assert_eq!(enabled["disabled_reason"], Value::Null);
 
+    // Closing the held connections ends the hanging attempts.
+    held.abort();
     stop.cancel();
     hooks
         .await
         .expect("joined")
         .expect("webhooks service stopped cleanly");
-    held.abort();
     app.stop().await;
 }
 

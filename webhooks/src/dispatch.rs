@@ -38,6 +38,8 @@ use crate::store::{self, AfterFailure, AttemptResult, Claimed};
 const KEPT_BODY_BYTES: usize = 1024;
 /// How long past the timeout a claimed delivery is held before another service may retry it.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a stopping dispatcher waits for its attempts in flight.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Most deliveries claimed by one statement.
 const CLAIM_BATCH: usize = 500;
 
@@ -88,8 +90,8 @@ impl Dispatcher {
         })
     }
 
-    /// Claims and sends until `cancel` fires, then waits for the attempts in flight (each ends
-    /// within the timeout).
+    /// Claims and sends until `cancel` fires, then waits up to [`STOP_GRACE`] for the attempts
+    /// in flight.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut attempts = JoinSet::new();
         let mut failures = 0u32;
@@ -154,7 +156,19 @@ impl Dispatcher {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        while attempts.join_next().await.is_some() {}
+        // Attempts in flight get a few seconds to finish; the rest are dropped, and their
+        // leases let any webhooks service attempt them again.
+        let drained = tokio::time::timeout(STOP_GRACE, async {
+            while attempts.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                abandoned = attempts.len(),
+                "stopping with webhook attempts in flight; they will be attempted again"
+            );
+            attempts.abort_all();
+        }
     }
 
     fn release(&self, endpoint_id: i64) {
