@@ -8,7 +8,7 @@
 #   RABBITMQ_ADMIN_USER, RABBITMQ_ADMIN_PASSWORD   an administrator of the broker (required)
 #   RABBITMQ_MANAGEMENT_URL   management API       (default http://127.0.0.1:15672)
 #   RABBITMQ_VHOST            vhost, created if missing (default /)
-#   UPLINE_AMQP_USER_PREFIX   prefix of the three service users (default "upline-")
+#   UPLINE_AMQP_USER_PREFIX   prefix of the four service users (default "upline-")
 #   UPLINE_API_AMQP_PASSWORD, UPLINE_WORKER_AMQP_PASSWORD, UPLINE_NOTIFIER_AMQP_PASSWORD,
 #   UPLINE_WEBHOOKS_AMQP_PASSWORD
 #                             the service users' passwords (required, not empty)

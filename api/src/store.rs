@@ -1382,8 +1382,7 @@ pub async fn enable_webhook_endpoint(
     if row.is_some() {
         sqlx::query!(
             r#"update webhook_deliveries set next_attempt_at = now()
-                where endpoint_id = $1 and status = 'pending' and next_attempt_at > now()
-                  and attempts = 0"#,
+                where endpoint_id = $1 and status = 'pending' and next_attempt_at > now()"#,
             id,
         )
         .execute(&mut *tx)

@@ -218,12 +218,36 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
     let hooks_stop = CancellationToken::new();
     let (_, hooks) = app.spawn_stoppable_webhooks(hooks_stop.clone()).await;
     app.purchase("wh-4", c.id, "1500.00").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not recorded within 5 s: the webhooks service parks it and acknowledges its copy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let parked: Option<String> =
+            sqlx::query_scalar("select purchase_id from webhook_purchase_waits")
+                .fetch_optional(&app.db)
+                .await
+                .expect("parked purchases");
+        if parked.as_deref() == Some("wh-4") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "wh-4 was never parked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let worker_stop = CancellationToken::new();
     let worker = app.spawn_stoppable_worker(worker_stop.clone()).await;
     app.wait_processed("wh-4").await;
 
-    // 3 processed purchases × 2 levels, 3 purchase.processed, 1 purchase.rejected.
+    // 3 processed purchases × 2 levels, 3 purchase.processed, 1 purchase.rejected; the parked
+    // purchase is resolved once recorded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>("select count(*) from webhook_purchase_waits")
+        .fetch_one(&app.db)
+        .await
+        .expect("parked purchases")
+        > 0
+    {
+        assert!(Instant::now() < deadline, "wh-4 stayed parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ids = expected_ids(&app).await;
     assert_eq!(ids.len(), 10, "{ids:?}");
     let state = receiver
@@ -396,6 +420,13 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
         &events,
     )
     .await;
+    // One message only: its own failures must disable the endpoint.
+    let (lonely_id, _) = register_endpoint(
+        &app,
+        &format!("http://127.0.0.1:{refused_port}/lonely"),
+        &["purchase.rejected"],
+    )
+    .await;
     let (_, secret) =
         register_endpoint(&app, &format!("http://127.0.0.1:{port}/hook"), &events).await;
     receiver.set_secrets(&app.http, &[&secret]).await;
@@ -466,6 +497,30 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
         hanging_endpoint["enabled"], true,
         "nothing of the hanging endpoint failed yet"
     );
+
+    // A single rejected purchase, straight on the queue, for the endpoint with one message.
+    let rejected =
+        json!({"purchase_id": "lonely-1", "buyer_id": c.id, "amount": "10.00", "currency": "USD"});
+    app.publish_raw(rejected.to_string().as_bytes()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let e = admin_get(&app, &format!("/api/webhooks/{lonely_id}")).await;
+        if e["enabled"] == false {
+            assert!(
+                e["disabled_reason"]
+                    .as_str()
+                    .expect("a reason")
+                    .contains("msg_purchase_lonely-1"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint with one failing message was never disabled: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let enabled: Value = app
         .http

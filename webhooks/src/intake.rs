@@ -8,8 +8,12 @@
 //! - **Purchases** (`upline.webhooks.purchases`, a copy of every purchase message): each is
 //!   held, unacknowledged, until a worker has recorded the purchase, then becomes
 //!   `purchase.processed` or `purchase.rejected` with `webhook-id` `msg_purchase_<purchase_id>`.
-//!   A message without a usable `purchase_id` is one the workers dead-letter: it has no outcome
-//!   and is acknowledged at once.
+//!   A copy held for 5 s is parked in PostgreSQL (`webhook_purchase_waits`) and acknowledged,
+//!   so that a purchase that is never recorded (one the workers dead-letter after a crash or a
+//!   database error) cannot fill the prefetch and hold up the others; parked purchases are
+//!   looked at again, 1,000 per poll, and their events queued once they are recorded. A message
+//!   without a usable `purchase_id` is one the workers dead-letter at once: it has no outcome
+//!   and is acknowledged.
 //!
 //! A message is acknowledged only after its webhook messages are committed (or when no enabled
 //! endpoint wants its type), so a crash means redelivery; a redelivered event finds its message
@@ -17,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -36,6 +40,11 @@ use crate::store::{self, NewMessage};
 
 /// How often purchases held for their outcome are looked up again.
 const OUTCOME_POLL: Duration = Duration::from_millis(200);
+/// How long a purchase copy is held, unacknowledged, for its purchase to be recorded before it
+/// is parked in PostgreSQL instead.
+const PARK_AFTER: Duration = Duration::from_secs(5);
+/// Parked purchases looked at per poll.
+const PARKED_PER_ROUND: i64 = 1000;
 
 /// What the consumers need.
 #[derive(Clone)]
@@ -180,8 +189,9 @@ pub async fn purchases(
             FieldTable::default(),
         )
         .await?;
-    // Purchase id → the delivery tags waiting for its outcome.
-    let mut held: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut held = Held::default();
+    // Where the sweep through parked purchases goes on; `None` when none are parked.
+    let mut parked_from: Option<String> = Some(String::new());
     let mut poll = tokio::time::interval(OUTCOME_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -193,7 +203,7 @@ pub async fn purchases(
                 };
                 let delivery = delivery?;
                 match usable_purchase_id(&delivery.data, intake.max_message_bytes) {
-                    Some(id) => held.entry(id).or_default().push(delivery.delivery_tag),
+                    Some(id) => held.add(id, delivery.delivery_tag),
                     None => channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await?,
                 }
                 // Under load, take in what has arrived before looking up outcomes.
@@ -203,43 +213,119 @@ pub async fn purchases(
             }
             _ = poll.tick() => {}
         }
-        if held.is_empty() {
-            continue;
-        }
         let wanted = wanted(&intake.db).await?;
         let wants = |t: &str| wanted.iter().any(|w| w == t);
         if !wants("purchase.processed") && !wants("purchase.rejected") {
-            for (_, tags) in held.drain() {
+            for (_, (tags, _)) in held.0.drain() {
                 ack_all(&channel, &tags).await?;
             }
             continue;
         }
-        let ids: Vec<String> = held.keys().cloned().collect();
-        let (outcomes, levels) = store::purchase_outcomes(&intake.db, &ids).await?;
-        let mut messages = Vec::with_capacity(outcomes.len());
-        for outcome in &outcomes {
-            let event_type = match outcome.status.as_str() {
-                "processed" => "purchase.processed",
-                _ => "purchase.rejected",
+        if !held.is_empty() {
+            let ids: Vec<String> = held.0.keys().cloned().collect();
+            let recorded = queue_outcomes(&intake, &ids, &wants, &[]).await?;
+            for id in &recorded {
+                if let Some((tags, _)) = held.0.remove(id) {
+                    ack_all(&channel, &tags).await?;
+                }
+            }
+            // Held too long: parked in PostgreSQL and acknowledged, so that a purchase that
+            // is never recorded cannot hold up the others.
+            let overdue: Vec<String> = held
+                .0
+                .iter()
+                .filter(|(_, (_, since))| since.elapsed() >= PARK_AFTER)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !overdue.is_empty() {
+                store::park_purchases(&intake.db, &overdue).await?;
+                metrics::counter!("upline_webhook_purchases_parked_total")
+                    .increment(overdue.len() as u64);
+                for id in &overdue {
+                    if let Some((tags, _)) = held.0.remove(id) {
+                        ack_all(&channel, &tags).await?;
+                    }
+                }
+                parked_from.get_or_insert_with(String::new);
+            }
+        }
+        if let Some(after) = parked_from.take() {
+            let parked = store::parked_purchases(&intake.db, &after, PARKED_PER_ROUND).await?;
+            let recorded: Vec<String> = parked
+                .iter()
+                .filter(|(_, recorded)| *recorded)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !recorded.is_empty() {
+                queue_outcomes(&intake, &recorded, &wants, &recorded).await?;
+            }
+            // The next round goes on after the last one looked at; a short round ends the
+            // pass, and only parked purchases still waiting start another.
+            let full = parked.len() as i64 == PARKED_PER_ROUND;
+            parked_from = match parked.last() {
+                Some((last, _)) if full => Some(last.clone()),
+                _ if parked.len() > recorded.len() => Some(String::new()),
+                _ => None,
             };
-            if wants(event_type) {
-                let own = levels
-                    .iter()
-                    .filter(|l| l.purchase_id == outcome.purchase_id);
-                messages.push(purchase_message(event_type, outcome, own));
-            }
-        }
-        let queued = store::queue(&intake.db, &messages).await?;
-        if queued > 0 {
-            metrics::counter!("upline_webhook_deliveries_queued_total").increment(queued);
-            intake.queued.notify_one();
-        }
-        for outcome in &outcomes {
-            if let Some(tags) = held.remove(&outcome.purchase_id) {
-                ack_all(&channel, &tags).await?;
-            }
         }
     }
+}
+
+/// Purchase id → the delivery tags waiting for its outcome, and since when.
+#[derive(Default)]
+struct Held(HashMap<String, (Vec<u64>, Instant)>);
+
+impl Held {
+    fn add(&mut self, id: String, tag: u64) {
+        self.0
+            .entry(id)
+            .or_insert_with(|| (Vec::new(), Instant::now()))
+            .0
+            .push(tag);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Looks up the purchases of `ids`, queues the events of those recorded (for the wanted
+/// types) and deletes `resolved` from the parked purchases in the same transaction. Returns
+/// the ids recorded.
+async fn queue_outcomes(
+    intake: &Intake,
+    ids: &[String],
+    wants: &impl Fn(&str) -> bool,
+    resolved: &[String],
+) -> sqlx::Result<Vec<String>> {
+    let (outcomes, levels) = store::purchase_outcomes(&intake.db, ids).await?;
+    let mut messages = Vec::with_capacity(outcomes.len());
+    for outcome in &outcomes {
+        let event_type = match outcome.status.as_str() {
+            "processed" => "purchase.processed",
+            _ => "purchase.rejected",
+        };
+        if wants(event_type) {
+            let own = levels
+                .iter()
+                .filter(|l| l.purchase_id == outcome.purchase_id);
+            messages.push(purchase_message(event_type, outcome, own));
+        }
+    }
+    let queued = if resolved.is_empty() {
+        store::queue(&intake.db, &messages).await?
+    } else {
+        store::queue_resolved(&intake.db, &messages, resolved).await?
+    };
+    if queued > 0 {
+        metrics::counter!("upline_webhook_deliveries_queued_total").increment(queued);
+        intake.queued.notify_one();
+    }
+    Ok(outcomes.into_iter().map(|o| o.purchase_id).collect())
 }
 
 async fn ack_all(channel: &Channel, tags: &[u64]) -> lapin::Result<()> {

@@ -43,6 +43,11 @@ pub struct NewMessage {
 /// # Errors
 /// Database errors; nothing is stored then.
 pub async fn queue(db: &PgPool, messages: &[NewMessage]) -> sqlx::Result<u64> {
+    let mut conn = db.acquire().await?;
+    queue_in(&mut conn, messages).await
+}
+
+async fn queue_in(conn: &mut sqlx::PgConnection, messages: &[NewMessage]) -> sqlx::Result<u64> {
     if messages.is_empty() {
         return Ok(0);
     }
@@ -64,7 +69,7 @@ pub async fn queue(db: &PgPool, messages: &[NewMessage]) -> sqlx::Result<u64> {
         &types as &[&str],
         &payloads as &[&str],
     )
-    .execute(db)
+    .execute(conn)
     .await?;
     Ok(done.rows_affected())
 }
@@ -167,8 +172,9 @@ pub enum AfterFailure {
 
 /// Records an attempt of `claimed`: the attempt row, and the delivery delivered, retried after
 /// `retry_in`, or failed (`retry_in` = `None`). After a success the endpoint's run of failures
-/// ends; after a last failure the endpoint is disabled if it has not succeeded since this
-/// delivery's run of attempts began. Nothing happens if the delivery is gone (its endpoint was
+/// ends (`failing_since` is cleared); after a last failure the endpoint is disabled if its run
+/// of failures began no later than this delivery's first failed attempt, that is, if nothing
+/// was delivered to it since. Nothing happens if the delivery is gone (its endpoint was
 /// deleted meanwhile).
 ///
 /// # Errors
@@ -263,7 +269,9 @@ pub async fn record(
                       set disabled_at = now(), disabled_reason = $3
                      from webhook_deliveries d
                     where e.id = $1 and d.id = $2 and e.disabled_at is null
-                      and e.failing_since <= d.started_at"#,
+                      and e.failing_since <= (
+                          select min(a.attempted_at) from webhook_attempts a
+                           where a.delivery_id = d.id and a.attempted_at >= d.started_at)"#,
                 claimed.endpoint_id,
                 claimed.delivery_id,
                 reason,
@@ -338,8 +346,74 @@ pub async fn purchase_outcomes(
     Ok((purchases, levels))
 }
 
+/// Parks purchases that no worker has recorded yet (see migration
+/// `20261203000005_webhook_purchase_waits.sql`); those already parked stay as they are.
+///
+/// # Errors
+/// Database errors.
+pub async fn park_purchases(db: &PgPool, ids: &[String]) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"insert into webhook_purchase_waits (purchase_id)
+           select * from unnest($1::text[]) on conflict (purchase_id) do nothing"#,
+        ids,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Up to `limit` parked purchases after `after` (by id), with whether a worker has recorded
+/// each by now: one round of a sweep through the parked purchases.
+///
+/// # Errors
+/// Database errors.
+pub async fn parked_purchases(
+    db: &PgPool,
+    after: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, bool)>> {
+    let rows = sqlx::query!(
+        r#"select w.purchase_id,
+                  exists (select 1 from purchases p where p.purchase_id = w.purchase_id)
+                    as "recorded!"
+           from webhook_purchase_waits w
+           where w.purchase_id > $1 order by w.purchase_id limit $2"#,
+        after,
+        limit,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.purchase_id, r.recorded))
+        .collect())
+}
+
+/// Queues `messages` (as [`queue`]) and deletes the parked purchases `resolved`, in one
+/// transaction. Returns the deliveries queued.
+///
+/// # Errors
+/// Database errors; nothing changes then.
+pub async fn queue_resolved(
+    db: &PgPool,
+    messages: &[NewMessage],
+    resolved: &[String],
+) -> sqlx::Result<u64> {
+    let mut tx = db.begin().await?;
+    let queued = queue_in(&mut tx, messages).await?;
+    sqlx::query!(
+        "delete from webhook_purchase_waits where purchase_id = any ($1)",
+        resolved,
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(queued)
+}
+
 /// Deletes messages older than `retention` none of whose deliveries is pending, with their
-/// deliveries and attempts, at most 10,000 at a time. Returns how many.
+/// deliveries and attempts, at most 10,000 at a time, and purchases parked longer than
+/// `retention` (never recorded). Returns how many messages.
 ///
 /// # Errors
 /// Database errors.
@@ -352,6 +426,12 @@ pub async fn sweep(db: &PgPool, retention: Duration) -> sqlx::Result<u64> {
                  limit 10000)
               and not exists (select 1 from webhook_deliveries d
                                where d.message_id = m.id and d.status = 'pending')"#,
+        retention.as_secs_f64(),
+    )
+    .execute(db)
+    .await?;
+    sqlx::query!(
+        "delete from webhook_purchase_waits where received_at < now() - make_interval(secs => $1)",
         retention.as_secs_f64(),
     )
     .execute(db)

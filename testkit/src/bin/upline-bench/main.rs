@@ -16,6 +16,7 @@ mod drain;
 mod env;
 mod reads;
 mod rest;
+mod webhooks;
 mod ws;
 
 use std::time::Duration;
@@ -60,6 +61,9 @@ enum Scenario {
     Reads(reads::ReadsArgs),
     /// Many WebSocket subscribers: delivered events per second, latency, memory per connection.
     Ws(ws::WsArgs),
+    /// Signed webhooks: deliveries per second to local endpoints, commit-to-endpoint latency,
+    /// exactly-once per endpoint after de-duplication, with optional slow endpoints.
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 #[tokio::main]
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Drain(args) => drain::run(env, args).await,
         Scenario::Reads(args) => reads::run(env, args).await,
         Scenario::Ws(args) => ws::run(env, args).await,
+        Scenario::Webhooks(args) => webhooks::run(env, args).await,
     };
     autovacuum.restore().await;
     result
