@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use upline_common::config::WebhookSettings;
 use upline_common::webhook::is_public;
 
 use crate::signing;
-use crate::store::{self, AfterFailure, AttemptResult, Claimed};
+use crate::store::{self, AfterFailure, AttemptResult, Claimed, Success};
 
 /// Most bytes of a failed answer's body kept with the attempt.
 const KEPT_BODY_BYTES: usize = 1024;
@@ -40,6 +40,8 @@ const KEPT_BODY_BYTES: usize = 1024;
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// How long a stopping dispatcher waits for its attempts in flight.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Most successful attempts recorded by one statement.
+const SUCCESS_BATCH: usize = 512;
 /// Most deliveries claimed by one statement.
 const CLAIM_BATCH: usize = 500;
 
@@ -57,6 +59,9 @@ pub struct Dispatcher {
     in_flight: Arc<Mutex<HashMap<i64, usize>>>,
     /// Woken when deliveries were queued or an attempt ended.
     wake: Arc<Notify>,
+    /// Successful attempts, for [`record_successes`] to write in batches.
+    successes: mpsc::Sender<Success>,
+    successes_rx: Mutex<Option<mpsc::Receiver<Success>>>,
 }
 
 impl Dispatcher {
@@ -66,6 +71,7 @@ impl Dispatcher {
     /// An invalid `webhooks.retry_schedule`, or an HTTP client that cannot be built.
     pub fn new(db: PgPool, settings: &WebhookSettings, wake: Arc<Notify>) -> anyhow::Result<Self> {
         let timeout = Duration::from_secs(settings.timeout_secs);
+        let (successes, successes_rx) = mpsc::channel(SUCCESS_BATCH * 4);
         let mut http = reqwest::Client::builder()
             .user_agent(concat!("upline-webhooks/", env!("CARGO_PKG_VERSION")))
             .timeout(timeout)
@@ -87,12 +93,21 @@ impl Dispatcher {
             permits: Arc::new(Semaphore::new(settings.max_in_flight)),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             wake,
+            successes,
+            successes_rx: Mutex::new(Some(successes_rx)),
         })
     }
 
     /// Claims and sends until `cancel` fires, then waits up to [`STOP_GRACE`] for the attempts
     /// in flight.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let recorder_stop = CancellationToken::new();
+        let recorder = self
+            .successes_rx
+            .lock()
+            .expect("receiver")
+            .take()
+            .map(|rx| tokio::spawn(record_successes(self.db.clone(), rx, recorder_stop.clone())));
         let mut attempts = JoinSet::new();
         let mut failures = 0u32;
         loop {
@@ -169,6 +184,10 @@ impl Dispatcher {
             );
             attempts.abort_all();
         }
+        recorder_stop.cancel();
+        if let Some(recorder) = recorder {
+            let _ = recorder.await;
+        }
     }
 
     fn release(&self, endpoint_id: i64) {
@@ -196,6 +215,17 @@ impl Dispatcher {
         };
         metrics::counter!("upline_webhook_attempts_total", "result" => outcome).increment(1);
         metrics::histogram!("upline_webhook_attempt_seconds").record(result.duration.as_secs_f64());
+        if let (true, Some(status_code)) = (result.succeeded(), result.status_code) {
+            let success = Success {
+                delivery_id: delivery.delivery_id,
+                endpoint_id: delivery.endpoint_id,
+                status_code,
+                duration: result.duration,
+            };
+            // Closed only once the dispatcher stopped: the lease then brings the delivery back.
+            let _ = self.successes.send(success).await;
+            return;
+        }
         for retry in 0u32.. {
             match store::record(&self.db, delivery, &result, retry_in).await {
                 Ok(Some(AfterFailure::Disabled)) => {
@@ -289,6 +319,39 @@ impl Dispatcher {
             status_code: Some(status.as_u16()),
             error,
             duration: started.elapsed(),
+        }
+    }
+}
+
+/// Writes successful attempts in batches of up to [`SUCCESS_BATCH`], as they come, until
+/// `stop`, then what is left. A batch that cannot be written is retried a few times; after
+/// that its deliveries' leases end and they are attempted again (at least once).
+async fn record_successes(db: PgPool, mut rx: mpsc::Receiver<Success>, stop: CancellationToken) {
+    let mut batch = Vec::with_capacity(SUCCESS_BATCH);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, SUCCESS_BATCH) => n == 0,
+            () = stop.cancelled() => {
+                while let Ok(s) = rx.try_recv() {
+                    batch.push(s);
+                }
+                true
+            }
+        };
+        if !batch.is_empty() {
+            for retry in 0u32..5 {
+                match store::record_successes(&db, &batch).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, size = batch.len(), retry, "cannot record delivered webhooks; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(retry))).await;
+                    }
+                }
+            }
+            batch.clear();
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -289,6 +289,56 @@ pub async fn record(
     Ok(Some(after))
 }
 
+/// A successful attempt, recorded in a batch by [`record_successes`].
+#[derive(Debug, Clone, Copy)]
+pub struct Success {
+    pub delivery_id: i64,
+    pub endpoint_id: i64,
+    pub status_code: u16,
+    pub duration: Duration,
+}
+
+/// Records successful attempts in one statement: an attempt row each, the deliveries
+/// delivered, and their endpoints' runs of failures ended. Deliveries gone meanwhile (their
+/// endpoint was deleted) are skipped. One commit for the batch instead of one per delivery:
+/// what lets the webhooks service deliver at the database's pace.
+///
+/// # Errors
+/// Database errors; nothing is recorded then.
+pub async fn record_successes(db: &PgPool, successes: &[Success]) -> sqlx::Result<()> {
+    let ids: Vec<i64> = successes.iter().map(|s| s.delivery_id).collect();
+    let codes: Vec<i32> = successes.iter().map(|s| i32::from(s.status_code)).collect();
+    let millis: Vec<i32> = successes
+        .iter()
+        .map(|s| i32::try_from(s.duration.as_millis()).unwrap_or(i32::MAX))
+        .collect();
+    let mut endpoints: Vec<i64> = successes.iter().map(|s| s.endpoint_id).collect();
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    sqlx::query!(
+        r#"with done as (
+               select * from unnest($1::int8[], $2::int4[], $3::int4[]) as x (id, code, ms)),
+           attempts as (
+               insert into webhook_attempts (delivery_id, status_code, duration_ms)
+               select d.id, done.code, done.ms
+               from done join webhook_deliveries d on d.id = done.id),
+           delivered as (
+               update webhook_deliveries d
+                  set status = 'delivered', delivered_at = now(), next_attempt_at = null,
+                      last_status_code = done.code, last_error = null
+                 from done where d.id = done.id)
+           update webhook_endpoints set failing_since = null
+            where id = any ($4) and failing_since is not null"#,
+        &ids,
+        &codes,
+        &millis,
+        &endpoints,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// A recorded purchase, for its `purchase.*` event.
 #[derive(Debug, Clone)]
 pub struct PurchaseOutcome {
