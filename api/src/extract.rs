@@ -177,6 +177,14 @@ impl Page {
     }
 }
 
+/// The `next_cursor` of a page of `rows` asked for with `limit`: the id of its last row when
+/// the page is full (there may be more), `None` on the last page.
+pub fn next_cursor<T>(rows: &[T], limit: i64, id: impl Fn(&T) -> i64) -> Option<String> {
+    (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| id(r).to_string()))
+        .flatten()
+}
+
 /// The idempotency key of a request that may carry it in the body (`body_field`, read by
 /// `body_key` once the header was) or in the `Idempotency-Key` header; both may be sent when
 /// they agree. Returns the key and where it came from (`body_field` or `"Idempotency-Key"`,

@@ -35,6 +35,34 @@ async fn app_with_webhooks(worker: bool, configure: impl FnOnce(&mut Settings)) 
     .await
 }
 
+/// Stops a service started with a stop token and requires it to stop cleanly.
+async fn stop_service(
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    what: &str,
+) {
+    stop.cancel();
+    task.await
+        .expect("joined")
+        .unwrap_or_else(|e| panic!("{what} did not stop cleanly: {e:#}"));
+}
+
+/// Waits (up to 60 s) until the webhooks service disabled endpoint `id`; returns it.
+async fn wait_disabled(app: &TestApp, id: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let e = admin_get(app, &format!("/api/webhooks/{id}")).await;
+        if e["enabled"] == false {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "endpoint {id} was never disabled: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The node receiver on `port`, failing the first `fail_first` attempts of each message.
 struct Receiver {
     base: String,
@@ -196,11 +224,7 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
     app.wait_processed("wh-1").await;
 
     // The webhooks service goes down; a purchase and a rejected one arrive meanwhile.
-    hooks_stop.cancel();
-    hooks
-        .await
-        .expect("joined")
-        .expect("webhooks service stopped cleanly");
+    stop_service(hooks_stop, hooks, "webhooks service").await;
     app.purchase("wh-2", c.id, "3000.00").await;
     // The api refuses a wrong currency; a producer on the queue gets it rejected by a worker.
     let body =
@@ -210,11 +234,7 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
     app.wait_processed("wh-3").await;
 
     // The worker goes down with a purchase on the way; the webhooks service comes back first.
-    worker_stop.cancel();
-    worker
-        .await
-        .expect("joined")
-        .expect("worker stopped cleanly");
+    stop_service(worker_stop, worker, "worker").await;
     let hooks_stop = CancellationToken::new();
     let (_, hooks) = app.spawn_stoppable_webhooks(hooks_stop.clone()).await;
     app.purchase("wh-4", c.id, "1500.00").await;
@@ -373,16 +393,8 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
         "signed with the old and the new secret"
     );
 
-    hooks_stop.cancel();
-    hooks
-        .await
-        .expect("joined")
-        .expect("webhooks service stopped cleanly");
-    worker_stop.cancel();
-    worker
-        .await
-        .expect("joined")
-        .expect("worker stopped cleanly");
+    stop_service(hooks_stop, hooks, "webhooks service").await;
+    stop_service(worker_stop, worker, "worker").await;
     app.stop().await;
 }
 
@@ -472,18 +484,7 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
         "8 attempts hang, 8 wait their turn"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let endpoint = loop {
-        let e = admin_get(&app, &format!("/api/webhooks/{refused_id}")).await;
-        if e["enabled"] == false {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dead endpoint was never disabled: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let endpoint = wait_disabled(&app, refused_id).await;
     let reason = endpoint["disabled_reason"].as_str().expect("a reason");
     assert!(reason.contains("failed all 7 attempts"), "{reason}");
     assert!(reason.contains("could not connect"), "{reason}");
@@ -511,25 +512,9 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
     let rejected =
         json!({"purchase_id": "lonely-1", "buyer_id": c.id, "amount": "10.00", "currency": "USD"});
     app.publish_raw(rejected.to_string().as_bytes()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let e = admin_get(&app, &format!("/api/webhooks/{lonely_id}")).await;
-        if e["enabled"] == false {
-            assert!(
-                e["disabled_reason"]
-                    .as_str()
-                    .expect("a reason")
-                    .contains("msg_purchase_lonely-1"),
-                "{e}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the endpoint with one failing message was never disabled: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let lonely = wait_disabled(&app, lonely_id).await;
+    let reason = lonely["disabled_reason"].as_str().expect("a reason");
+    assert!(reason.contains("msg_purchase_lonely-1"), "{reason}");
 
     let enabled: Value = app
         .http
@@ -546,11 +531,7 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
 
     // Closing the held connections ends the hanging attempts.
     held.abort();
-    stop.cancel();
-    hooks
-        .await
-        .expect("joined")
-        .expect("webhooks service stopped cleanly");
+    stop_service(stop, hooks, "webhooks service").await;
     app.stop().await;
 }
 

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{idempotency_key, Page, PathText, Query, ValidatedJson};
+use crate::extract::{idempotency_key, next_cursor, Page, PathText, Query, ValidatedJson};
 use crate::responses::AdminErrors;
 use crate::{store, AppState};
 
@@ -316,9 +316,7 @@ pub async fn list(
     let limit = page.limit()?;
     let before = page.cursor()?;
     let rows = store::payouts_page(&state.db, before, limit).await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
+    let next = next_cursor(&rows, limit, |r| r.id);
     Ok(Json(PayoutPage {
         items: rows.into_iter().map(PayoutSummary::from).collect(),
         next_cursor: next,

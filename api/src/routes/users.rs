@@ -8,7 +8,7 @@ use upline_common::UserId;
 
 use crate::auth::Authenticated;
 use crate::error::{ApiError, REFERRER_ID_ADMIN_ONLY};
-use crate::extract::{ClientIp, Page, PathId, PathIds, Query, ValidatedJson};
+use crate::extract::{next_cursor, ClientIp, Page, PathId, PathIds, Query, ValidatedJson};
 use crate::model::{
     IssuedToken, Me, NewUser, ReferrerChoice, RegisterRequest, RegisteredUser, SetReferrerRequest,
     UpdateUserRequest, UserPage, UserUpdate,
@@ -170,9 +170,7 @@ pub async fn list(
     let limit = page.limit()?;
     let after = page.cursor()?.unwrap_or(0);
     let users = store::users_page(&state.db, after, limit).await?;
-    let next = (users.len() as i64 == limit)
-        .then(|| users.last().map(|u| u.id.to_string()))
-        .flatten();
+    let next = next_cursor(&users, limit, |u| u.id.get());
     Ok(Json(UserPage {
         items: users,
         next_cursor: next,

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::extract::{Page, PathText, Query, ValidatedJson};
+use crate::extract::{next_cursor, Page, PathText, Query, ValidatedJson};
 use crate::responses::AdminErrors;
 use crate::{store, AppState};
 
@@ -347,9 +347,7 @@ pub async fn list(
     let limit = page.limit()?;
     let after = page.cursor()?;
     let rows = store::webhook_endpoints_page(&state.db, after, limit).await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
+    let next = next_cursor(&rows, limit, |r| r.id);
     Ok(Json(EndpointPage {
         items: rows.into_iter().map(Endpoint::from).collect(),
         next_cursor: next,
@@ -525,9 +523,7 @@ pub async fn deliveries(
     let (rows, attempts) =
         store::webhook_deliveries_page(&state.db, id, filter.status.as_deref(), before, limit)
             .await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
+    let next = next_cursor(&rows, limit, |r| r.id);
     let items = rows
         .into_iter()
         .map(|r| {
