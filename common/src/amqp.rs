@@ -10,7 +10,7 @@
 //! certificate and host name against the built-in Mozilla roots (webpki-roots) plus the CA
 //! certificates of `amqp.tls_ca_file`, if set; `amqp://` is plain TCP.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,28 +112,92 @@ pub fn tls_config(settings: &AmqpSettings) -> Result<OwnedTLSConfig, TlsCaError>
     })
 }
 
-/// Opens a connection driven by tokio to `settings.url` (TLS for `amqps://`, trusting
-/// `settings.tls_ca_file` too); `name` shows in the RabbitMQ management UI.
+/// The broker URLs of `amqp.url`: one URL, or the nodes of a cluster separated by commas
+/// (`amqp://u:p@node1:5672/%2f,amqp://u:p@node2:5672/%2f`).
+pub fn broker_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// The position in [`broker_urls`] of the node this process reached last: the next connection
+/// tries it first, then the others in order.
+static PREFERRED_NODE: AtomicUsize = AtomicUsize::new(0);
+
+/// How long one node may take to accept a connection before the next one is tried.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `host:port` of a broker URL, for logs (never its credentials).
+fn node_name(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port().unwrap_or(5672))))
+        .unwrap_or_else(|| "an unreadable amqp.url entry".into())
+}
+
+/// Opens a connection driven by tokio to the first node of `settings.url` that answers (see
+/// [`broker_urls`]), starting with the node reached last (TLS for `amqps://`, trusting
+/// `settings.tls_ca_file` too); `name` shows in the RabbitMQ management UI. Each node gets
+/// 10 s to accept.
 ///
 /// # Errors
-/// The broker is unreachable, its certificate is not trusted (`amqps://`), it refuses the
-/// credentials, or `amqp.tls_ca_file` cannot be used (an [`lapin::Error::IOError`] whose message
-/// names the setting).
+/// No node can be reached (the last node's error), a certificate is not trusted (`amqps://`),
+/// the broker refuses the credentials, or `amqp.tls_ca_file` cannot be used (an
+/// [`lapin::Error::IOError`] whose message names the setting).
 pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
-    let tls = tls_config(settings).map_err(|e| {
-        lapin::Error::IOError(Arc::new(std::io::Error::new(
+    let urls = broker_urls(&settings.url);
+    if urls.is_empty() {
+        return Err(lapin::Error::IOError(Arc::new(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            e,
-        )))
-    })?;
-    let mut props = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name(name.into());
-    props
-        .client_properties
-        .insert("product".into(), AMQPValue::LongString("upline".into()));
-    Connection::connect_with_config(&settings.url, props, tls).await
+            "amqp.url is empty",
+        ))));
+    }
+    let first = PREFERRED_NODE.load(Ordering::Relaxed) % urls.len();
+    let mut last_error = None;
+    for i in 0..urls.len() {
+        let node = (first + i) % urls.len();
+        let tls = tls_config(settings).map_err(|e| {
+            lapin::Error::IOError(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                e,
+            )))
+        })?;
+        let mut props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio)
+            .with_connection_name(name.into());
+        props
+            .client_properties
+            .insert("product".into(), AMQPValue::LongString("upline".into()));
+        let attempt = tokio::time::timeout(
+            NODE_CONNECT_TIMEOUT,
+            Connection::connect_with_config(urls[node], props, tls),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(lapin::Error::IOError(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {NODE_CONNECT_TIMEOUT:?}"),
+            ))))
+        });
+        match attempt {
+            Ok(conn) => {
+                PREFERRED_NODE.store(node, Ordering::Relaxed);
+                if i > 0 {
+                    tracing::info!(node = %node_name(urls[node]), "connected to another RabbitMQ node of amqp.url");
+                }
+                return Ok(conn);
+            }
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!(node = %node_name(urls[node]), error = %e, "RabbitMQ node unreachable; trying the next one of amqp.url");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.expect("at least one node was tried"))
 }
 
 /// Connects as [`connect`] does, retrying with exponential backoff (up to 5 s apart) until it
@@ -431,4 +495,24 @@ pub fn with_error_header(original: &BasicProperties, reason: &str) -> BasicPrope
         AMQPValue::LongString(LongString::from(reason)),
     );
     original.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amqp_url_lists_a_clusters_nodes_separated_by_commas() {
+        assert_eq!(
+            broker_urls("amqp://a:1/%2f, amqp://b:2/%2f,"),
+            ["amqp://a:1/%2f", "amqp://b:2/%2f"]
+        );
+        assert_eq!(broker_urls("amqp://a/%2f"), ["amqp://a/%2f"]);
+        assert!(broker_urls(" , ").is_empty());
+        assert_eq!(
+            node_name("amqp://user:secret@rabbit-2:5673/%2f"),
+            "rabbit-2:5673"
+        );
+        assert!(!node_name("amqp://user:secret@rabbit-2/%2f").contains("secret"));
+    }
 }

@@ -67,7 +67,9 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmqpSettings {
     /// RabbitMQ URL, vhost included (`%2f` is `/`): `amqp://` is plain TCP, `amqps://` is TLS
-    /// (server certificate and host name checked).
+    /// (server certificate and host name checked). A cluster's nodes are given as several URLs
+    /// separated by commas: services connect to the first that answers, starting with the one
+    /// reached last, and move on to the next when a connection is lost.
     pub url: String,
     /// Path to a PEM file of CA certificates trusted for `amqps://` in addition to the built-in
     /// Mozilla roots (a private CA); empty means the built-in roots only. Read and checked at
@@ -405,6 +407,9 @@ impl Settings {
             || n.max_connections_per_address == 0
         {
             bail!("notifier.replay_page_size, notifier.buffer, notifier.user_buffer, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
+        }
+        if crate::amqp::broker_urls(&self.amqp.url).is_empty() {
+            bail!("amqp.url (or AMQP_URL) is empty: give one broker URL, or a cluster's nodes separated by commas");
         }
         self.webhooks.retry_waits()?;
         let w = &self.webhooks;

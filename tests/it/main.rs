@@ -4,6 +4,7 @@
 mod harness;
 
 mod broker_permissions;
+mod cluster;
 mod contract;
 mod crash;
 mod dashboard;
