@@ -3,7 +3,8 @@
 //! serve.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use backon::Retryable;
@@ -11,7 +12,7 @@ use rust_decimal::Decimal;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{PgExecutor, PgPool, Postgres};
+use sqlx::{ConnectOptions, Connection, PgExecutor, PgPool, Postgres};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -40,11 +41,25 @@ pub async fn connect_and_migrate(
     settings: &DatabaseSettings,
     cancel: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(&settings.url)
-        .context("database.url is not a PostgreSQL URL")?;
+    let hosts = Hosts::parse(&settings.url)?;
+    let url = if hosts.urls.len() == 1 {
+        hosts.urls[0].clone()
+    } else {
+        let find = || async { hosts.primary().await };
+        let found = find
+            .retry(crate::amqp::backoff())
+            .sleep(tokio::time::sleep)
+            .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "no usable PostgreSQL host in database.url; retrying"));
+        tokio::select! {
+            () = cancel.cancelled() => anyhow::bail!("cancelled while looking for the PostgreSQL primary"),
+            r = found => r?,
+        }
+    };
+    let options =
+        PgConnectOptions::from_str(&url).context("database.url is not a PostgreSQL URL")?;
     let create = || async {
-        if !Postgres::database_exists(&settings.url).await? {
-            match Postgres::create_database(&settings.url).await {
+        if !Postgres::database_exists(&url).await? {
+            match Postgres::create_database(&url).await {
                 // Another service created it first: 42P04 duplicate_database, or, when the two
                 // `create database` run at the same moment, 23505 on pg_database's unique index.
                 Err(sqlx::Error::Database(e))
@@ -67,14 +82,160 @@ pub async fn connect_and_migrate(
         () = cancel.cancelled() => anyhow::bail!("cancelled while waiting for PostgreSQL"),
         r = ready => r.context("creating the database")?,
     }
+    // Set when the pool moves to another host: connections made before then are closed
+    // instead of being handed out (they lead to the old primary).
+    let moved_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let moved = moved_at.clone();
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
+        .before_acquire(move |_, meta| {
+            let moved_at = *moved.lock().expect("not poisoned");
+            Box::pin(async move { Ok(moved_at.is_none_or(|at| meta.age < at.elapsed())) })
+        })
         .connect_with(options)
         .await
         .context("connecting to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("applying migrations")?;
+    if hosts.urls.len() > 1 {
+        tokio::spawn(follow_primary(pool.clone(), hosts, url, moved_at));
+    }
     Ok(pool)
+}
+
+/// The hosts of `database.url` (issue 13, a first part): libpq's multi-host form
+/// `postgres://user@h1:5432,h2:5432/db?target_session_attrs=read-write` as one single-host URL
+/// per host, in order. `target_session_attrs=read-write` (or `primary`) asks for the host
+/// that is not in recovery; without it the first host that answers is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosts {
+    pub urls: Vec<String>,
+    pub read_write: bool,
+}
+
+impl Hosts {
+    /// # Errors
+    /// A URL without `://`, or with an empty host in its list.
+    pub fn parse(url: &str) -> anyhow::Result<Hosts> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .context("database.url is not a PostgreSQL URL (postgres://…)")?;
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
+        if !hosts.contains(',') {
+            // One host (or a Unix socket): the URL as it is, as before.
+            return Ok(Hosts {
+                urls: vec![url.to_owned()],
+                read_write: false,
+            });
+        }
+        let mut read_write = false;
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| match p.split_once('=') {
+                Some(("target_session_attrs", v)) => {
+                    read_write = matches!(v, "read-write" | "primary");
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        let query = if kept.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", kept.join("&"))
+        };
+        let urls = hosts
+            .split(',')
+            .map(|h| {
+                anyhow::ensure!(!h.trim().is_empty(), "database.url lists an empty host");
+                Ok(format!("{scheme}://{userinfo}{}{path}{query}", h.trim()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Hosts { urls, read_write })
+    }
+
+    /// The first host that answers and, with `read_write`, is not in recovery (a standby).
+    ///
+    /// # Errors
+    /// No host qualifies; the error names each host's reason.
+    pub async fn primary(&self) -> anyhow::Result<String> {
+        let mut reasons = Vec::new();
+        for url in &self.urls {
+            let host = PgConnectOptions::from_str(url)
+                .map(|o| format!("{}:{}", o.get_host(), o.get_port()))
+                .unwrap_or_default();
+            match self.qualifies(url).await {
+                Ok(true) => return Ok(url.clone()),
+                Ok(false) => reasons.push(format!("{host}: a standby (in recovery)")),
+                Err(e) => reasons.push(format!("{host}: {e}")),
+            }
+        }
+        anyhow::bail!(
+            "no PostgreSQL host of database.url qualifies: {}",
+            reasons.join("; ")
+        )
+    }
+
+    async fn qualifies(&self, url: &str) -> sqlx::Result<bool> {
+        // The `postgres` database exists before ours is created.
+        let options = PgConnectOptions::from_str(url)?.database("postgres");
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        let standby: bool = if self.read_write {
+            sqlx::query_scalar("select pg_is_in_recovery()")
+                .fetch_one(&mut conn)
+                .await?
+        } else {
+            false
+        };
+        let _ = conn.close().await;
+        Ok(!standby)
+    }
+}
+
+/// How often a pool over several hosts checks that its host is still the one to use.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps a pool over several hosts on the primary: every second, asks the pool's host whether
+/// it is in recovery (or cannot be reached); if so, finds the host that qualifies now (a
+/// standby promoted after a failover) and points the pool's new connections at it. The
+/// connections made before are closed as they come back (`moved_at`). Ends with the pool.
+async fn follow_primary(
+    pool: PgPool,
+    hosts: Hosts,
+    mut current: String,
+    moved_at: Arc<Mutex<Option<Instant>>>,
+) {
+    while !pool.is_closed() {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        if hosts.qualifies(&current).await.unwrap_or(false) {
+            continue;
+        }
+        match hosts.primary().await {
+            Ok(url) if url != current => match PgConnectOptions::from_str(&url) {
+                Ok(options) => {
+                    tracing::warn!(
+                        host = %format!("{}:{}", options.get_host(), options.get_port()),
+                        "PostgreSQL primary moved; new connections go to this host"
+                    );
+                    *moved_at.lock().expect("not poisoned") = Some(Instant::now());
+                    pool.set_connect_options(options);
+                    current = url;
+                }
+                Err(e) => tracing::warn!(error = %e, "a host of database.url is not a URL"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "PostgreSQL primary unreachable"),
+        }
+    }
 }
 
 /// Whether a failure to connect may go away by itself (server down, restarting, not yet
@@ -255,4 +416,37 @@ pub async fn latest_seq(db: impl PgExecutor<'_>, user_id: UserId) -> sqlx::Resul
     )
     .fetch_optional(db)
     .await
+}
+
+#[cfg(test)]
+mod hosts_tests {
+    use super::Hosts;
+
+    #[test]
+    fn a_multi_host_url_becomes_one_url_per_host() {
+        let hosts = Hosts::parse(
+            "postgres://app:pw@db1:5432,db2:5433/upline?sslmode=require&target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!(
+            hosts.urls,
+            [
+                "postgres://app:pw@db1:5432/upline?sslmode=require",
+                "postgres://app:pw@db2:5433/upline?sslmode=require"
+            ]
+        );
+        assert!(hosts.read_write);
+        let any = Hosts::parse("postgres://h1,h2/upline").unwrap();
+        assert_eq!(any.urls, ["postgres://h1/upline", "postgres://h2/upline"]);
+        assert!(!any.read_write);
+        for single in [
+            "postgres://postgres@127.0.0.1:5432/upline",
+            "postgres:///upline?host=/var/run/postgresql",
+            "postgres://[::1]:5432/upline?target_session_attrs=read-write",
+        ] {
+            assert_eq!(Hosts::parse(single).unwrap().urls, [single]);
+        }
+        assert!(Hosts::parse("postgres://h1,,h2/upline").is_err());
+        assert!(Hosts::parse("upline").is_err());
+    }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::harness::{free_port, Services, TestApp};
-use crate::servers::{RabbitNode, TempDir};
+use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// POSTs a purchase until the api accepts it (it answers 503 while it reconnects).
 async fn purchase_when_accepted(app: &TestApp, purchase_id: &str, buyer_id: i64) {
@@ -63,5 +63,77 @@ async fn services_move_to_the_next_broker_node_when_theirs_goes_away() {
     assert_eq!((e.seq, e.purchase_id.as_deref()), (2, Some("node-2")));
     app.wait_until_ready().await;
     assert_eq!(app.earnings(b.id).await["total"], "200.00");
+    app.stop().await;
+}
+
+/// A primary and a hot standby (streaming replication, synchronous), both in `database.url`
+/// with `target_session_attrs=read-write`. The primary dies while purchases arrive; the
+/// standby is promoted; every service moves to it by itself, and every purchase is paid
+/// exactly once, with a WebSocket subscriber holding every `seq` once.
+#[tokio::test]
+async fn services_follow_the_standby_promoted_after_the_primary_dies() {
+    let dir = TempDir::new("upline-standby");
+    let primary = PgCluster::start(&dir.sub("primary"), None).await;
+    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
+    // Synchronous: a commit returns once the standby has it.
+    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
+        .await
+        .expect("the primary answers");
+    sqlx::query("alter system set synchronous_standby_names = '*'")
+        .execute(&admin)
+        .await
+        .expect("synchronous replication");
+    sqlx::query("select pg_reload_conf()")
+        .execute(&admin)
+        .await
+        .expect("reload");
+    admin.close().await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let app = TestApp::spawn_with(Services::default(), |s| s.database.url = url.clone()).await;
+    let (a, b, c) = app.chain_abc().await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
+    for i in 0..5 {
+        purchase_when_accepted(&app, &format!("ha-{i}"), c.id).await;
+    }
+    for i in 0..5 {
+        app.wait_processed(&format!("ha-{i}")).await;
+    }
+
+    primary.stop_immediate().await;
+    // Purchases keep arriving while there is no primary (the queue holds them).
+    for i in 5..8 {
+        purchase_when_accepted(&app, &format!("ha-{i}"), c.id).await;
+    }
+    standby.promote().await;
+    for i in 8..10 {
+        purchase_when_accepted(&app, &format!("ha-{i}"), c.id).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for i in 0..10 {
+        loop {
+            let (status, report) = app.admin_get(&format!("/api/purchases/ha-{i}")).await;
+            if status == 200 {
+                assert_eq!(report["status"], "processed", "{report}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ha-{i} never processed after the failover"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let seqs: Vec<i64> = ws.earnings(10).await.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<_>>(),
+        "every seq once, in order"
+    );
+    assert_eq!(app.earnings(b.id).await["total"], "1000.00");
+    assert_eq!(app.earnings(a.id).await["total"], "200.00");
+    app.wait_until_ready().await;
     app.stop().await;
 }

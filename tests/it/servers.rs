@@ -166,7 +166,8 @@ impl PgCluster {
             None => {
                 // Three services and the test: room for everyone's pool.
                 conf.push_str("max_connections = 60\n");
-                "host all all 127.0.0.1/32 trust\n"
+                // Replication too, for a standby ([`PgCluster::standby_of`]).
+                "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
             }
         };
         let mut postgresql_conf =
@@ -218,6 +219,69 @@ impl PgCluster {
     /// `pg_ctl start` after [`PgCluster::stop_fast`].
     pub async fn start_again(&self) {
         self.pg_ctl(&["start"], "pg_ctl start").await;
+    }
+
+    /// A hot standby of `primary` in `dir` (which must exist), by streaming replication:
+    /// `pg_basebackup -R` from the primary, then started on a port of its own.
+    pub async fn standby_of(primary: &PgCluster, dir: &Path) -> PgCluster {
+        let data = dir.join("data");
+        let port = free_port();
+        let cluster = PgCluster {
+            data: data.clone(),
+            port,
+            dir: dir.to_owned(),
+        };
+        let socket_dir = dir.join("socket");
+        std::fs::create_dir(&socket_dir).expect("create the socket dir");
+        run(
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir),
+            "chown the standby dir to postgres",
+        )
+        .await;
+        run(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(format!("{PG_BIN}/pg_basebackup"))
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(&data),
+            "pg_basebackup",
+        )
+        .await;
+        // The copied postgresql.conf names the primary's port and socket: later lines win.
+        let mut conf =
+            std::fs::read_to_string(data.join("postgresql.conf")).expect("read postgresql.conf");
+        conf.push_str(&format!(
+            "\n# standby\nport = {port}\nunix_socket_directories = '{}'\n",
+            socket_dir.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).expect("write postgresql.conf");
+        cluster.pg_ctl(&["start"], "pg_ctl start (standby)").await;
+        cluster
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (waits until it accepts writes).
+    pub async fn promote(&self) {
+        self.pg_ctl(&["promote"], "pg_ctl promote").await;
+    }
+
+    /// `pg_ctl stop -m immediate`: the server dies as in a crash.
+    pub async fn stop_immediate(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"], "pg_ctl stop -m immediate")
+            .await;
     }
 
     /// A URL for `database` on this cluster (as user `postgres`), with `query` (may be empty).
