@@ -228,11 +228,17 @@ pub fn backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
-/// Declares the whole topology of SPEC §3; idempotent.
+/// Declares the whole topology of SPEC §3 on channels of `conn`; idempotent.
+///
+/// Both queues are quorum queues, so that on a cluster they keep working while a majority of
+/// the nodes is up. A `upline.purchases.dead` made as a classic queue by an earlier version is
+/// kept as it is (a warning says how to replace it): it lives on one node, and while that node
+/// is down nothing can be dead-lettered into it.
 ///
 /// # Errors
 /// A broker error, e.g. a queue that exists with other arguments.
-pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
+pub async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
+    let channel = conn.create_channel().await?;
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -293,9 +299,25 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
             )
             .await?;
     }
-    channel
-        .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, FieldTable::default())
-        .await?;
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let channel = match channel
+        .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, quorum)
+        .await
+    {
+        Ok(_) => channel,
+        Err(e) if is_precondition_failed(&e) => {
+            tracing::warn!(
+                "upline.purchases.dead is a classic queue made by an earlier version: it lives on                  one node only; to make it a replicated quorum queue, replay or inspect what it                  holds (upline dlq), delete it, and restart a worker"
+            );
+            // The refusal closed that channel.
+            conn.create_channel().await?
+        }
+        Err(e) => return Err(e),
+    };
     channel
         .queue_bind(
             PURCHASES_DEAD_QUEUE,
@@ -305,7 +327,18 @@ pub async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
             FieldTable::default(),
         )
         .await?;
+    let _ = channel.close(200, "topology declared").await;
     Ok(())
+}
+
+/// Whether the broker refused a declaration for arguments that differ from the existing
+/// entity's (AMQP 406 `PRECONDITION_FAILED`, which also closes the channel).
+pub fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        error,
+        lapin::Error::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
 }
 
 /// Declares and binds the webhooks service's two queues ([`WEBHOOK_EARNINGS_QUEUE`],
@@ -379,9 +412,8 @@ pub async fn declare_topology_if_allowed(
     needed: &[&str],
     fallback_noted: &AtomicBool,
 ) -> lapin::Result<Channel> {
-    let channel = conn.create_channel().await?;
-    match declare_topology(&channel).await {
-        Ok(()) => return Ok(channel),
+    match declare_topology(conn).await {
+        Ok(()) => return conn.create_channel().await,
         Err(e) if is_access_refused(&e) => {
             if !fallback_noted.swap(true, Ordering::Relaxed) {
                 tracing::info!(

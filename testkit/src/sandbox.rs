@@ -81,8 +81,7 @@ impl Sandbox {
     /// RabbitMQ unreachable or refusing.
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
         let conn = upline_common::amqp::connect(&self.settings.amqp, "upline-testkit").await?;
-        let channel = conn.create_channel().await?;
-        upline_common::amqp::declare_topology(&channel).await?;
+        upline_common::amqp::declare_topology(&conn).await?;
         conn.close(200, "topology declared").await?;
         Ok(())
     }

@@ -319,10 +319,9 @@ async fn each_service_runs_as_its_own_least_privilege_user_and_producers_can_onl
             )
             .await,
     );
-    let channel = producer.create_channel().await.expect("channel");
     assert_refused(
         "producer redeclaring upline.purchases",
-        amqp::declare_topology(&channel).await,
+        amqp::declare_topology(&producer).await,
     );
     producer.close(200, "done").await.expect("close");
 

@@ -1,16 +1,18 @@
-//! Several broker nodes in `amqp.url` (issue 13, a first part): services connect to the first
-//! node that answers and, when it goes away, move to the next without a restart.
-//!
-//! The nodes here are not a cluster: a throwaway RabbitMQ node of the test's own
-//! (`servers::RabbitNode`) first, then the shared one (the test's vhost). Nothing is in flight
-//! when the first node stops, so this checks the services' failover, not the queue's
-//! replication.
+//! Past one machine (issue 13, a first part): several broker nodes in `amqp.url`, and a
+//! primary with its standby in `database.url`. Services connect to the first node that answers
+//! and to the host that is not in recovery, and follow a lost node or a promoted standby
+//! without a restart. The servers are throwaway ones of each test (`servers`), stopped on drop.
 
 use std::time::{Duration, Instant};
 
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use rust_decimal::Decimal;
 use serde_json::json;
+use upline_common::amqp::{self, Publisher};
+use upline_testkit::order::Order;
 
-use crate::harness::{free_port, Services, TestApp};
+use crate::harness::{free_port, user_id, Services, TestApp};
 use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// POSTs a purchase until the api accepts it (it answers 503 while it reconnects).
@@ -136,4 +138,161 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     assert_eq!(app.earnings(a.id).await["total"], "200.00");
     app.wait_until_ready().await;
     app.stop().await;
+}
+
+/// Publishes a purchase straight onto the queue (as an outside producer does) until the
+/// broker confirms it, reconnecting to the next node as needed.
+async fn publish_when_confirmed(publisher: &Publisher, purchase_id: &str, buyer_id: i64) {
+    let purchase = Order::new(purchase_id, user_id(buyer_id), Decimal::new(200_000, 2))
+        .to_purchase("INR")
+        .expect("a valid purchase");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = publisher.publish(&purchase).await {
+        assert!(
+            Instant::now() < deadline,
+            "{purchase_id} never confirmed: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A 3-node RabbitMQ cluster: `upline.purchases` and `upline.purchases.dead` are quorum
+/// queues with a replica on each node, and every service lists the three nodes, the first one first, so that the queue's
+/// leader and the api's, workers' and notifier's connections are all on it. It is stopped
+/// while purchases stream in over REST and straight onto the queue: the queue elects a leader
+/// on the other two, the services move there by themselves, and every purchase is paid exactly
+/// once, with a WebSocket subscriber holding every `seq` once, and every service is ready again.
+/// (This test found that the dead-letter queue, a classic queue then, lived on the first node
+/// only: with it gone, every service failed to declare the topology and stayed not ready.)
+#[tokio::test]
+async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
+    let dir = TempDir::new("upline-rabbit-cluster");
+    let mut nodes = RabbitNode::start_cluster(&dir, 3).await;
+    let urls: Vec<String> = nodes.iter().map(RabbitNode::amqp_url).collect();
+    let app = TestApp::spawn_with(Services::default(), |s| s.amqp.url = urls.join(",")).await;
+    let members = nodes[0]
+        .ctl_run(&["list_queues", "-q", "name", "leader", "members"])
+        .await;
+    let purchases_line = members
+        .lines()
+        .find(|l| l.starts_with("upline.purchases\t"))
+        .unwrap_or_else(|| panic!("no upline.purchases queue: {members}"));
+    assert!(
+        purchases_line.contains(&nodes[0].name),
+        "the leader is on the first node: {purchases_line}"
+    );
+    for node in &nodes {
+        assert!(
+            purchases_line.matches(&node.name).count() >= 1,
+            "a replica on {}: {purchases_line}",
+            node.name
+        );
+    }
+    let (a, b, c) = app.chain_abc().await;
+    let mut ws = app.subscribe(b.id, &b.token, None).await;
+    let producer = Publisher::new(app.settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-test-producer");
+
+    for i in 0..10 {
+        purchase_when_accepted(&app, &format!("rest-{i}"), c.id).await;
+        publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
+    }
+    // The first node goes, with the queue's leader and every connection.
+    let first = nodes.remove(0);
+    let stopping = tokio::task::spawn_blocking(move || drop(first));
+    for i in 10..20 {
+        purchase_when_accepted(&app, &format!("rest-{i}"), c.id).await;
+        publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
+    }
+    stopping.await.expect("the first node stopped");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in (0..20).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]) {
+        loop {
+            let (status, report) = app.admin_get(&format!("/api/purchases/{id}")).await;
+            if status == 200 {
+                assert_eq!(report["status"], "processed", "{report}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never processed after the node was lost"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let seqs: Vec<i64> = ws.earnings(40).await.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=40).collect::<Vec<_>>(),
+        "every seq once, in order"
+    );
+    assert_eq!(app.earnings(b.id).await["total"], "4000.00");
+    assert_eq!(app.earnings(a.id).await["total"], "800.00");
+    let recorded: i64 = sqlx::query_scalar("select count(*) from purchases")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(recorded, 40);
+    app.wait_until_ready().await;
+    producer.close().await;
+    app.stop().await;
+}
+
+/// A dead-letter queue made as a classic queue by an earlier version is kept: declaring the
+/// topology (now with a quorum dead-letter queue) over it succeeds, twice, and leaves it bound
+/// to the dead-letter exchange.
+#[tokio::test]
+async fn a_classic_dead_letter_queue_of_an_earlier_version_is_kept() {
+    let sandbox = crate::harness::sandbox().await;
+    let conn = amqp::connect(&sandbox.settings.amqp, "upline-test")
+        .await
+        .expect("the broker answers");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            amqp::PURCHASES_DEAD_QUEUE,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a classic dead-letter queue, as an earlier version made it");
+    amqp::declare_topology(&conn)
+        .await
+        .expect("the topology is declared over it");
+    amqp::declare_topology(&conn).await.expect("and again");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            amqp::PURCHASES_DLX,
+            "purchase",
+            BasicPublishOptions::default(),
+            b"dead",
+            amqp::persistent_json(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        if let Some(m) = channel
+            .basic_get(amqp::PURCHASES_DEAD_QUEUE, BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the classic dead-letter queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(got.delivery.data, b"dead");
+    conn.close(200, "done").await.expect("close");
+    sandbox.destroy().await.expect("sandbox removed");
 }

@@ -335,6 +335,38 @@ pub struct RabbitNode {
 impl RabbitNode {
     /// Starts a node in `dir` (which must exist) and waits until it has booted.
     pub async fn start(dir: &Path, tls: Option<&ServerTls>) -> RabbitNode {
+        let cookie = format!("{:032X}", rand::thread_rng().gen::<u128>());
+        Self::start_with_cookie(dir, tls, &cookie).await
+    }
+
+    /// Starts nodes in subdirectories of `dir`, all with one Erlang cookie, and joins each to
+    /// the first (`rabbitmqctl join_cluster`): a cluster of `n` nodes on this machine.
+    pub async fn start_cluster(dir: &TempDir, n: usize) -> Vec<RabbitNode> {
+        let cookie = format!("{:032X}", rand::thread_rng().gen::<u128>());
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let node =
+                Self::start_with_cookie(&dir.sub(&format!("rabbit-{i}")), None, &cookie).await;
+            if let Some(first) = nodes.first() {
+                let first: &RabbitNode = first;
+                node.ctl_run(&["stop_app"]).await;
+                node.ctl_run(&["join_cluster", &first.name]).await;
+                node.ctl_run(&["start_app"]).await;
+            }
+            nodes.push(node);
+        }
+        for node in &mut nodes {
+            node.await_startup().await;
+        }
+        nodes
+    }
+
+    /// [`RabbitNode::start`] with a given Erlang cookie (nodes of one cluster share theirs).
+    pub async fn start_with_cookie(
+        dir: &Path,
+        tls: Option<&ServerTls>,
+        cookie_value: &str,
+    ) -> RabbitNode {
         let name = format!(
             "upline-test-{:08x}@localhost",
             rand::thread_rng().gen::<u32>()
@@ -355,11 +387,7 @@ impl RabbitNode {
         // A cookie of its own in a HOME of its own: nothing of root's or of the shared node's
         // is read or written.
         let cookie = home.join(".erlang.cookie");
-        std::fs::write(
-            &cookie,
-            format!("{:032X}", rand::thread_rng().gen::<u128>()),
-        )
-        .expect("write the cookie");
+        std::fs::write(&cookie, cookie_value).expect("write the cookie");
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))

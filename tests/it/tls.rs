@@ -263,10 +263,10 @@ async fn rabbitmq_over_tls_trusts_amqp_tls_ca_file_and_refuses_other_certificate
     let conn = amqp_connect(&settings)
         .await
         .expect("amqps:// with the right CA connects");
-    let channel = conn.create_channel().await.expect("a channel");
-    amqp::declare_topology(&channel)
+    amqp::declare_topology(&conn)
         .await
         .expect("the topology is declared over TLS");
+    let channel = conn.create_channel().await.expect("a channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await

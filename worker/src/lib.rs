@@ -121,11 +121,9 @@ async fn session(
     probes: &Probes,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    amqp::declare_topology(&channel)
+    amqp::declare_topology(conn)
         .await
         .context("declaring the topology")?;
-    let _ = channel.close(200, "topology declared").await;
 
     let session = shutdown.child_token();
     let mut tasks = JoinSet::new();
