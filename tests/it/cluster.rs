@@ -12,7 +12,11 @@ use serde_json::json;
 use upline_common::amqp::{self, Publisher};
 use upline_testkit::order::Order;
 
-use crate::harness::{free_port, user_id, Services, TestApp};
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+use upline_common::protocol::ServerMessage;
+
+use crate::harness::{free_port, server_message, user_id, Services, TestApp, User, Ws};
 use crate::servers::{PgCluster, RabbitNode, TempDir};
 
 /// POSTs a purchase until the api accepts it (it answers 503 while it reconnects).
@@ -35,6 +39,35 @@ async fn purchase_when_accepted(app: &TestApp, purchase_id: &str, buyer_id: i64)
         assert!(Instant::now() < deadline, "{purchase_id} never accepted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The `seq`s a subscriber of `user` receives on `ws` until it holds `n`, reconnecting with
+/// `since` whenever the notifier closes the feed (it does when its database reads fail:
+/// "reconnect with since"), as a dashboard does.
+async fn follow(app: &TestApp, user: &User, mut ws: Ws, n: usize) -> Vec<i64> {
+    let mut seqs: Vec<i64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seqs.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber holds only {seqs:?}"
+        );
+        match tokio::time::timeout(Duration::from_secs(10), ws.0.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let ServerMessage::Earning { earning } = server_message(&t) {
+                    seqs.push(earning.seq);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                ws = app
+                    .subscribe(user.id, &user.token, seqs.last().copied())
+                    .await;
+            }
+        }
+    }
+    seqs
 }
 
 #[tokio::test]
@@ -96,7 +129,7 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     );
     let app = TestApp::spawn_with(Services::default(), |s| s.database.url = url.clone()).await;
     let (a, b, c) = app.chain_abc().await;
-    let mut ws = app.subscribe(b.id, &b.token, None).await;
+    let ws = app.subscribe(b.id, &b.token, None).await;
     for i in 0..5 {
         purchase_when_accepted(&app, &format!("ha-{i}"), c.id).await;
     }
@@ -128,7 +161,7 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let seqs: Vec<i64> = ws.earnings(10).await.iter().map(|e| e.seq).collect();
+    let seqs = follow(&app, &b, ws, 10).await;
     assert_eq!(
         seqs,
         (1..=10).collect::<Vec<_>>(),
@@ -189,7 +222,7 @@ async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
         );
     }
     let (a, b, c) = app.chain_abc().await;
-    let mut ws = app.subscribe(b.id, &b.token, None).await;
+    let ws = app.subscribe(b.id, &b.token, None).await;
     let producer = Publisher::new(app.settings.amqp.clone(), Default::default())
         .with_connection_name("upline-test-producer");
 
@@ -221,7 +254,7 @@ async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let seqs: Vec<i64> = ws.earnings(40).await.iter().map(|e| e.seq).collect();
+    let seqs = follow(&app, &b, ws, 40).await;
     assert_eq!(
         seqs,
         (1..=40).collect::<Vec<_>>(),
@@ -234,6 +267,89 @@ async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
         .await
         .expect("count");
     assert_eq!(recorded, 40);
+    app.wait_until_ready().await;
+    producer.close().await;
+    app.stop().await;
+}
+
+/// Both at once: a 3-node RabbitMQ cluster and a PostgreSQL primary with a synchronous
+/// standby. The broker node holding the queue's leader and every connection, and the
+/// primary, are lost together while purchases arrive over REST and straight on the queue; the
+/// standby is promoted. Every purchase is paid once, every `seq` arrives once, and every
+/// service is ready again without a restart.
+#[tokio::test]
+async fn a_broker_node_and_the_primary_lost_together_lose_and_double_nothing() {
+    let dir = TempDir::new("upline-both");
+    let mut nodes = RabbitNode::start_cluster(&dir, 3).await;
+    let primary = PgCluster::start(&dir.sub("primary"), None).await;
+    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
+    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
+        .await
+        .expect("the primary answers");
+    sqlx::query("alter system set synchronous_standby_names = '*'")
+        .execute(&admin)
+        .await
+        .expect("synchronous replication");
+    sqlx::query("select pg_reload_conf()")
+        .execute(&admin)
+        .await
+        .expect("reload");
+    admin.close().await;
+    let urls: Vec<String> = nodes.iter().map(RabbitNode::amqp_url).collect();
+    let database = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.amqp.url = urls.join(",");
+        s.database.url = database.clone();
+    })
+    .await;
+    let (a, b, c) = app.chain_abc().await;
+    let ws = app.subscribe(b.id, &b.token, None).await;
+    let producer = Publisher::new(app.settings.amqp.clone(), Default::default())
+        .with_connection_name("upline-test-producer");
+    for i in 0..5 {
+        purchase_when_accepted(&app, &format!("rest-{i}"), c.id).await;
+        publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
+    }
+    let first = nodes.remove(0);
+    let stopping = tokio::task::spawn_blocking(move || drop(first));
+    primary.stop_immediate().await;
+    for i in 5..8 {
+        publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
+    }
+    standby.promote().await;
+    stopping.await.expect("the first node stopped");
+    for i in 5..10 {
+        purchase_when_accepted(&app, &format!("rest-{i}"), c.id).await;
+    }
+    for i in 8..10 {
+        publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in (0..10).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]) {
+        loop {
+            let (status, report) = app.admin_get(&format!("/api/purchases/{id}")).await;
+            if status == 200 {
+                assert_eq!(report["status"], "processed", "{report}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never processed after the failovers"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let seqs = follow(&app, &b, ws, 20).await;
+    assert_eq!(
+        seqs,
+        (1..=20).collect::<Vec<_>>(),
+        "every seq once, in order"
+    );
+    assert_eq!(app.earnings(b.id).await["total"], "2000.00");
+    assert_eq!(app.earnings(a.id).await["total"], "400.00");
     app.wait_until_ready().await;
     producer.close().await;
     app.stop().await;
