@@ -41,6 +41,46 @@ async fn purchase_when_accepted(app: &TestApp, purchase_id: &str, buyer_id: i64)
     }
 }
 
+/// Waits until a worker has recorded every purchase of `ids` as processed, within `within`.
+async fn wait_all_processed(
+    app: &TestApp,
+    ids: impl IntoIterator<Item = String>,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    for id in ids {
+        loop {
+            let (status, report) = app.admin_get(&format!("/api/purchases/{id}")).await;
+            if status == 200 {
+                assert_eq!(report["status"], "processed", "{report}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never processed after the failover"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Makes `primary` replicate synchronously: a commit returns once a standby has it.
+async fn make_synchronous(primary: &PgCluster) {
+    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
+        .await
+        .expect("the primary answers");
+    for statement in [
+        "alter system set synchronous_standby_names = '*'",
+        "select pg_reload_conf()",
+    ] {
+        sqlx::query(statement)
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    admin.close().await;
+}
+
 /// The `seq`s a subscriber of `user` receives on `ws` until it holds `n`, reconnecting with
 /// `since` whenever the notifier closes the feed (it does when its database reads fail:
 /// "reconnect with since"), as a dashboard does.
@@ -110,19 +150,7 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     let dir = TempDir::new("upline-standby");
     let primary = PgCluster::start(&dir.sub("primary"), None).await;
     let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
-    // Synchronous: a commit returns once the standby has it.
-    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
-        .await
-        .expect("the primary answers");
-    sqlx::query("alter system set synchronous_standby_names = '*'")
-        .execute(&admin)
-        .await
-        .expect("synchronous replication");
-    sqlx::query("select pg_reload_conf()")
-        .execute(&admin)
-        .await
-        .expect("reload");
-    admin.close().await;
+    make_synchronous(&primary).await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
         primary.port, standby.port
@@ -146,21 +174,12 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     for i in 8..10 {
         purchase_when_accepted(&app, &format!("ha-{i}"), c.id).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for i in 0..10 {
-        loop {
-            let (status, report) = app.admin_get(&format!("/api/purchases/ha-{i}")).await;
-            if status == 200 {
-                assert_eq!(report["status"], "processed", "{report}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ha-{i} never processed after the failover"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    wait_all_processed(
+        &app,
+        (0..10).map(|i| format!("ha-{i}")),
+        Duration::from_secs(90),
+    )
+    .await;
     let seqs = follow(&app, &b, ws, 10).await;
     assert_eq!(
         seqs,
@@ -239,21 +258,12 @@ async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
     }
     stopping.await.expect("the first node stopped");
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for id in (0..20).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]) {
-        loop {
-            let (status, report) = app.admin_get(&format!("/api/purchases/{id}")).await;
-            if status == 200 {
-                assert_eq!(report["status"], "processed", "{report}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{id} never processed after the node was lost"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    wait_all_processed(
+        &app,
+        (0..20).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]),
+        Duration::from_secs(120),
+    )
+    .await;
     let seqs = follow(&app, &b, ws, 40).await;
     assert_eq!(
         seqs,
@@ -283,18 +293,7 @@ async fn a_broker_node_and_the_primary_lost_together_lose_and_double_nothing() {
     let mut nodes = RabbitNode::start_cluster(&dir, 3).await;
     let primary = PgCluster::start(&dir.sub("primary"), None).await;
     let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
-    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
-        .await
-        .expect("the primary answers");
-    sqlx::query("alter system set synchronous_standby_names = '*'")
-        .execute(&admin)
-        .await
-        .expect("synchronous replication");
-    sqlx::query("select pg_reload_conf()")
-        .execute(&admin)
-        .await
-        .expect("reload");
-    admin.close().await;
+    make_synchronous(&primary).await;
     let urls: Vec<String> = nodes.iter().map(RabbitNode::amqp_url).collect();
     let database = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
@@ -327,21 +326,12 @@ async fn a_broker_node_and_the_primary_lost_together_lose_and_double_nothing() {
     for i in 8..10 {
         publish_when_confirmed(&producer, &format!("queue-{i}"), c.id).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for id in (0..10).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]) {
-        loop {
-            let (status, report) = app.admin_get(&format!("/api/purchases/{id}")).await;
-            if status == 200 {
-                assert_eq!(report["status"], "processed", "{report}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{id} never processed after the failovers"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    wait_all_processed(
+        &app,
+        (0..10).flat_map(|i| [format!("rest-{i}"), format!("queue-{i}")]),
+        Duration::from_secs(120),
+    )
+    .await;
     let seqs = follow(&app, &b, ws, 20).await;
     assert_eq!(
         seqs,
