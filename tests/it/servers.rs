@@ -15,6 +15,15 @@ use tokio::process::Command;
 use crate::harness::free_port;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// `runuser -u postgres -- <PG_BIN>/<program>`: a PostgreSQL tool run as the OS user
+/// `postgres`, which owns the test clusters.
+fn as_postgres(program: &str) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"])
+        .arg(format!("{PG_BIN}/{program}"));
+    cmd
+}
 pub const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 /// How long any one step (a server start, a restart, a connection) may take.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -128,9 +137,7 @@ impl PgCluster {
         )
         .await;
         run(
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(format!("{PG_BIN}/initdb"))
+            as_postgres("initdb")
                 .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
                 .args(["--locale=C", "-D"])
                 .arg(&data),
@@ -190,9 +197,7 @@ impl PgCluster {
 
     async fn pg_ctl(&self, action: &[&str], what: &str) {
         run(
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(format!("{PG_BIN}/pg_ctl"))
+            as_postgres("pg_ctl")
                 .args(["-w", "-t", "50", "-D"])
                 .arg(&self.data)
                 .arg("-l")
@@ -242,9 +247,7 @@ impl PgCluster {
         )
         .await;
         run(
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(format!("{PG_BIN}/pg_basebackup"))
+            as_postgres("pg_basebackup")
                 .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
                 .args([
                     "-U",

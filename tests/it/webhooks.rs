@@ -35,6 +35,19 @@ async fn app_with_webhooks(worker: bool, configure: impl FnOnce(&mut Settings)) 
     .await
 }
 
+/// POSTs to `path` with the admin key and no body; the JSON answer.
+async fn admin_post(app: &TestApp, path: &str) -> Value {
+    app.http
+        .post(app.url(path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("api answers")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// Stops a service started with a stop token and requires it to stop cleanly.
 async fn stop_service(
     stop: CancellationToken,
@@ -346,16 +359,7 @@ async fn a_receiver_failing_at_first_gets_every_event_once_signed_through_restar
     }
 
     // A replay sends the same webhook-id again; rotated secrets sign it twice.
-    let rotated: Value = app
-        .http
-        .post(app.url(&format!("/api/webhooks/{endpoint}/rotate-secret")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("api answers")
-        .json()
-        .await
-        .expect("json");
+    let rotated: Value = admin_post(&app, &format!("/api/webhooks/{endpoint}/rotate-secret")).await;
     let new_secret = rotated["secret"].as_str().expect("secret");
     assert_ne!(new_secret, secret);
     receiver
@@ -516,16 +520,7 @@ async fn a_hanging_endpoint_never_holds_back_a_healthy_one_and_a_dead_one_is_dis
     let reason = lonely["disabled_reason"].as_str().expect("a reason");
     assert!(reason.contains("msg_purchase_lonely-1"), "{reason}");
 
-    let enabled: Value = app
-        .http
-        .post(app.url(&format!("/api/webhooks/{refused_id}/enable")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("api answers")
-        .json()
-        .await
-        .expect("json");
+    let enabled: Value = admin_post(&app, &format!("/api/webhooks/{refused_id}/enable")).await;
     assert_eq!(enabled["enabled"], true);
     assert_eq!(enabled["disabled_reason"], Value::Null);
 
