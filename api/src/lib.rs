@@ -32,6 +32,8 @@ use crate::routes::{dashboard, history, payouts, purchases, refunds, reports, us
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
+    /// Where report reads go: a fresh standby with `database.standby_reads`, else `db`.
+    pub reports: upline_common::db::standby::ReportReads,
     pub auth: Auth,
     pub rules: Arc<Rules>,
     pub publisher: Publisher,
@@ -50,6 +52,28 @@ pub struct AppState {
     pub payout_minimum: upline_common::money::Money,
     /// `webhooks.*`: what endpoints may be registered (contract §11).
     pub webhooks: upline_common::config::WebhookSettings,
+}
+
+impl AppState {
+    /// The pool for a report read about user `id` (`database.standby_reads`; docs/operations.md,
+    /// "Report reads from the standby"): the standby's while it is fresh and knows the user,
+    /// the primary's otherwise. A user who has just signed up may not have reached the standby
+    /// yet, and must not be answered 404; a standby that fails this first query is left for
+    /// the primary until the next check finds it fresh again.
+    pub async fn report_pool(&self, id: upline_common::UserId) -> &PgPool {
+        let pool = self.reports.pool();
+        if !self.reports.is_standby(pool) {
+            return pool;
+        }
+        match store::user_exists(pool, id).await {
+            Ok(true) => pool,
+            Ok(false) => self.reports.primary(),
+            Err(_) => {
+                self.reports.standby_failed();
+                self.reports.primary()
+            }
+        }
+    }
 }
 
 /// The whole HTTP surface.
@@ -148,6 +172,7 @@ pub async fn run(
     publisher.warm_up().await;
     let keep_connected = tokio::spawn(publisher.clone().keep_connected(shutdown.clone()));
     let state = AppState {
+        reports: upline_common::db::standby::ReportReads::start(db.clone(), &settings.database)?,
         db,
         auth: Auth::new(&settings.auth),
         rules,

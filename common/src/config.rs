@@ -62,6 +62,21 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Seconds to wait for a free connection before an infrastructure error (api: 503).
     pub acquire_timeout_secs: u64,
+    /// Serve the api's report reads (a user's earnings, referrals and history, the
+    /// leaderboard) from a hot standby listed in `url`, while it is at most
+    /// `standby_max_lag_secs` behind the primary (see [`crate::db::standby`]). Off by default:
+    /// every read goes to the primary.
+    #[serde(default)]
+    pub standby_reads: bool,
+    /// How far behind the primary, in seconds, the standby may be and still serve report reads;
+    /// beyond it they go to the primary until it catches up. A read from the standby is at most
+    /// this plus one second (the check interval) old.
+    #[serde(default = "default_standby_max_lag_secs")]
+    pub standby_max_lag_secs: u64,
+}
+
+fn default_standby_max_lag_secs() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +422,16 @@ impl Settings {
             || n.max_connections_per_address == 0
         {
             bail!("notifier.replay_page_size, notifier.buffer, notifier.user_buffer, notifier.subscribe_timeout_secs, notifier.max_connections, notifier.max_connections_per_user and notifier.max_connections_per_address must be at least 1");
+        }
+        if self.database.standby_reads
+            && crate::db::Hosts::parse(&self.database.url)
+                .map(|h| h.urls.len() < 2)
+                .unwrap_or(true)
+        {
+            bail!("database.standby_reads needs the standby in database.url: list the primary and its standbys, as in postgres://user@db1:5432,db2:5432/upline?target_session_attrs=read-write");
+        }
+        if self.database.standby_reads && self.database.standby_max_lag_secs == 0 {
+            bail!("database.standby_max_lag_secs must be at least 1");
         }
         if crate::amqp::broker_urls(&self.amqp.url).is_empty() {
             bail!("amqp.url (or AMQP_URL) is empty: give one broker URL, or a cluster's nodes separated by commas");

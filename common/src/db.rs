@@ -22,6 +22,8 @@ use crate::money::Money;
 use crate::rules::EntryKind;
 use crate::{Level, UserId};
 
+pub mod standby;
+
 /// The schema, compiled in from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
@@ -84,15 +86,8 @@ pub async fn connect_and_migrate(
     }
     // Set when the pool moves to another host: connections made before then are closed
     // instead of being handed out (they lead to the old primary).
-    let moved_at: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let moved = moved_at.clone();
-    let pool = PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
-        .before_acquire(move |_, meta| {
-            let moved_at = *moved.lock().expect("not poisoned");
-            Box::pin(async move { Ok(moved_at.is_none_or(|at| meta.age < at.elapsed())) })
-        })
+    let moved_at = Moved::default();
+    let pool = pool_options(settings, &moved_at)
         .connect_with(options)
         .await
         .context("connecting to PostgreSQL")?;
@@ -184,22 +179,43 @@ impl Hosts {
     }
 
     async fn qualifies(&self, url: &str) -> sqlx::Result<bool> {
-        // The `postgres` database exists before ours is created.
-        let options = PgConnectOptions::from_str(url)?.database("postgres");
-        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        let standby: bool = if self.read_write {
-            sqlx::query_scalar("select pg_is_in_recovery()")
-                .fetch_one(&mut conn)
-                .await?
+        if self.read_write {
+            Ok(!in_recovery(url).await?)
         } else {
-            false
-        };
-        let _ = conn.close().await;
-        Ok(!standby)
+            in_recovery(url).await.map(|_| true)
+        }
     }
 }
+
+/// Whether the server of `url` is a standby (`pg_is_in_recovery()`), asked over a connection of
+/// its own to the `postgres` database (which exists before ours is created), within 5 s.
+async fn in_recovery(url: &str) -> sqlx::Result<bool> {
+    let options = PgConnectOptions::from_str(url)?.database("postgres");
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    let standby = sqlx::query_scalar("select pg_is_in_recovery()")
+        .fetch_one(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    standby
+}
+
+/// The pool settings of `settings`, with connections made before `moved_at` (set when the
+/// pool is pointed at another host) closed instead of handed out.
+fn pool_options(settings: &DatabaseSettings, moved_at: &Moved) -> PgPoolOptions {
+    let moved = moved_at.clone();
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
+        .before_acquire(move |_, meta| {
+            let moved_at = *moved.lock().expect("not poisoned");
+            Box::pin(async move { Ok(moved_at.is_none_or(|at| meta.age < at.elapsed())) })
+        })
+}
+
+/// When a pool was last pointed at another host (`None`: never).
+type Moved = Arc<Mutex<Option<Instant>>>;
 
 /// How often a pool over several hosts checks that its host is still the one to use.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
@@ -208,12 +224,7 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// it is in recovery (or cannot be reached); if so, finds the host that qualifies now (a
 /// standby promoted after a failover) and points the pool's new connections at it. The
 /// connections made before are closed as they come back (`moved_at`). Ends with the pool.
-async fn follow_primary(
-    pool: PgPool,
-    hosts: Hosts,
-    mut current: String,
-    moved_at: Arc<Mutex<Option<Instant>>>,
-) {
+async fn follow_primary(pool: PgPool, hosts: Hosts, mut current: String, moved_at: Moved) {
     while !pool.is_closed() {
         tokio::time::sleep(FOLLOW_EVERY).await;
         if hosts.qualifies(&current).await.unwrap_or(false) {

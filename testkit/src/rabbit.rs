@@ -257,12 +257,18 @@ fn encode(s: &str) -> String {
 }
 
 /// The AMQP URL of `vhost` on the server of `base` (an `amqp://` URL, with or without a
-/// vhost of its own).
+/// vhost of its own), or on each node of a comma-separated list of them (a cluster).
 pub fn vhost_url(base: &str, vhost: &str) -> String {
-    match base.rfind('/') {
-        Some(i) if i > "amqp://".len() => format!("{}/{vhost}", &base[..i]),
-        _ => format!("{base}/{vhost}"),
-    }
+    base.split(',')
+        .map(|node| {
+            let node = node.trim();
+            match node.rfind('/') {
+                Some(i) if i > "amqp://".len() => format!("{}/{vhost}", &node[..i]),
+                _ => format!("{node}/{vhost}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -280,5 +286,9 @@ mod tests {
             "amqp://127.0.0.1:5672/sandbox_1"
         );
         assert_eq!(vhost_url("amqps://broker", "v"), "amqps://broker/v");
+        assert_eq!(
+            vhost_url("amqp://h1:5681/%2f,amqp://h2:5682/%2f", "v"),
+            "amqp://h1:5681/v,amqp://h2:5682/v"
+        );
     }
 }

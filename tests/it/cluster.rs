@@ -66,19 +66,14 @@ async fn wait_all_processed(
 
 /// Makes `primary` replicate synchronously: a commit returns once a standby has it.
 async fn make_synchronous(primary: &PgCluster) {
-    let admin = sqlx::PgPool::connect(&primary.url("postgres", ""))
-        .await
-        .expect("the primary answers");
-    for statement in [
-        "alter system set synchronous_standby_names = '*'",
-        "select pg_reload_conf()",
-    ] {
-        sqlx::query(statement)
-            .execute(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
-    admin.close().await;
+    run_sql(
+        primary,
+        &[
+            "alter system set synchronous_standby_names = '*'",
+            "select pg_reload_conf()",
+        ],
+    )
+    .await;
 }
 
 /// The `seq`s a subscriber of `user` receives on `ws` until it holds `n`, reconnecting with
@@ -189,6 +184,127 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     assert_eq!(app.earnings(b.id).await["total"], "1000.00");
     assert_eq!(app.earnings(a.id).await["total"], "200.00");
     app.wait_until_ready().await;
+    app.stop().await;
+}
+
+/// Runs `statements` on `cluster`'s `postgres` database.
+async fn run_sql(cluster: &PgCluster, statements: &[&str]) {
+    let admin = sqlx::PgPool::connect(&cluster.url("postgres", ""))
+        .await
+        .expect("the server answers");
+    for statement in statements {
+        sqlx::query(statement)
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    admin.close().await;
+}
+
+/// `user`'s earnings total as the api of `client` reports it (admin key).
+async fn total_at(client: &upline_testkit::client::Api, user: i64) -> String {
+    let (status, body) = client
+        .admin_get(&format!("/api/users/{user}/earnings"))
+        .await
+        .expect("request");
+    assert_eq!(status, 200, "{body}");
+    body["total"].as_str().expect("a total").to_owned()
+}
+
+/// Polls until `user`'s total at `client` is `want`, within 20 s.
+async fn wait_total_at(client: &upline_testkit::client::Api, user: i64, want: &str, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let total = total_at(client, user).await;
+        if total == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{why}: still {total}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `database.standby_reads`: report reads go to the standby while it is fresh enough, and to
+/// the primary otherwise. With the standby's replay paused, an api that tolerates 60 s of lag
+/// still reports the total before the latest purchase (it reads the standby), one that
+/// tolerates 1 s reports the new total (it went back to the primary); a user who signed up
+/// after the pause is found, not 404; with the standby gone every read still answers 200.
+#[tokio::test]
+async fn report_reads_go_to_a_fresh_standby_and_to_the_primary_otherwise() {
+    let dir = TempDir::new("upline-reads");
+    let primary = PgCluster::start(&dir.sub("primary"), None).await;
+    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
+    make_synchronous(&primary).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let mut app = TestApp::spawn_with(Services::default(), |s| {
+        s.database.url = url.clone();
+        s.database.standby_reads = true;
+        s.database.standby_max_lag_secs = 60;
+    })
+    .await;
+    let strict = app.spawn_api(|s| s.database.standby_max_lag_secs = 1).await;
+    let (_, b, c) = app.chain_abc().await;
+    app.purchase("reads-1", c.id, "2000.00").await;
+    app.wait_processed("reads-1").await;
+    wait_total_at(&app.client, b.id, "100.00", "the standby caught up").await;
+    wait_total_at(&strict, b.id, "100.00", "the standby caught up").await;
+
+    run_sql(&standby, &["select pg_wal_replay_pause()"]).await;
+    app.purchase("reads-2", c.id, "2000.00").await;
+    app.wait_processed("reads-2").await;
+    // The standby has the purchase (synchronous replication) but has not replayed it.
+    wait_total_at(
+        &strict,
+        b.id,
+        "200.00",
+        "1 s of lag allowed: the primary answers",
+    )
+    .await;
+    assert_eq!(
+        total_at(&app.client, b.id).await,
+        "100.00",
+        "60 s of lag allowed: the paused standby answers"
+    );
+    let (status, leaders) = app.admin_get("/api/leaderboard?limit=5").await;
+    assert_eq!(status, 200, "{leaders}");
+    assert_eq!(leaders[0]["total_earnings"], "100.00", "{leaders}");
+    // Signed up after the pause: the standby does not know them, the primary does.
+    let d = app.register("dee", Some(c.id)).await;
+    assert_eq!(total_at(&app.client, d.id).await, "0.00");
+    let (status, _) = app
+        .admin_get(&format!("/api/users/{}/referrals", d.id))
+        .await;
+    assert_eq!(status, 200);
+
+    run_sql(&standby, &["select pg_wal_replay_resume()"]).await;
+    wait_total_at(&app.client, b.id, "200.00", "the standby caught up").await;
+
+    // Without the standby (and without waiting for it: asynchronous from now on).
+    run_sql(
+        &primary,
+        &[
+            "alter system set synchronous_standby_names = ''",
+            "select pg_reload_conf()",
+        ],
+    )
+    .await;
+    standby.stop_immediate().await;
+    for _ in 0..10 {
+        assert_eq!(total_at(&app.client, b.id).await, "200.00");
+        let (status, leaders) = app.admin_get("/api/leaderboard?limit=5").await;
+        assert_eq!(status, 200, "{leaders}");
+        let (status, history) = app
+            .admin_get(&format!("/api/users/{}/earnings/history", b.id))
+            .await;
+        assert_eq!(status, 200, "{history}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
 }
 

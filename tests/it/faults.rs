@@ -114,6 +114,8 @@ impl Stack {
                     url: database_url.clone(),
                     max_connections: 4,
                     acquire_timeout_secs: 5,
+                    standby_reads: false,
+                    standby_max_lag_secs: 5,
                 },
                 &cancel,
             ),

@@ -232,6 +232,22 @@ impl TestApp {
         format!("ws://{addr}/ws")
     }
 
+    /// Starts one more api on this app's database and vhost, with its settings adjusted by
+    /// `configure`; returns a client of it with the test keys.
+    pub async fn spawn_api(&mut self, configure: impl FnOnce(&mut Settings)) -> Api {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let mut settings = service_settings(&self.settings, "api");
+        configure(&mut settings);
+        self.tasks.push(tokio::spawn(upline_api::run(
+            settings,
+            listener,
+            self.shutdown.clone(),
+        )));
+        self.wait_ready(&base, "/readyz").await;
+        Api::new(self.http.clone(), &base, ADMIN, PRODUCER)
+    }
+
     /// Starts a worker in this process (for apps spawned without one).
     pub async fn spawn_worker(&mut self) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -107,6 +107,8 @@ fn pg_settings(cluster: &PgCluster, query: &str) -> DatabaseSettings {
         url: cluster.url("upline_tls", query),
         max_connections: 2,
         acquire_timeout_secs: 5,
+        standby_reads: false,
+        standby_max_lag_secs: 5,
     }
 }
 

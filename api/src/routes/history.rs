@@ -326,11 +326,12 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     caller.user_or_admin(id)?;
     let checked = query.check(state.rules.rates.len())?;
-    if !store::user_exists(&state.db, id).await? {
+    let db = state.report_pool(id).await;
+    if !store::user_exists(db, id).await? {
         return Err(ApiError::NotFound(format!("no user with id {id}")));
     }
     let limit = if checked.csv { CSV_CAP } else { checked.limit };
-    let entries: Vec<HistoryEntry> = store::history(&state.db, id, &checked.filter, limit)
+    let entries: Vec<HistoryEntry> = store::history(db, id, &checked.filter, limit)
         .await?
         .into_iter()
         .map(HistoryEntry::from)

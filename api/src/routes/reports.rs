@@ -53,20 +53,21 @@ pub async fn earnings(
     PathId(id): PathId,
 ) -> Result<Json<EarningsReport>, ApiError> {
     caller.user_or_admin(id)?;
-    let balances = store::earnings_balances(&state.db, id)
+    let db = state.report_pool(id).await;
+    let balances = store::earnings_balances(db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user with id {id}")))?;
     let levels = state.rules.rates.len();
     let mut by_level: BTreeMap<String, Money> =
         (1..=levels).map(|l| (l.to_string(), Money::ZERO)).collect();
     let mut count = 0;
-    for (level, total, n) in store::level_totals(&state.db, id).await? {
+    for (level, total, n) in store::level_totals(db, id).await? {
         by_level.insert(level.to_string(), Money::from_total(total));
         count += n;
     }
-    let by_referral = store::earnings_by_referral(&state.db, id, BY_REFERRAL).await?;
-    let by_leg = LegEarnings::from_rows(store::earnings_by_leg(&state.db, id).await?, levels);
-    let recent = upline_common::db::recent_earnings(&state.db, id, RECENT).await?;
+    let by_referral = store::earnings_by_referral(db, id, BY_REFERRAL).await?;
+    let by_leg = LegEarnings::from_rows(store::earnings_by_leg(db, id).await?, levels);
+    let recent = upline_common::db::recent_earnings(db, id, RECENT).await?;
     Ok(Json(EarningsReport {
         user_id: id,
         total: Money::from_total(balances.total),
@@ -106,12 +107,13 @@ pub async fn referrals(
     PathId(id): PathId,
 ) -> Result<Json<Referrals>, ApiError> {
     caller.user_or_admin(id)?;
-    if !store::user_exists(&state.db, id).await? {
+    let db = state.report_pool(id).await;
+    if !store::user_exists(db, id).await? {
         return Err(ApiError::NotFound(format!("no user with id {id}")));
     }
-    let level_1 = store::referrals_of(&state.db, &[id]).await?;
+    let level_1 = store::referrals_of(db, &[id]).await?;
     let ids: Vec<UserId> = level_1.iter().map(|r| r.id).collect();
-    let level_2 = store::referrals_of(&state.db, &ids).await?;
+    let level_2 = store::referrals_of(db, &ids).await?;
     Ok(Json(Referrals {
         user_id: id,
         level_1,
@@ -151,5 +153,15 @@ pub async fn leaderboard(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 100"));
     }
-    Ok(Json(store::leaderboard(&state.db, limit).await?))
+    let db = state.reports.pool();
+    let leaders = match store::leaderboard(db, limit).await {
+        Ok(leaders) => leaders,
+        // The standby went away since the last check: the primary answers instead.
+        Err(_) if state.reports.is_standby(db) => {
+            state.reports.standby_failed();
+            store::leaderboard(state.reports.primary(), limit).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(leaders))
 }
