@@ -64,6 +64,19 @@ async fn wait_all_processed(
     }
 }
 
+/// A primary and its hot standby in `dir`, replicating synchronously, and a `database.url`
+/// listing both (primary first) with `target_session_attrs=read-write`.
+async fn primary_and_standby(dir: &TempDir) -> (PgCluster, PgCluster, String) {
+    let primary = PgCluster::start(&dir.sub("primary"), None).await;
+    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
+    make_synchronous(&primary).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    (primary, standby, url)
+}
+
 /// Makes `primary` replicate synchronously: a commit returns once a standby has it.
 async fn make_synchronous(primary: &PgCluster) {
     run_sql(
@@ -143,13 +156,7 @@ async fn services_move_to_the_next_broker_node_when_theirs_goes_away() {
 #[tokio::test]
 async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     let dir = TempDir::new("upline-standby");
-    let primary = PgCluster::start(&dir.sub("primary"), None).await;
-    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
-    make_synchronous(&primary).await;
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
-        primary.port, standby.port
-    );
+    let (primary, standby, url) = primary_and_standby(&dir).await;
     let app = TestApp::spawn_with(Services::default(), |s| s.database.url = url.clone()).await;
     let (a, b, c) = app.chain_abc().await;
     let ws = app.subscribe(b.id, &b.token, None).await;
@@ -235,13 +242,7 @@ async fn wait_total_at(client: &upline_testkit::client::Api, user: i64, want: &s
 #[tokio::test]
 async fn report_reads_go_to_a_fresh_standby_and_to_the_primary_otherwise() {
     let dir = TempDir::new("upline-reads");
-    let primary = PgCluster::start(&dir.sub("primary"), None).await;
-    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
-    make_synchronous(&primary).await;
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
-        primary.port, standby.port
-    );
+    let (primary, standby, url) = primary_and_standby(&dir).await;
     let mut app = TestApp::spawn_with(Services::default(), |s| {
         s.database.url = url.clone();
         s.database.standby_reads = true;
@@ -407,14 +408,8 @@ async fn a_rabbitmq_node_lost_mid_stream_loses_and_doubles_nothing() {
 async fn a_broker_node_and_the_primary_lost_together_lose_and_double_nothing() {
     let dir = TempDir::new("upline-both");
     let mut nodes = RabbitNode::start_cluster(&dir, 3).await;
-    let primary = PgCluster::start(&dir.sub("primary"), None).await;
-    let standby = PgCluster::standby_of(&primary, &dir.sub("standby")).await;
-    make_synchronous(&primary).await;
+    let (primary, standby, database) = primary_and_standby(&dir).await;
     let urls: Vec<String> = nodes.iter().map(RabbitNode::amqp_url).collect();
-    let database = format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/upline?target_session_attrs=read-write",
-        primary.port, standby.port
-    );
     let app = TestApp::spawn_with(Services::default(), |s| {
         s.amqp.url = urls.join(",");
         s.database.url = database.clone();

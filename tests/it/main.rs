@@ -8,6 +8,7 @@ mod cluster;
 mod contract;
 mod crash;
 mod dashboard;
+mod deploy;
 mod faults;
 mod history;
 mod live;

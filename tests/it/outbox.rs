@@ -158,3 +158,77 @@ async fn a_dead_workers_leased_rows_wait_out_the_lease_then_any_relay_publishes_
     let _ = conn.close(200, "done").await;
     app.stop().await;
 }
+
+/// A relay's claim leases at most one batch (500 rows), whatever plan PostgreSQL picks.
+/// Found by `upline-bench rest`: on a fresh database the prepared claim had kept a plan made
+/// while the outbox was nearly empty, a nested loop that re-ran `earning_id in (select … limit
+/// 500 for update skip locked)` for every row of the outbox. One claim leased all 104,080 rows
+/// and ran for minutes while their events waited. Here the planner is pushed to that plan; the
+/// claim now takes its ids from an array evaluated once.
+#[tokio::test]
+async fn a_relay_claims_at_most_one_batch_whatever_plan_the_planner_picks() {
+    let app = TestApp::spawn_with(
+        Services {
+            worker: false,
+            broker: true,
+        },
+        |_| {},
+    )
+    .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = app.spawn_stoppable_worker(stop.clone()).await;
+    let (_, _, c) = app.chain_abc().await;
+    app.publish_purchases("claim", c.id, 400).await;
+    app.wait_purchase_count(400, Duration::from_secs(120)).await;
+    wait_outbox_empty(&app).await;
+    stop.cancel();
+    worker.await.expect("joined").expect("the worker stopped");
+
+    // 800 earnings (2 levels × 400) back in the outbox, unleased, as after a broker outage.
+    sqlx::query("insert into earning_outbox (earning_id) select id from earnings")
+        .execute(&app.db)
+        .await
+        .expect("refill the outbox");
+    assert_eq!(outbox_rows(&app).await, 800);
+    let nested_loops = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                for setting in [
+                    "enable_hashjoin",
+                    "enable_mergejoin",
+                    "enable_material",
+                    "enable_hashagg",
+                    "enable_sort",
+                ] {
+                    sqlx::query(&format!("set {setting} = off"))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&app.settings.database.url)
+        .await
+        .expect("connect");
+    let claimed =
+        upline_worker::outbox::claim(&nested_loops, "test-relay", Duration::from_secs(60))
+            .await
+            .expect("claim");
+    let leased: i64 =
+        sqlx::query_scalar("select count(*) from earning_outbox where claimed_by = 'test-relay'")
+            .fetch_one(&app.db)
+            .await
+            .expect("count the leases");
+    assert_eq!(
+        (claimed.len(), leased),
+        (500, 500),
+        "one batch claimed and leased"
+    );
+    let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "oldest first");
+    nested_loops.close().await;
+    app.stop().await;
+}

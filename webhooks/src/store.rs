@@ -107,7 +107,7 @@ pub async fn claim(
     let busy_counts: Vec<i32> = busy.iter().map(|b| b.1).collect();
     sqlx::query_as!(
         Claimed,
-        r#"with due as (
+        r#"with due as materialized (
                select d.id from webhook_endpoints e
                left join unnest($1::int8[], $2::int4[]) as busy (endpoint_id, n)
                       on busy.endpoint_id = e.id

@@ -404,18 +404,24 @@ async fn publish(
 }
 
 /// Leases up to [`BATCH`] rows nobody holds, oldest first, in one committed statement; returns
-/// their earnings.
-async fn claim(db: &PgPool, relay_id: &str, lease: Duration) -> sqlx::Result<Vec<EarningRow>> {
+/// their earnings. Public for the tests, which check the bound under every plan the planner
+/// may pick.
+///
+/// # Errors
+/// Database errors; nothing is leased.
+pub async fn claim(db: &PgPool, relay_id: &str, lease: Duration) -> sqlx::Result<Vec<EarningRow>> {
     sqlx::query_as!(
         EarningRow,
         r#"with claimed as (
                update earning_outbox
                set claimed_by = $2, claimed_until = now() + make_interval(secs => $3)
-               where earning_id in (
+               -- An array, evaluated once: with `in (select … limit … skip locked)` a
+               -- nested-loop plan re-runs the subquery per row and leases the whole table.
+               where earning_id = any(array(
                    select earning_id from earning_outbox
                    where claimed_until is null or claimed_until < now()
                    order by earning_id limit $1 for update skip locked
-               )
+               ))
                returning earning_id
            )
            select id, earner_id as "earner_id: UserId", seq, kind as "kind: EntryKind",

@@ -53,10 +53,10 @@ pub async fn drop_raw_bodies(
     let purchases = in_chunks(cancel, || {
         sqlx::query!(
             r#"update purchases set body = null
-               where purchase_id in (
+               where purchase_id = any(array(
                    select purchase_id from purchases
                    where body is not null and processed_at < now() - make_interval(secs => $1)
-                   limit $2 for update skip locked)"#,
+                   limit $2 for update skip locked))"#,
             secs,
             CHUNK,
         )
@@ -66,10 +66,10 @@ pub async fn drop_raw_bodies(
     let conflicts = in_chunks(cancel, || {
         sqlx::query!(
             r#"update purchase_conflicts set body = null
-               where id in (
+               where id = any(array(
                    select id from purchase_conflicts
                    where body is not null and received_at < now() - make_interval(secs => $1)
-                   limit $2 for update skip locked)"#,
+                   limit $2 for update skip locked))"#,
             secs,
             CHUNK,
         )

@@ -352,11 +352,11 @@ pub async fn approve_due(db: &PgPool, rules: &Rules) -> sqlx::Result<(usize, usi
     let mut tx = db.begin().await?;
     let claimed = sqlx::query_scalar!(
         r#"delete from commission_holds
-           where earning_id in (select earning_id from commission_holds
-                                where due_at <= now()
-                                order by due_at
-                                limit $1
-                                for update skip locked)
+           where earning_id = any(array(select earning_id from commission_holds
+                                        where due_at <= now()
+                                        order by due_at
+                                        limit $1
+                                        for update skip locked))
            returning earning_id"#,
         APPROVAL_BATCH,
     )

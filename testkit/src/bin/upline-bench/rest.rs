@@ -130,8 +130,14 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                     msg = ws.next() => msg,
                 };
                 let Some(Ok(Message::Text(text))) = msg else {
-                    if msg.is_none() {
-                        break;
+                    match msg {
+                        None => break,
+                        // Say why: a feed closed under load (`lagged`) stops the count.
+                        Some(Ok(Message::Close(frame))) => {
+                            eprintln!("\nobserver: the notifier closed the admin feed: {frame:?}");
+                        }
+                        Some(Err(e)) => eprintln!("\nobserver: WebSocket error: {e}"),
+                        _ => {}
                     }
                     continue;
                 };
@@ -278,7 +284,12 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         }
         if Instant::now() > drain_deadline {
             progress_done();
-            bail!("not drained within 300 s: processed {processed}/{accepted_n}, delivered {d}/{earnings}");
+            // Where the events stopped: still in the outbox (the relay), or published but not
+            // delivered (the notifier or the observer).
+            let outbox: i64 = sqlx::query_scalar("select count(*) from earning_outbox")
+                .fetch_one(&env.db)
+                .await?;
+            bail!("not drained within 300 s: processed {processed}/{accepted_n}, delivered {d}/{earnings}, {outbox} events still in the outbox");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
