@@ -220,7 +220,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let revocations = tokio::spawn(revocations::listen(
-        settings.database.url.clone(),
+        db.clone(),
         hub.clone(),
         shutdown.clone(),
     ));

@@ -7,18 +7,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use upline_common::auth::REVOCATIONS_CHANNEL;
 
 use crate::hub::Hub;
 
-/// Listens until `cancel` fires, reconnecting with backoff, on a connection of its own to
-/// `database_url` (not one of the pool's: it is held for as long as the notifier runs).
-pub async fn listen(database_url: String, hub: Arc<Hub>, cancel: CancellationToken) {
+/// Listens until `cancel` fires, reconnecting with backoff, on a connection of its own (not one
+/// of `db`'s: it is held for as long as the notifier runs) made with `db`'s current connect
+/// options. Those lead to the primary even when `database.url` lists several hosts (issue 13):
+/// the pool's options are moved to a promoted standby, and every reconnection here takes them
+/// afresh, so after a failover the listener follows the pool to the new primary.
+pub async fn listen(db: PgPool, hub: Arc<Hub>, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match listen_once(&database_url, &hub, &cancel).await {
+        match listen_once(&db, &hub, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "token revocation listener lost; reconnecting");
@@ -34,12 +38,13 @@ pub async fn listen(database_url: String, hub: Arc<Hub>, cancel: CancellationTok
     }
 }
 
-async fn listen_once(
-    database_url: &str,
-    hub: &Hub,
-    cancel: &CancellationToken,
-) -> sqlx::Result<()> {
-    let mut listener = PgListener::connect(database_url).await?;
+async fn listen_once(db: &PgPool, hub: &Hub, cancel: &CancellationToken) -> sqlx::Result<()> {
+    // One connection, for the listener alone; PgListener reconnects through it.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(db.connect_options().as_ref().clone());
+    let mut listener = PgListener::connect_with(&own).await?;
     listener.listen(REVOCATIONS_CHANNEL).await?;
     loop {
         let notification = tokio::select! {

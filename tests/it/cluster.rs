@@ -167,6 +167,10 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
         app.wait_processed(&format!("ha-{i}")).await;
     }
 
+    // The notifier's token-revocation listener is on the primary (it once took the multi-host
+    // URL as it was, failed to parse it and never listened).
+    wait_listening(&primary).await;
+
     primary.stop_immediate().await;
     // Purchases keep arriving while there is no primary (the queue holds them).
     for i in 5..8 {
@@ -191,7 +195,49 @@ async fn services_follow_the_standby_promoted_after_the_primary_dies() {
     assert_eq!(app.earnings(b.id).await["total"], "1000.00");
     assert_eq!(app.earnings(a.id).await["total"], "200.00");
     app.wait_until_ready().await;
+
+    // The listener followed the pool to the promoted standby, and a revocation there still
+    // closes the user's stream.
+    wait_listening(&standby).await;
+    let mut ws = app.subscribe(c.id, &c.token, None).await;
+    let revoked = app
+        .http
+        .delete(app.url(&format!("/api/users/{}/tokens", c.id)))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(revoked.status(), 204);
+    let (frames, close) = ws.until_close().await;
+    assert_eq!(close.map(|c| c.0), Some(4003), "{frames:?}");
     app.stop().await;
+}
+
+/// Polls, within 20 s, until a session on `cluster`'s `upline` database is listening for token
+/// revocations (its last statement a `LISTEN`), as the notifier's listener is.
+async fn wait_listening(cluster: &PgCluster) {
+    let db = sqlx::PgPool::connect(&cluster.url("postgres", ""))
+        .await
+        .expect("the server answers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = 'upline' and query ilike 'listen %'",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("pg_stat_activity");
+        if listening > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session listens for token revocations on {}",
+            cluster.url("upline", "")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    db.close().await;
 }
 
 /// Runs `statements` on `cluster`'s `postgres` database.
