@@ -3,9 +3,11 @@
 //! purchase is processed. Each call states the status it expects and fails with the status and
 //! body otherwise.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use backon::BackoffBuilder;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -128,12 +130,13 @@ impl Api {
             .await
     }
 
-    /// Posts an order and requires 202 (accepted: confirmed by the broker).
+    /// Posts an order and requires 202 (accepted: confirmed by the broker). A 503 is retried
+    /// as a shop would ([`while_unavailable`]).
     ///
     /// # Errors
     /// No answer, or not 202.
     pub async fn purchase(&self, order: &Order) -> anyhow::Result<()> {
-        let r = self.post_purchase(order).await?;
+        let r = while_unavailable(|| self.post_purchase(order)).await?;
         expect(
             r,
             StatusCode::ACCEPTED,
@@ -274,6 +277,31 @@ impl Api {
 }
 
 /// The response when its status is `want`, else an error naming `what`, the status and the body.
+/// Sends `request()` again while the api answers 503 (its broker or database is unavailable,
+/// as while a broker node or the primary fails over), as a producer should: after 100 ms, then
+/// doubling up to 5 s, jittered, at most 40 times (about three minutes); the last answer is
+/// returned whatever it is. Safe for purchases and refunds, which are idempotent by their id
+/// (contract §3, §10).
+///
+/// # Errors
+/// No answer.
+pub async fn while_unavailable<F, Fut>(request: F) -> reqwest::Result<reqwest::Response>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let mut delays = upline_common::amqp::backoff().with_max_times(40).build();
+    loop {
+        let answer = request().await?;
+        match delays.next() {
+            Some(delay) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                tokio::time::sleep(delay).await;
+            }
+            _ => return Ok(answer),
+        }
+    }
+}
+
 async fn expect(
     r: reqwest::Response,
     want: StatusCode,

@@ -3,6 +3,7 @@
 //! [`Publisher`] the api uses too.
 
 use anyhow::Context;
+use backon::Retryable;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use upline_common::amqp::Publisher;
@@ -56,9 +57,12 @@ impl Order {
 
 /// Publishes `orders` in `currency`, in their order, through `publisher` (persistent,
 /// mandatory, `message_id` = purchase id, pipelined); returns when every one was confirmed.
+/// When the broker does not confirm them all (a node lost, say), all are published again, as
+/// a producer should: each is idempotent by its purchase id (contract §3). Backoff from 100 ms
+/// doubling to 5 s, jittered, at most 40 times.
 ///
 /// # Errors
-/// An order that is not a valid purchase, or a publish the broker did not confirm.
+/// An order that is not a valid purchase, or publishes still unconfirmed after the retries.
 pub async fn publish(
     publisher: &Publisher,
     orders: &[Order],
@@ -68,6 +72,11 @@ pub async fn publish(
         .iter()
         .map(|o| o.to_purchase(currency))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    publisher.publish_all(&purchases).await?;
+    let publish_all = || publisher.publish_all(&purchases);
+    publish_all
+        .retry(upline_common::amqp::backoff().with_max_times(40))
+        .sleep(tokio::time::sleep)
+        .notify(|e, wait| eprintln!("publishing again in {wait:?}: {e}"))
+        .await?;
     Ok(())
 }

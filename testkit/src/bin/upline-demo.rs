@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use backon::Retryable;
 use clap::Parser;
 use futures_util::stream::{self, StreamExt};
 use rand::rngs::StdRng;
@@ -25,7 +26,7 @@ use upline_common::purchase::PurchaseId;
 use upline_common::refund::{Refund, RefundId};
 use upline_common::rules::Outcome;
 use upline_common::{Level, PurchaseStatus, Settings, UserId};
-use upline_testkit::client::{Api, NewUser};
+use upline_testkit::client::{while_unavailable, Api, NewUser};
 use upline_testkit::oracle;
 use upline_testkit::order::{self, Order};
 
@@ -289,7 +290,7 @@ async fn run(settings: &Settings, args: DemoArgs, cancel: CancellationToken) -> 
         if let Some(amount) = r.order.amount {
             body["amount"] = serde_json::Value::String(amount.to_string());
         }
-        let answer = api.post_refund(&r.order.purchase_id, &body).await?;
+        let answer = while_unavailable(|| api.post_refund(&r.order.purchase_id, &body)).await?;
         if answer.status().as_u16() != 202 {
             bail!(
                 "POST /api/purchases/{}/refunds: {} {}",
@@ -448,8 +449,11 @@ async fn send_refunds(publisher: &Publisher, refunds: &[PlannedRefund]) -> anyho
                 .map(upline_common::Money::from_decimal)
                 .transpose()?,
         };
-        publisher
-            .publish_refund(&refund)
+        // Published again while unconfirmed (a node lost, say): idempotent by its refund id.
+        let publish = || publisher.publish_refund(&refund);
+        publish
+            .retry(upline_common::amqp::backoff().with_max_times(40))
+            .sleep(tokio::time::sleep)
             .await
             .context("publishing a refund")?;
     }
