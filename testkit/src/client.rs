@@ -276,7 +276,6 @@ impl Api {
     }
 }
 
-/// The response when its status is `want`, else an error naming `what`, the status and the body.
 /// Sends `request()` again while the api answers 503 (its broker or database is unavailable,
 /// as while a broker node or the primary fails over), as a producer should: after 100 ms, then
 /// doubling up to 5 s, jittered, at most 40 times (about three minutes); the last answer is
@@ -302,6 +301,7 @@ where
     }
 }
 
+/// The response when its status is `want`, else an error naming `what`, the status and the body.
 async fn expect(
     r: reqwest::Response,
     want: StatusCode,
