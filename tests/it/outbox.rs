@@ -37,6 +37,48 @@ async fn next_event(
     }
 }
 
+/// A connection with a consumer of its own exclusive queue, bound to every earning event on
+/// `upline.earnings`.
+async fn earnings_consumer(app: &TestApp) -> (lapin::Connection, lapin::Consumer) {
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare a queue")
+        .name()
+        .as_str()
+        .to_owned();
+    channel
+        .queue_bind(
+            &queue,
+            amqp::EARNINGS_EXCHANGE,
+            "earning.#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind it to upline.earnings");
+    let deliveries = channel
+        .basic_consume(
+            &queue,
+            "outbox-test",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    (conn, deliveries)
+}
+
 async fn wait_outbox_empty(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while outbox_rows(app).await > 0 {
@@ -78,6 +120,32 @@ async fn earning_events_are_published_right_after_the_commit_without_waiting_for
     app.stop().await;
 }
 
+/// The relay publishes a handed-over batch while earlier ones still await their confirms (up
+/// to 8 settle at once). With batches of 2 purchases, one consumer and the sweep an hour apart,
+/// 200 purchases go out as about a hundred direct hand-overs: the referrer's 200 events reach
+/// the broker each once, in `seq` order, and every outbox row is deleted.
+#[tokio::test]
+async fn pipelined_direct_batches_reach_the_broker_once_each_in_seq_order() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.worker.outbox_poll_ms = 3_600_000;
+        s.worker.batch_size = 2;
+        s.worker.consumers = 1;
+    })
+    .await;
+    let (_, b, c) = app.chain_abc().await;
+    let (conn, mut deliveries) = earnings_consumer(&app).await;
+    app.publish_purchases("pipelined", c.id, 200).await;
+    let mut seqs = Vec::with_capacity(200);
+    while seqs.len() < 200 {
+        let event = next_event(&mut deliveries, |e| e.earner_id.get() == b.id).await;
+        seqs.push(event.seq);
+    }
+    assert_eq!(seqs, (1..=200).collect::<Vec<i64>>());
+    wait_outbox_empty(&app).await;
+    let _ = conn.close(200, "done").await;
+    app.stop().await;
+}
+
 /// A row leased to a worker that died after its commit is left alone while the lease runs
 /// (no relay publishes it behind the holder's back), then any relay's sweep publishes it: the
 /// event reaches `upline.earnings` a second time, at least once, and the outbox empties.
@@ -85,42 +153,7 @@ async fn earning_events_are_published_right_after_the_commit_without_waiting_for
 async fn a_dead_workers_leased_rows_wait_out_the_lease_then_any_relay_publishes_them() {
     let app = TestApp::spawn().await;
     let (_, b, c) = app.chain_abc().await;
-    let conn = app.amqp().await;
-    let channel = conn.create_channel().await.expect("channel");
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare a queue")
-        .name()
-        .as_str()
-        .to_owned();
-    channel
-        .queue_bind(
-            &queue,
-            amqp::EARNINGS_EXCHANGE,
-            "earning.#",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind it to upline.earnings");
-    let mut deliveries = channel
-        .basic_consume(
-            &queue,
-            "outbox-test",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let (conn, mut deliveries) = earnings_consumer(&app).await;
     app.purchase("lease-1", c.id, "2000.00").await;
     let first = next_event(&mut deliveries, |e| e.earner_id.get() == b.id).await;
     assert_eq!(first.seq, 1);

@@ -28,11 +28,18 @@
 //!    released at once; rows whose confirm did not come in time keep their lease until it
 //!    expires, and are then taken over by any relay, this one included.
 //!
+//! **Direct batches are pipelined.** The relay publishes a handed-over batch and goes on to
+//! the next one at once; the batch's confirms and the delete of its rows settle in a task of
+//! their own, up to [`SETTLING_BATCHES`] at a time. Events go out on one channel in the order
+//! they were handed over, so each earner's `seq` order is kept. Sweeps publish and settle one
+//! batch at a time, as before.
+//!
 //! A nack or a confirm timeout does not end the worker's broker session: the relay backs off
 //! (doubling up to [`MAX_BACKOFF`]) and tries again. While RabbitMQ holds the connection
 //! blocked (`connection.blocked`), the relay claims nothing and waits for `unblocked`.
 //! Only a lost connection ends the relay with an error, for the caller to reconnect.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +49,7 @@ use lapin::{Channel, Connection};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 use upline_common::db::EarningRow;
@@ -53,6 +61,9 @@ use upline_common::{Level, UserId};
 const BATCH: i64 = 500;
 /// Committed batches a worker's consumers may hand its relay ahead of what it has published.
 pub const DIRECT_BATCHES: usize = 8;
+/// Direct batches whose confirms and delete may be outstanding at once; while this many are,
+/// the relay takes no further batch from its consumers.
+pub const SETTLING_BATCHES: usize = 8;
 /// Longest pause between attempts after a nack, a confirm timeout or a database error.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a blocked connection is looked at again.
@@ -94,6 +105,10 @@ pub enum RelayError {
     /// broker); the unconfirmed rows keep their lease until it expires.
     #[error("outbox relay: {0} earning events not confirmed within the timeout")]
     Timeout(usize),
+    /// The task settling a batch's confirms ended abnormally (it panicked); its rows keep
+    /// their lease until it expires.
+    #[error("outbox relay: settling a batch failed: {0}")]
+    Settling(String),
 }
 
 /// The events of a committed batch, handed from a worker's consumers to its relay so that
@@ -185,19 +200,32 @@ pub async fn relay(
     let mut backlog_at: Option<Instant> = None;
     // The first sweep at once: rows other workers left behind.
     let mut sweep_at = tokio::time::Instant::now();
+    // Direct batches published and not yet settled, oldest first.
+    let mut settling: VecDeque<JoinHandle<Result<usize, RelayError>>> = VecDeque::new();
     let result = loop {
         enum Wake {
             Direct(Vec<EarningEvent>),
+            Settled(Result<usize, RelayError>),
             Sweep,
         }
         let wake = tokio::select! {
             () = cancel.cancelled() => break Ok(()),
-            Some(events) = inbox.recv(), if failures == 0 && !conn.status().blocked() => {
+            // The oldest batch first: the relay waits for nothing else to settle.
+            joined = async { settling.front_mut().expect("guarded: not empty").await },
+                if !settling.is_empty() => {
+                settling.pop_front();
+                Wake::Settled(settled(joined))
+            }
+            Some(events) = inbox.recv(),
+                if failures == 0
+                    && settling.len() < SETTLING_BATCHES
+                    && !conn.status().blocked() => {
                 Wake::Direct(events)
             }
             () = ready.notified(), if failures == 0 => Wake::Sweep,
             () = tokio::time::sleep_until(sweep_at) => Wake::Sweep,
         };
+        let mut settled_broker_error = false;
         let outcome = match wake {
             Wake::Direct(mut events) => {
                 // Whatever else is waiting, in one go (up to a few sweeps' worth).
@@ -207,9 +235,21 @@ pub async fn relay(
                         Err(_) => break,
                     }
                 }
-                publish(&db, &channel, relay_id, events, options, "direct")
-                    .await
-                    .map(drop)
+                let deadline = tokio::time::Instant::now() + options.confirm_timeout;
+                match send(&channel, events, deadline).await {
+                    Ok(confirms) => {
+                        let (db, relay_id) = (db.clone(), relay_id.to_owned());
+                        settling.push_back(tokio::spawn(async move {
+                            settle(&db, &relay_id, confirms, deadline, "direct").await
+                        }));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Wake::Settled(outcome) => {
+                settled_broker_error = matches!(outcome, Err(RelayError::Broker(_)));
+                outcome.map(drop)
             }
             Wake::Sweep => {
                 let swept = sweep(&db, &channel, relay_id, conn, options).await;
@@ -220,6 +260,18 @@ pub async fn relay(
         let mut broken = None;
         match outcome {
             Ok(()) => failures = 0,
+            // A batch published on a channel that has since been replaced (or that failed
+            // while it settled, and the next publish will tell): nothing to reopen.
+            Err(RelayError::Broker(e))
+                if settled_broker_error
+                    && conn.status().connected()
+                    && channel.status().connected() =>
+            {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "outbox relay: a batch failed to settle");
+                metrics::counter!("upline_outbox_relay_failures_total", "reason" => "broker")
+                    .increment(1);
+            }
             Err(RelayError::Broker(e)) => broken = Some(e),
             Err(e) => {
                 failures += 1;
@@ -255,6 +307,13 @@ pub async fn relay(
                 now + (Duration::from_millis(100) * 2u32.pow(failures.min(6))).min(MAX_BACKOFF);
         }
     };
+    // Let the batches in flight settle (each within its confirm deadline), so that their
+    // rows are deleted rather than left to a lease.
+    for handle in settling {
+        if let Err(e) = settled(handle.await) {
+            tracing::warn!(error = %e, "outbox relay: a batch did not settle; its rows stay queued");
+        }
+    }
     if result.is_ok() && !conn.status().blocked() {
         // Publish what the last in-flight purchases committed before stopping (the worker
         // stops its relay after its consumers).
@@ -314,7 +373,15 @@ fn reason(e: &RelayError) -> &'static str {
         RelayError::Broker(_) => "broker",
         RelayError::Refused(_) => "refused",
         RelayError::Timeout(_) => "timeout",
+        RelayError::Settling(_) => "settling",
     }
+}
+
+/// A settling task's outcome, its panic as [`RelayError::Settling`].
+fn settled(
+    joined: Result<Result<usize, RelayError>, tokio::task::JoinError>,
+) -> Result<usize, RelayError> {
+    joined.unwrap_or_else(|e| Err(RelayError::Settling(e.to_string())))
 }
 
 /// Claims, publishes and deletes up to [`BATCH`] outbox rows, oldest first; returns how many
@@ -341,13 +408,26 @@ async fn publish(
     options: RelayOptions,
     path: &'static str,
 ) -> Result<usize, RelayError> {
-    let claimed = events.len();
-    if claimed == 0 {
+    if events.is_empty() {
         return Ok(0);
     }
     let deadline = tokio::time::Instant::now() + options.confirm_timeout;
-    // Pipelined: publish everything, then wait for the confirms. Publishing itself waits while
-    // the connection is blocked, hence the deadline around both.
+    let confirms = send(channel, events, deadline).await?;
+    settle(db, relay_id, confirms, deadline, path).await
+}
+
+/// Publishes `events` on `channel` by `deadline`, without waiting for their confirms; returns
+/// each event's earning id with its pending confirm, in publishing order.
+///
+/// # Errors
+/// [`RelayError::Timeout`] when publishing did not finish by `deadline` (publishing waits
+/// while the connection is blocked); [`RelayError::Broker`] when the channel failed.
+async fn send(
+    channel: &Channel,
+    events: Vec<EarningEvent>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(i64, PublisherConfirm)>, RelayError> {
+    let claimed = events.len();
     let published = tokio::time::timeout_at(deadline, async {
         let mut confirms: Vec<(i64, PublisherConfirm)> = Vec::with_capacity(events.len());
         for event in events {
@@ -366,11 +446,24 @@ async fn publish(
         Ok::<_, lapin::Error>(confirms)
     })
     .await;
-    let confirms = match published {
-        Err(_elapsed) => return Err(RelayError::Timeout(claimed)),
-        Ok(Err(e)) => return Err(RelayError::Broker(e)),
-        Ok(Ok(confirms)) => confirms,
-    };
+    match published {
+        Err(_elapsed) => Err(RelayError::Timeout(claimed)),
+        Ok(Err(e)) => Err(RelayError::Broker(e)),
+        Ok(Ok(confirms)) => Ok(confirms),
+    }
+}
+
+/// Awaits `confirms` until `deadline`, then deletes the confirmed rows and releases the
+/// refused ones (held by `relay_id`); returns how many events there were. Rows whose confirm
+/// did not come keep their lease until it expires. `path` labels the published counter.
+async fn settle(
+    db: &PgPool,
+    relay_id: &str,
+    confirms: Vec<(i64, PublisherConfirm)>,
+    deadline: tokio::time::Instant,
+    path: &'static str,
+) -> Result<usize, RelayError> {
+    let claimed = confirms.len();
     let mut confirmed = Vec::with_capacity(claimed);
     let mut refused = Vec::new();
     let mut outcome = Ok(());
