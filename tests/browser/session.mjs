@@ -2,18 +2,19 @@
 // it expires (auth.token_ttl), keeps its live feed across the old token's expiry, and goes back
 // to sign-in, saying why, once the admin revokes the user's tokens.
 //
-//   node session.mjs <api_base_url> <admin_key> <producer_key> <user_token> <user_id> <buyer_id>
+//   node session.mjs <api_base_url> <admin_key> <producer_key> <user_id> <buyer_id>
 //
-// The token must be short-lived (a few seconds) and <buyer_id> a direct referral of the user,
-// who has no earnings yet. Run by tests/it/dashboard.rs; exits 0 when every check passes.
+// The api's tokens must be short-lived (auth.token_ttl a few seconds) and <buyer_id> a direct
+// referral of the user, who has no earnings yet. The script issues the user's token with the
+// admin key once the page is up, so a slow browser start does not use up its lifetime. Run by tests/it/dashboard.rs; exits 0 when every check passes.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
-const [api, adminKey, producerKey, userToken, userIdArg, buyerIdArg] = process.argv.slice(2);
+const [api, adminKey, producerKey, userIdArg, buyerIdArg] = process.argv.slice(2);
 if (!buyerIdArg) {
-  console.error('usage: node session.mjs <api_base_url> <admin_key> <producer_key> <user_token> <user_id> <buyer_id>');
+  console.error('usage: node session.mjs <api_base_url> <admin_key> <producer_key> <user_id> <buyer_id>');
   process.exit(2);
 }
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -52,6 +53,12 @@ async function main() {
     log('sign in with a short-lived token');
     await page.goto(`${api}/`, { waitUntil: 'domcontentloaded' });
     await page.waitForSelector('#signin-view:not([hidden])', { timeout: TIMEOUT });
+    const issued = await fetch(`${api}/api/users/${userIdArg}/token`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${adminKey}` },
+    });
+    if (issued.status !== 200) throw new Error(`issuing the user's token: HTTP ${issued.status}`);
+    const userToken = (await issued.json()).token;
     await page.fill('#token', userToken);
     await page.click('#signin-submit');
     await until('the live feed', () => document.getElementById('conn').dataset.state === 'live');

@@ -191,18 +191,6 @@ async fn the_dashboard_renews_a_users_token_and_signs_out_when_it_is_revoked() {
     })
     .await;
     let (_, b, c) = app.chain_abc().await;
-    // A fresh short-lived token, issued just before the browser starts.
-    let issued: Value = app
-        .http
-        .post(app.url(&format!("/api/users/{}/token", b.id)))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("issue")
-        .json()
-        .await
-        .expect("json");
-    let token = issued["token"].as_str().expect("token");
     run_node_script(
         &dir,
         "session.mjs",
@@ -210,7 +198,6 @@ async fn the_dashboard_renews_a_users_token_and_signs_out_when_it_is_revoked() {
             app.api.as_str(),
             ADMIN,
             PRODUCER,
-            token,
             &b.id.to_string(),
             &c.id.to_string(),
         ],
