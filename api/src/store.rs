@@ -726,17 +726,20 @@ pub struct Leader {
     pub total_earnings: Decimal,
 }
 
-/// The top earners.
+/// The top `limit` earners (at most 100, the snapshot's size) as of the workers' last refresh
+/// of the snapshot (`worker.leaderboard_refresh_ms`, docs/contract.md §6), largest total first.
+/// Names and `show_on_leaderboard` are read now: a user who hides or is erased is left out at
+/// once, and the list is one shorter until the next refresh.
 ///
 /// # Errors
 /// Database errors.
 pub async fn leaderboard(db: &PgPool, limit: i64) -> sqlx::Result<Vec<Leader>> {
     sqlx::query_as!(
         Leader,
-        r#"select b.user_id as "user_id: UserId", u.name, b.total_earnings
-           from earner_balances b join users u on u.id = b.user_id
-           where b.total_earnings > 0 and u.show_on_leaderboard
-           order by b.total_earnings desc, b.user_id limit $1"#,
+        r#"select e.user_id as "user_id: UserId", u.name, e.total_earnings
+           from leaderboard_entries e join users u on u.id = e.user_id
+           where u.show_on_leaderboard
+           order by e.rank limit $1"#,
         limit,
     )
     .fetch_all(db)

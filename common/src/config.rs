@@ -127,6 +127,9 @@ pub struct WorkerSettings {
     /// How often (seconds) each worker approves commissions whose holding period ended and
     /// applies refunds that were waiting for their purchase (contract §10). At least 1.
     pub lifecycle_interval_secs: u64,
+    /// How often (ms) the workers refresh the leaderboard snapshot that `GET /api/leaderboard`
+    /// serves (contract §6), so how old its totals may be. At least 100.
+    pub leaderboard_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -402,6 +405,9 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.commission.rules().context("commission settings")?;
         self.payout.minimum()?;
+        if self.worker.leaderboard_refresh_ms < 100 {
+            bail!("worker.leaderboard_refresh_ms must be at least 100");
+        }
         if self.worker.lifecycle_interval_secs == 0 {
             bail!("worker.lifecycle_interval_secs must be at least 1");
         }

@@ -302,6 +302,20 @@ async fn report_reads_go_to_a_fresh_standby_and_to_the_primary_otherwise() {
     wait_total_at(&app.client, b.id, "100.00", "the standby caught up").await;
     wait_total_at(&strict, b.id, "100.00", "the standby caught up").await;
 
+    // The leaderboard snapshot (refreshed every 100 ms in the tests) has B's 100.00 on the
+    // standby too before its replay stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, leaders) = app.admin_get("/api/leaderboard?limit=5").await;
+        if leaders[0]["total_earnings"] == "100.00" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leaderboard never showed B: {leaders}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     run_sql(&standby, &["select pg_wal_replay_pause()"]).await;
     app.purchase("reads-2", c.id, "2000.00").await;
     app.wait_processed("reads-2").await;

@@ -104,6 +104,7 @@ pub fn test_settings() -> Settings {
     s.worker.bind = "127.0.0.1:0".parse().expect("valid address");
     s.notifier.bind = "127.0.0.1:0".parse().expect("valid address");
     s.worker.outbox_poll_ms = 100;
+    s.worker.leaderboard_refresh_ms = 100;
     s.auth.admin_token = ADMIN.to_owned().into();
     s.auth.producer_token = PRODUCER.to_owned().into();
     s.auth.token_secret = "test-token-secret-0123456789".to_owned().into();

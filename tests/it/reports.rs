@@ -1,8 +1,10 @@
 //! Reports: referrals two levels deep, the leaderboard.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use crate::harness::TestApp;
+use crate::harness::{Services, TestApp};
 
 #[tokio::test]
 async fn referrals_show_two_levels_with_active_flags() {
@@ -85,6 +87,99 @@ async fn the_leaderboard_ranks_top_earners_without_emails() {
         .await
         .expect("request");
     assert_eq!(r.status(), 422);
+    app.stop().await;
+}
+
+/// The leaderboard is a snapshot (docs/contract.md §6): totals change on it only when a worker
+/// refreshes it, a refresh is skipped while the last one is recent, and hidden users are left
+/// out without leaving empty places: with nine in ten of the top earners hidden, the refresh
+/// looks further down the table until it has its 100 entries.
+#[tokio::test]
+async fn the_leaderboard_is_a_snapshot_of_the_top_visible_earners() {
+    // The workers refresh at start-up, then not for an hour: this test refreshes by hand.
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.worker.leaderboard_refresh_ms = 3_600_000;
+    })
+    .await;
+    // 2,000 earners with distinct totals (user i has i rupees); nine in ten hidden.
+    sqlx::query(
+        "insert into users (name, email, referral_code) \
+         select 'Earner ' || g, 'earner' || g || '@example.com', 'board' || g \
+         from generate_series(1, 2000) g",
+    )
+    .execute(&app.db)
+    .await
+    .expect("users");
+    sqlx::query("update earner_balances set total_earnings = user_id")
+        .execute(&app.db)
+        .await
+        .expect("totals");
+    sqlx::query("update users set show_on_leaderboard = (id % 10 = 0)")
+        .execute(&app.db)
+        .await
+        .expect("hide most");
+    let board = || async {
+        let r = app
+            .http
+            .get(app.url("/api/leaderboard?limit=100"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        let board: Value = r.json().await.expect("json");
+        board
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|l| {
+                (
+                    l["user_id"].as_i64().expect("id"),
+                    l["total_earnings"].as_str().expect("total").to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let written = upline_worker::leaderboard::refresh(&app.db, Duration::ZERO)
+        .await
+        .expect("refresh");
+    assert_eq!(written, Some(100));
+    let top = board().await;
+    let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
+    let max: i64 = sqlx::query_scalar("select max(id) from users where id % 10 = 0")
+        .fetch_one(&app.db)
+        .await
+        .expect("max id");
+    assert_eq!(
+        ids,
+        (0..100).map(|i| max - 10 * i).collect::<Vec<_>>(),
+        "the 100 largest visible earners, largest first"
+    );
+    assert_eq!(top[0].1, format!("{max}.00"));
+
+    // Within the minimum age a refresh is skipped, and the snapshot stays as it was.
+    sqlx::query("update earner_balances set total_earnings = 0")
+        .execute(&app.db)
+        .await
+        .expect("zero totals");
+    let skipped = upline_worker::leaderboard::refresh(&app.db, Duration::from_secs(3600))
+        .await
+        .expect("refresh");
+    assert_eq!(skipped, None);
+    assert_eq!(board().await, top);
+    // A user who hides is left out at once; the snapshot itself waits for the next refresh.
+    sqlx::query("update users set show_on_leaderboard = false where id = $1")
+        .bind(max)
+        .execute(&app.db)
+        .await
+        .expect("hide the top earner");
+    assert_eq!(board().await, top[1..].to_vec());
+    assert_eq!(
+        upline_worker::leaderboard::refresh(&app.db, Duration::ZERO)
+            .await
+            .expect("refresh"),
+        Some(0)
+    );
+    assert!(board().await.is_empty(), "nobody has earnings any more");
     app.stop().await;
 }
 

@@ -6,6 +6,7 @@
 
 pub mod circuit;
 pub mod consumer;
+pub mod leaderboard;
 pub mod ledger;
 pub mod outbox;
 pub mod process;
@@ -64,6 +65,11 @@ pub async fn run(
         Duration::from_secs(settings.worker.lifecycle_interval_secs),
         shutdown.clone(),
     ));
+    let leaderboard = tokio::spawn(leaderboard::run(
+        ctx.db.clone(),
+        Duration::from_millis(settings.worker.leaderboard_refresh_ms),
+        shutdown.clone(),
+    ));
     let retention = tokio::spawn(retention::run(
         ctx.db.clone(),
         settings.privacy.raw_body_retention,
@@ -106,6 +112,7 @@ pub async fn run(
         .context("health server task")?
         .context("health server")?;
     retention.await.context("raw body retention task")?;
+    leaderboard.await.context("leaderboard refresh task")?;
     schedule.await.context("commission lifecycle schedule")?;
     tracing::info!("worker stopped");
     Ok(())

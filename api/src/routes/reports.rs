@@ -132,7 +132,7 @@ pub struct LeaderboardQuery {
     path = "/api/leaderboard",
     operation_id = "leaderboard",
     summary = "Leaderboard",
-    description = "The top earners by total earnings, largest first; no emails.",
+    description = "The top earners by total earnings, largest first; no emails. A snapshot the workers refresh every `worker.leaderboard_refresh_ms` (default 10 s): totals and order may be that old. A user who hides (`show_on_leaderboard`) or is erased is left out at once.",
     tag = "reports",
     params(
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "How many, 1–100 (default 10)"),

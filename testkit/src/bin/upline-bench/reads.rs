@@ -113,6 +113,13 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
     })
     .await?;
 
+    // What a worker does every `worker.leaderboard_refresh_ms` (no worker runs here), timed
+    // at this size, once every balance is seeded.
+    timed("leaderboard snapshot refresh", async {
+        upline_worker::leaderboard::refresh(&db, Duration::ZERO).await?;
+        Ok(())
+    })
+    .await?;
     env.start("api", &[]).await?;
     let api = env.service("api").expect("started").base.clone();
     let admin = env.settings.auth.admin_token.expose_secret().to_owned();
@@ -216,7 +223,8 @@ async fn scenario(env: &mut BenchEnv, args: &ReadsArgs) -> anyhow::Result<()> {
             ),
             ("recent", "select * from earnings where earner_id = 1 order by seq desc limit 20"),
             ("replay since seq", "select * from earnings where earner_id = 1 and seq > 999000 order by seq limit 500"),
-            ("leaderboard", "select b.user_id, u.name, b.total_earnings from earner_balances b join users u on u.id = b.user_id where b.total_earnings > 0 and u.show_on_leaderboard order by b.total_earnings desc, b.user_id limit 10"),
+            ("leaderboard", "select e.user_id, u.name, e.total_earnings from leaderboard_entries e join users u on u.id = e.user_id where u.show_on_leaderboard order by e.rank limit 10"),
+            ("leaderboard snapshot refresh", "select refresh_leaderboard(100, interval '0')"),
         ] {
             let plan: Vec<String> = sqlx::query_scalar(&format!("explain (analyze, buffers) {sql}")).fetch_all(&db).await?;
             println!("\n-- {label}\n{sql};\n{}", plan.join("\n"));

@@ -1,0 +1,57 @@
+//! The leaderboard snapshot (docs/contract.md §6): every `worker.leaderboard_refresh_ms`, a
+//! worker rewrites `leaderboard_entries` with the top [`ENTRIES`] earners, which
+//! `GET /api/leaderboard` serves. Every worker runs the schedule; the refresh itself
+//! (`refresh_leaderboard` in the migrations) takes an advisory lock and skips when another
+//! worker is refreshing or has just refreshed, so any number of workers refresh about once an
+//! interval between them.
+//!
+//! Why a snapshot: the ledger rewrites each credited earner's `earner_balances` row in every
+//! batch, and an index on `total_earnings` would make every one of those updates write new
+//! index entries (no HOT update). docs/perf.md, "The leaderboard from a snapshot", has the
+//! figures.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Entries the snapshot holds: the largest `limit` of `GET /api/leaderboard`.
+pub const ENTRIES: i32 = 100;
+
+/// Refreshes every `every` until `cancel` fires, the first time at once; database errors are
+/// logged and retried on the next tick.
+pub async fn run(db: PgPool, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Skipped when another worker refreshed within the last half interval.
+        match refresh(&db, every / 2).await {
+            Ok(Some(entries)) => {
+                metrics::counter!("upline_leaderboard_refreshes_total").increment(1);
+                tracing::debug!(entries, "leaderboard refreshed");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "leaderboard refresh failed; will retry"),
+        }
+    }
+}
+
+/// Rewrites the snapshot with the top [`ENTRIES`] earners unless another refresh is running or
+/// the last one is younger than `min_age`; returns the entries written, `None` when skipped.
+///
+/// # Errors
+/// Database errors; the previous snapshot stays.
+pub async fn refresh(db: &PgPool, min_age: Duration) -> sqlx::Result<Option<i32>> {
+    let written = sqlx::query_scalar!(
+        r#"select refresh_leaderboard($1, make_interval(secs => $2)) as "written!""#,
+        ENTRIES,
+        min_age.as_secs_f64(),
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((written >= 0).then_some(written))
+}
