@@ -15,19 +15,16 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::schedule::Ticks;
+
 /// Entries the snapshot holds: the largest `limit` of `GET /api/leaderboard`.
 pub const ENTRIES: i32 = 100;
 
 /// Refreshes every `every` until `cancel` fires, the first time at once; database errors are
 /// logged and retried on the next tick.
 pub async fn run(db: PgPool, every: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::new(every, &cancel);
+    while ticks.next().await {
         // Skipped when another worker refreshed within the last half interval.
         match refresh(&db, every / 2).await {
             Ok(Some(entries)) => {

@@ -11,6 +11,8 @@ use sqlx::postgres::PgQueryResult;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::schedule::Ticks;
+
 /// Rows cleared per statement, so that one sweep never holds many row locks for long.
 const CHUNK: i64 = 1000;
 
@@ -21,13 +23,8 @@ pub fn sweep_interval(retention: Duration) -> Duration {
 
 /// Sweeps until `cancel` fires; database errors are logged and retried on the next sweep.
 pub async fn run(db: PgPool, retention: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(sweep_interval(retention));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::new(sweep_interval(retention), &cancel);
+    while ticks.next().await {
         match drop_raw_bodies(&db, retention, &cancel).await {
             Ok(0) => {}
             Ok(n) => {

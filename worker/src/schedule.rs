@@ -12,6 +12,32 @@ use tokio_util::sync::CancellationToken;
 use crate::ledger::lifecycle::{self, APPROVAL_BATCH};
 use crate::process::Ctx;
 
+/// A worker's periodic task's clock: a tick every `period`, the first at once, until `cancel`
+/// fires. A tick that falls due while the last run is still going is delayed, not bunched.
+pub(crate) struct Ticks {
+    interval: tokio::time::Interval,
+    cancel: CancellationToken,
+}
+
+impl Ticks {
+    pub(crate) fn new(period: Duration, cancel: &CancellationToken) -> Ticks {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks {
+            interval,
+            cancel: cancel.clone(),
+        }
+    }
+
+    /// Waits for the next tick: `true` then, `false` once `cancel` fired.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}
+
 /// What one run of the schedule did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Run {
@@ -24,13 +50,8 @@ pub struct Run {
 /// Runs the schedule until `cancel` fires; database errors are logged and retried on the next
 /// run.
 pub async fn run(ctx: Ctx, every: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::new(every, &cancel);
+    while ticks.next().await {
         match once(&ctx, &cancel).await {
             Ok(run) if run == Run::default() => {}
             Ok(run) => tracing::info!(
