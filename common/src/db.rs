@@ -25,6 +25,10 @@ use crate::{Level, UserId};
 pub mod standby;
 
 /// The schema, compiled in from `migrations/`.
+/// Entries in the leaderboard snapshot (`leaderboard_entries`, docs/contract.md §6), so also
+/// the largest `limit` of `GET /api/leaderboard`.
+pub const LEADERBOARD_ENTRIES: i32 = 100;
+
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Connects (retrying with backoff until the server answers or `cancel` fires), creating the

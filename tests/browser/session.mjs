@@ -6,7 +6,8 @@
 //
 // The api's tokens must be short-lived (auth.token_ttl a few seconds) and <buyer_id> a direct
 // referral of the user, who has no earnings yet. The script issues the user's token with the
-// admin key once the page is up, so a slow browser start does not use up its lifetime. Run by tests/it/dashboard.rs; exits 0 when every check passes.
+// admin key once the page is up, so a slow browser start does not use up its lifetime. Run by
+// tests/it/dashboard.rs; exits 0 when every check passes.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

@@ -15,10 +15,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::Ticks;
+use upline_common::db::LEADERBOARD_ENTRIES as ENTRIES;
 
-/// Entries the snapshot holds: the largest `limit` of `GET /api/leaderboard`.
-pub const ENTRIES: i32 = 100;
+use crate::schedule::Ticks;
 
 /// Refreshes every `every` until `cancel` fires, the first time at once; database errors are
 /// logged and retried on the next tick.

@@ -150,8 +150,13 @@ pub async fn leaderboard(
     Query(q): Query<LeaderboardQuery>,
 ) -> Result<Json<Vec<store::Leader>>, ApiError> {
     let limit = q.limit.unwrap_or(10);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::validation("limit", "must be between 1 and 100"));
+    // The snapshot's size; the OpenAPI `maximum` above says the same.
+    let max = i64::from(upline_common::db::LEADERBOARD_ENTRIES);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::validation(
+            "limit",
+            format!("must be between 1 and {max}"),
+        ));
     }
     let db = state.reports.pool();
     let leaders = match store::leaderboard(db, limit).await {
