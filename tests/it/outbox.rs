@@ -146,6 +146,56 @@ async fn pipelined_direct_batches_reach_the_broker_once_each_in_seq_order() {
     app.stop().await;
 }
 
+/// The relay queues a whole batch's events on its channel before it awaits any of them, so
+/// that the connection writes them together. 400 purchases wait on the queue before the
+/// worker starts, so they are recorded in a few large batches (800 events, two earners
+/// interleaved): each earner's events still reach the broker once each, in `seq` order.
+#[tokio::test]
+async fn a_large_batchs_events_reach_the_broker_in_each_earners_seq_order() {
+    let mut app = TestApp::spawn_with(
+        Services {
+            worker: false,
+            ..Services::default()
+        },
+        |s| {
+            s.worker.outbox_poll_ms = 3_600_000;
+            s.worker.batch_size = 512;
+            s.worker.consumers = 1;
+        },
+    )
+    .await;
+    let (a, b, c) = app.chain_abc().await;
+    let (conn, mut deliveries) = earnings_consumer(&app).await;
+    app.publish_purchases("batched", c.id, 400).await;
+    app.spawn_worker().await;
+    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+    while from_a.len() + from_b.len() < 800 {
+        let event = next_event(&mut deliveries, |_| true).await;
+        match event.earner_id.get() {
+            id if id == a.id => from_a.push(event.seq),
+            id if id == b.id => from_b.push(event.seq),
+            other => panic!("an event for {other}, who earns nothing here"),
+        }
+    }
+    let in_order: Vec<i64> = (1..=400).collect();
+    assert_eq!(from_b, in_order, "the referrer's events, in seq order");
+    assert_eq!(
+        from_a, in_order,
+        "the referrer's referrer's events, in seq order"
+    );
+    let transactions: i64 = sqlx::query_scalar("select count(distinct xmin::text) from purchases")
+        .fetch_one(&app.db)
+        .await
+        .expect("count the ledger transactions");
+    assert!(
+        transactions <= 10,
+        "400 purchases took {transactions} transactions; the test needs large batches"
+    );
+    wait_outbox_empty(&app).await;
+    let _ = conn.close(200, "done").await;
+    app.stop().await;
+}
+
 /// A row leased to a worker that died after its commit is left alone while the lease runs
 /// (no relay publishes it behind the holder's back), then any relay's sweep publishes it: the
 /// event reaches `upline.earnings` a second time, at least once, and the outbox empties.

@@ -40,9 +40,12 @@
 //! Only a lost connection ends the relay with an error, for the caller to reconnect.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::future;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::PublisherConfirm;
 use lapin::{Channel, Connection};
@@ -419,6 +422,14 @@ async fn publish(
 /// Publishes `events` on `channel` by `deadline`, without waiting for their confirms; returns
 /// each event's earning id with its pending confirm, in publishing order.
 ///
+/// The whole batch is queued before any of it is awaited. lapin's `basic_publish` queues its
+/// frames for the connection's I/O thread and takes the next delivery tag when it is first
+/// polled, then waits until the frames are written. Awaiting one publish after another made
+/// the I/O thread wake, write one message in one `sendto` and sleep again for every event: a
+/// quarter of the worker's CPU in the 1-worker drain (docs/perf.md, "The relay's batch in one
+/// write"). Each publish is polled once, in order, so the frames still go out in the order of
+/// `events` (each earner's `seq` order); the I/O thread then writes many in one system call.
+///
 /// # Errors
 /// [`RelayError::Timeout`] when publishing did not finish by `deadline` (publishing waits
 /// while the connection is blocked); [`RelayError::Broker`] when the channel failed.
@@ -428,20 +439,39 @@ async fn send(
     deadline: tokio::time::Instant,
 ) -> Result<Vec<(i64, PublisherConfirm)>, RelayError> {
     let claimed = events.len();
+    let messages: Vec<(i64, String, Vec<u8>)> = events
+        .iter()
+        .map(|event| {
+            let body = serde_json::to_vec(event).expect("an EarningEvent always serialises");
+            (event.earning_id, event.routing_key(), body)
+        })
+        .collect();
     let published = tokio::time::timeout_at(deadline, async {
-        let mut confirms: Vec<(i64, PublisherConfirm)> = Vec::with_capacity(events.len());
-        for event in events {
-            let body = serde_json::to_vec(&event).expect("an EarningEvent always serialises");
-            let confirm = channel
-                .basic_publish(
-                    amqp::EARNINGS_EXCHANGE,
-                    &event.routing_key(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    amqp::persistent_json(),
-                )
-                .await?;
-            confirms.push((event.earning_id, confirm));
+        let mut publishes = Vec::with_capacity(messages.len());
+        for (_, routing_key, body) in &messages {
+            let mut publish = Box::pin(future::maybe_done(channel.basic_publish(
+                amqp::EARNINGS_EXCHANGE,
+                routing_key,
+                BasicPublishOptions::default(),
+                body,
+                amqp::persistent_json(),
+            )));
+            // The first poll queues the frames; the write is awaited below, with the rest.
+            std::future::poll_fn(|cx| {
+                let _ = publish.as_mut().poll(cx);
+                Poll::Ready(())
+            })
+            .await;
+            publishes.push(publish);
+        }
+        let mut confirms: Vec<(i64, PublisherConfirm)> = Vec::with_capacity(messages.len());
+        for ((earning_id, _, _), mut publish) in messages.iter().zip(publishes) {
+            publish.as_mut().await;
+            let confirm = publish
+                .as_mut()
+                .take_output()
+                .expect("a finished publish holds its result")?;
+            confirms.push((*earning_id, confirm));
         }
         Ok::<_, lapin::Error>(confirms)
     })
