@@ -127,6 +127,8 @@ impl BenchEnv {
             .collect();
         out.push(("postgres".into(), cpu_by_command("postgres")));
         out.push(("rabbitmq".into(), cpu_by_command("beam.smp")));
+        out.push(("bench".into(), process_cpu(std::process::id())));
+        out.push((MACHINE.into(), machine_busy()));
         out
     }
 
@@ -154,6 +156,29 @@ pub fn process_cpu(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| stat_cpu(&s))
+        .unwrap_or(0.0)
+}
+
+/// The name of [`BenchEnv::cpu`]'s last entry: every process on the machine together.
+const MACHINE: &str = "machine";
+
+/// CPU seconds the whole machine spent busy, every core together (`/proc/stat`'s first line:
+/// everything but idle and I/O wait).
+fn machine_busy() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let ticks: Vec<f64> = s
+                .lines()
+                .next()?
+                .strip_prefix("cpu ")?
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal (guest time is inside user).
+            let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+            Some(busy / TICKS)
+        })
         .unwrap_or(0.0)
 }
 
@@ -203,19 +228,27 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU used between two samples, as cores busy over `wall` (1.0 = one core fully busy).
+/// CPU used between two samples, as cores busy over `wall` (1.0 = one core fully busy): per
+/// process (the bench's own load generator as `bench`), then the whole machine's busy cores
+/// out of all it has, which says whether a run was bound by the cores.
 pub fn cpu_report(before: &[(String, f64)], after: &[(String, f64)], wall: Duration) -> String {
     let before: HashMap<&str, f64> = before.iter().map(|(n, c)| (n.as_str(), *c)).collect();
-    after
+    let busy =
+        |name: &str, c: f64| (c - before.get(name).copied().unwrap_or(0.0)) / wall.as_secs_f64();
+    let processes = after
         .iter()
-        .map(|(name, c)| {
-            format!(
-                "{name} {:.2}",
-                (c - before.get(name.as_str()).copied().unwrap_or(0.0)) / wall.as_secs_f64()
-            )
-        })
+        .filter(|(name, _)| name != MACHINE)
+        .map(|(name, c)| format!("{name} {:.2}", busy(name, *c)))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    match after.iter().find(|(name, _)| name == MACHINE) {
+        Some((_, c)) => format!(
+            "{processes}; machine {:.2} of {} cores busy",
+            busy(MACHINE, *c),
+            std::thread::available_parallelism().map_or(1, usize::from)
+        ),
+        None => processes,
+    }
 }
 
 /// Seeds `n` users as a complete 8-ary referral tree (user 1 the root; user i referred by
