@@ -104,6 +104,10 @@ pub struct ApiSettings {
     pub request_timeout_secs: u64,
 }
 
+/// The most `worker.ledger_writers` can be: more batches writing at once than this is never
+/// useful, since they all credit the same top earners.
+pub const MAX_LEDGER_WRITERS: u16 = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
     /// Health and metrics endpoint.
@@ -114,6 +118,10 @@ pub struct WorkerSettings {
     pub consumers: u16,
     /// Most purchases recorded in one transaction.
     pub batch_size: usize,
+    /// Purchase batches that may write at once across all workers (1 to
+    /// [`MAX_LEDGER_WRITERS`]): each consumer's batches pass ledger gate `consumer number mod
+    /// ledger_writers` first (docs/perf.md, "Ledger gates").
+    pub ledger_writers: u16,
     /// How often the outbox relay looks for earnings left unpublished by a crashed worker (ms).
     pub outbox_poll_ms: u64,
     /// Largest purchase message, in bytes; bigger ones are dead-lettered with their reason.
@@ -417,6 +425,12 @@ impl Settings {
         crate::amqp::tls_config(&self.amqp)?;
         if self.worker.prefetch == 0 || self.worker.consumers == 0 || self.worker.batch_size == 0 {
             bail!("worker.prefetch, worker.consumers and worker.batch_size must be at least 1");
+        }
+        if self.worker.ledger_writers == 0 || self.worker.ledger_writers > MAX_LEDGER_WRITERS {
+            bail!(
+                "worker.ledger_writers must be between 1 and {MAX_LEDGER_WRITERS}, found {}",
+                self.worker.ledger_writers
+            );
         }
         let n = &self.notifier;
         if n.replay_page_size == 0
@@ -791,6 +805,17 @@ mod tests {
         assert_eq!(settings.notifier.buffer, 1024);
         let e = load(&[DEVELOPMENT, ("UPLINE__NOTIFIER__USER_BUFFER", "0")]).expect_err("zero");
         assert!(format!("{e:#}").contains("notifier.user_buffer"), "{e:#}");
+    }
+
+    #[test]
+    fn ledger_writers_default_to_two_and_refuse_zero_and_more_than_the_maximum() {
+        let settings = load(&[DEVELOPMENT]).expect("defaults load");
+        assert_eq!(settings.worker.ledger_writers, 2);
+        for refused in ["0", "65"] {
+            let e = load(&[DEVELOPMENT, ("UPLINE__WORKER__LEDGER_WRITERS", refused)])
+                .expect_err("out of range");
+            assert!(format!("{e:#}").contains("worker.ledger_writers"), "{e:#}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod crash;
 mod dashboard;
 mod deploy;
 mod faults;
+mod gates;
 mod history;
 mod live;
 mod notifier;

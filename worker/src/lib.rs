@@ -51,6 +51,7 @@ pub async fn run(
         direct: outbox::Direct::new(relay_options(&settings)),
         circuit: Arc::new(circuit::Circuit::new(probes.database_writable.clone())),
         max_message_bytes: settings.worker.max_message_bytes,
+        gate: None,
     };
 
     let app = upline_common::http::ops_routes::<()>(probes.clone());
@@ -135,7 +136,11 @@ async fn session(
     let session = shutdown.child_token();
     let mut tasks = JoinSet::new();
     for i in 0..settings.worker.consumers {
-        let (ctx, conn, cancel) = (ctx.clone(), conn.clone(), session.clone());
+        let (mut ctx, conn, cancel) = (ctx.clone(), conn.clone(), session.clone());
+        ctx.gate = Some(ledger::Gate::for_consumer(
+            i,
+            settings.worker.ledger_writers,
+        ));
         let options = consumer::ConsumerOptions {
             prefetch: settings.worker.prefetch,
             batch_size: settings.worker.batch_size,

@@ -28,6 +28,9 @@ pub struct Ctx {
     pub circuit: Arc<crate::circuit::Circuit>,
     /// Largest message body read (`worker.max_message_bytes`); bigger ones are dead-lettered.
     pub max_message_bytes: usize,
+    /// The ledger gate this consumer's purchase batches pass before they write
+    /// ([`ledger::Gate`]); `None` writes without one.
+    pub gate: Option<ledger::Gate>,
 }
 
 /// What to do with a message once processing is over.
@@ -100,8 +103,14 @@ pub async fn process_batch(ctx: &Ctx, messages: &[Message<'_>]) -> sqlx::Result<
     }
     let mut processed: Vec<String> = Vec::new();
     if !items.is_empty() {
-        let committed =
-            ledger::record_batch(&ctx.db, &ctx.rules, &items, Some(&ctx.direct.lease)).await?;
+        let committed = ledger::record_batch(
+            &ctx.db,
+            &ctx.rules,
+            &items,
+            Some(&ctx.direct.lease),
+            ctx.gate,
+        )
+        .await?;
         ctx.direct.hand_over(committed.events).await;
         let recorded = committed.results;
         processed = items

@@ -136,7 +136,7 @@ async fn baseline(
         .map(|chunk| {
             let (db, rules, done) = (env.db.clone(), rules.clone(), done.clone());
             async move {
-                ledger::record_batch(&db, &rules, chunk, None).await?;
+                ledger::record_batch(&db, &rules, chunk, None, None).await?;
                 let n = done.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
                 if n % (batch_size as u64 * 50) < chunk.len() as u64 {
                     progress(&format!("PostgreSQL alone: {n}/{}", sent.len()));
