@@ -102,7 +102,7 @@ pub struct Committed {
 /// `worker.ledger_writers` purchase batches write at once across all workers. Every batch
 /// credits the same few top earners; more writers at once only queue on those earners' row
 /// locks, and that queue makes the writer holding them slower (four workers drained at
-/// 0.6–0.7× the rate of one without gates). A gate is the transaction-level advisory lock
+/// 0.67–0.84× the rate of one without gates). A gate is the transaction-level advisory lock
 /// `(hashtext('upline.ledger_gate'), gate number)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gate(i32);
