@@ -541,6 +541,20 @@ async fn a_reversal_frees_cap_room_for_later_purchases() {
     app.purchase("cap-2", c.id, "2000.00").await;
     let second = app.wait_processed("cap-2").await;
     assert_eq!(second["levels"][0]["outcome"], "capped", "{second}");
+    // The capped level's stored outcome points at the earning it credited (written in the
+    // same statement as the earning, by its position in the batch).
+    let (outcome_earning, earning): (Option<i64>, i64) = sqlx::query_as(
+        "select (select earning_id from purchase_levels where purchase_id = 'cap-2' and level = 1), \
+                (select id from earnings where purchase_id = 'cap-2' and level = 1)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("the capped level and its earning");
+    assert_eq!(
+        outcome_earning,
+        Some(earning),
+        "the capped level's earning_id"
+    );
     app.publish_refund("cap-rf", "cap-1", None).await;
     wait_refund(&app, "cap-rf", None).await;
     app.purchase("cap-3", c.id, "2000.00").await;

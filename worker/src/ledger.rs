@@ -9,7 +9,10 @@
 //! that no other relay publishes them meanwhile (see `outbox.rs`).
 //!
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
-//! statement over arrays (`unnest`).
+//! statement over arrays (`unnest`). A batch without repeated purchase ids takes seven:
+//! `BEGIN` with its gate, the purchases, the buyers' uplines, the earners' locks, their
+//! per-level totals, every write of the plan (one statement), `COMMIT`. Only the last three
+//! run under the earners' row locks.
 
 pub mod lifecycle;
 mod plan;
@@ -26,7 +29,7 @@ use upline_common::purchase::{Purchase, PurchaseId};
 use upline_common::rules::{Balances, CommissionStatus, Outcome, Rules};
 use upline_common::{Level, PurchaseStatus, UserId};
 
-use plan::{Decision, Earner, LevelOutcome, NewEarning, Plan, Upline};
+use plan::{Decision, Earner, LevelOutcome, Plan, Upline};
 
 use crate::outbox::Lease;
 
@@ -119,16 +122,19 @@ impl Gate {
         Gate(i32::from(consumer % writers))
     }
 
-    /// Waits for the gate and holds it until `tx` ends. Must come before `tx` writes, so that a
-    /// waiting batch holds no row lock and no transaction id.
-    async fn pass(self, tx: &mut PgConnection) -> sqlx::Result<()> {
-        sqlx::query!(
-            r#"select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), $1) as "passed: ()""#,
-            self.0,
-        )
-        .fetch_one(tx)
-        .await?;
-        Ok(())
+    /// Begins a transaction that first waits for the gate and holds it until the transaction
+    /// ends: `BEGIN` and the lock go in one round trip (a simple query of two statements), so
+    /// the gate costs the batch no extra one. The lock is the transaction's first statement,
+    /// so a waiting batch holds no row lock and no transaction id.
+    async fn begin(
+        self,
+        pool: &PgPool,
+    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        pool.begin_with(format!(
+            "begin; select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), {})",
+            self.0
+        ))
+        .await
     }
 }
 
@@ -147,10 +153,10 @@ pub async fn record_batch(
     lease: Option<&Lease>,
     gate: Option<Gate>,
 ) -> sqlx::Result<Committed> {
-    let mut tx = pool.begin().await?;
-    if let Some(gate) = gate {
-        gate.pass(&mut tx).await?;
-    }
+    let mut tx = match gate {
+        Some(gate) => gate.begin(pool).await?,
+        None => pool.begin().await?,
+    };
     let committed = record_in(&mut tx, rules, items, lease).await?;
     tx.commit().await?;
     Ok(committed)
@@ -398,10 +404,7 @@ async fn credit(
     let earners = lock_earners(tx, uplines.values().flatten().copied(), rules.rates.len()).await?;
     let plan = plan::plan(rules, &purchases, &uplines, earners);
     write_rejections(tx, &purchases, &plan.decisions).await?;
-    let inserted = insert_earnings(tx, &plan.earnings, rules.hold, lease).await?;
-    update_aggregates(tx, &plan).await?;
-    let earning_ids: Vec<i64> = inserted.iter().map(|(id, _)| *id).collect();
-    insert_levels(tx, &plan.levels, &earning_ids).await?;
+    let inserted = write_plan(tx, &plan, rules.hold, lease).await?;
     batch.events = plan
         .earnings
         .iter()
@@ -537,18 +540,47 @@ async fn write_rejections(
     Ok(())
 }
 
-/// Inserts the earnings, queues them in the outbox (leased to `lease`'s holder, if any) and
-/// holds the pending ones in `commission_holds` until `hold` from now; returns their ids and
-/// `created_at`, in order.
-async fn insert_earnings(
+/// Writes a batch's plan in one statement, so that the part of the transaction under the
+/// earners' row locks is one round trip: inserts the earnings, queues them in the outbox
+/// (leased to `lease`'s holder, if any), holds the pending ones in `commission_holds` until
+/// `hold` from now, updates `earner_balances` (seq, money), `earner_levels` and
+/// `earner_referrals` with the batch's sums per row, and inserts the `purchase_levels` rows of
+/// the levels not paid in full. Returns the earnings' ids and `created_at`, in plan order.
+///
+/// A `paid` level is its commission earning, and readers see it through the
+/// `purchase_level_outcomes` view (migration `20261203000002`). The sub-statements touch
+/// different tables and see the same snapshot, taken after the earners' rows were locked;
+/// `purchase_levels` takes its earning ids from the inserted rows (`positions`).
+async fn write_plan(
     tx: &mut PgConnection,
-    earnings: &[NewEarning],
+    plan: &Plan,
     hold: std::time::Duration,
     lease: Option<&Lease>,
 ) -> sqlx::Result<Vec<(i64, OffsetDateTime)>> {
-    if earnings.is_empty() {
+    let earnings = &plan.earnings;
+    let levels: Vec<&LevelOutcome> = plan
+        .levels
+        .iter()
+        .filter(|o| o.outcome != Outcome::Paid)
+        .collect();
+    if earnings.is_empty() && levels.is_empty() {
         return Ok(Vec::new());
     }
+    let changed: Vec<(UserId, &Earner)> = plan.changed_earners().collect();
+    let per_level = plan.level_sums();
+    let per_referral = plan.referral_sums();
+    // 1-based positions in `earnings`, to match `with ordinality`.
+    let level_earnings: Vec<Option<i64>> = levels
+        .iter()
+        .map(|o| {
+            o.earning
+                .map(|e| i64::try_from(e + 1).expect("a batch fits in i64"))
+        })
+        .collect();
+    let level_earners: Vec<Option<i64>> = levels
+        .iter()
+        .map(|o| o.earner_id.map(UserId::get))
+        .collect();
     let rows = sqlx::query!(
         r#"with new as (
                insert into earnings (earner_id, seq, source_user_id, purchase_id, level, rate, amount, currency,
@@ -560,16 +592,40 @@ async fn insert_earnings(
                     with ordinality as t(earner, seq, source, purchase, level, rate, amount, currency, totals, held, n)
                order by n
                returning id, earner_id, seq, hold_until, created_at
+           ), positions as (
+               select t.n, new.id, new.created_at
+               from new join unnest($1::int8[], $2::int8[]) with ordinality as t(earner, seq, n)
+                 on new.earner_id = t.earner and new.seq = t.seq
            ), queued as (
                insert into earning_outbox (earning_id, claimed_by, claimed_until)
                select id, $12::text, now() + make_interval(secs => $13) from new
            ), held as (
                insert into commission_holds (earning_id, due_at)
                select id, hold_until from new where hold_until is not null
+           ), balances as (
+               update earner_balances b set earnings_seq = t.seq, total_earnings = t.total,
+                      pending_earnings = t.pending, approved_earnings = t.approved
+               from unnest($14::int8[], $15::int8[], $16::numeric[], $17::numeric[], $18::numeric[])
+                    as t(id, seq, total, pending, approved)
+               where b.user_id = t.id
+           ), per_level as (
+               insert into earner_levels (user_id, level, total, count)
+               select * from unnest($19::int8[], $20::int2[], $21::numeric[], $22::int8[])
+               on conflict (user_id, level)
+               do update set total = earner_levels.total + excluded.total, count = earner_levels.count + excluded.count
+           ), per_referral as (
+               insert into earner_referrals (user_id, source_user_id, level, total, count)
+               select * from unnest($23::int8[], $24::int8[], $25::int2[], $26::numeric[], $27::int8[])
+               on conflict (user_id, source_user_id, level)
+               do update set total = earner_referrals.total + excluded.total, count = earner_referrals.count + excluded.count
+           ), outcomes as (
+               insert into purchase_levels (purchase_id, level, earner_id, outcome, rate, amount, earning_id)
+               select o.purchase, o.level, o.earner, o.outcome, o.rate, o.amount, p.id
+               from unnest($28::text[], $29::int2[], $30::int8[], $31::text[], $32::numeric[], $33::numeric[], $34::int8[])
+                    as o(purchase, level, earner, outcome, rate, amount, earning)
+               left join positions p on p.n = o.earning
            )
-           select t.n::int4 as "n!", new.id as "id!", new.created_at as "created_at!"
-           from new join unnest($1::int8[], $2::int8[]) with ordinality as t(earner, seq, n)
-             on new.earner_id = t.earner and new.seq = t.seq"#,
+           select n::int4 as "n!", id as "id!", created_at as "created_at!" from positions"#,
         &earnings.iter().map(|e| e.earner_id.get()).collect::<Vec<_>>(),
         &earnings.iter().map(|e| e.seq).collect::<Vec<_>>(),
         &earnings.iter().map(|e| e.source_user_id.get()).collect::<Vec<_>>(),
@@ -590,30 +646,6 @@ async fn insert_earnings(
         lease.map(|l| l.holder.as_str()),
         // No holder: `claimed_until` is in the past, free for any relay at once.
         lease.map_or(-1.0, |l| l.duration.as_secs_f64()),
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut by_position = vec![(0i64, OffsetDateTime::UNIX_EPOCH); earnings.len()];
-    for row in rows {
-        by_position[usize::try_from(row.n - 1).expect("ordinality starts at 1")] =
-            (row.id, row.created_at);
-    }
-    Ok(by_position)
-}
-
-/// Updates `earner_balances` (seq, money), `earner_levels` and `earner_referrals` for what the batch
-/// credited: one statement each, with the batch's sums per row.
-async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<()> {
-    if plan.earnings.is_empty() {
-        return Ok(());
-    }
-    let changed: Vec<(UserId, &Earner)> = plan.changed_earners().collect();
-    sqlx::query!(
-        r#"update earner_balances b set earnings_seq = t.seq, total_earnings = t.total,
-                  pending_earnings = t.pending, approved_earnings = t.approved
-           from unnest($1::int8[], $2::int8[], $3::numeric[], $4::numeric[], $5::numeric[])
-                as t(id, seq, total, pending, approved)
-           where b.user_id = t.id"#,
         &changed.iter().map(|(id, _)| id.get()).collect::<Vec<_>>(),
         &changed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
         &changed
@@ -628,77 +660,37 @@ async fn update_aggregates(tx: &mut PgConnection, plan: &Plan) -> sqlx::Result<(
             .iter()
             .map(|(_, e)| e.balances.approved.as_decimal())
             .collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-
-    let per_level = plan.level_sums();
-    sqlx::query!(
-        r#"insert into earner_levels (user_id, level, total, count)
-           select * from unnest($1::int8[], $2::int2[], $3::numeric[], $4::int8[])
-           on conflict (user_id, level)
-           do update set total = earner_levels.total + excluded.total, count = earner_levels.count + excluded.count"#,
         &per_level.keys().map(|k| k.0.get()).collect::<Vec<_>>(),
         &per_level.keys().map(|k| i16::from(k.1)).collect::<Vec<_>>(),
         &per_level.values().map(|v| v.0).collect::<Vec<_>>(),
         &per_level.values().map(|v| v.1).collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-    let per_referral = plan.referral_sums();
-    sqlx::query!(
-        r#"insert into earner_referrals (user_id, source_user_id, level, total, count)
-           select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::numeric[], $5::int8[])
-           on conflict (user_id, source_user_id, level)
-           do update set total = earner_referrals.total + excluded.total, count = earner_referrals.count + excluded.count"#,
         &per_referral.keys().map(|k| k.0.get()).collect::<Vec<_>>(),
         &per_referral.keys().map(|k| k.1.get()).collect::<Vec<_>>(),
         &per_referral.keys().map(|k| i16::from(k.2)).collect::<Vec<_>>(),
         &per_referral.values().map(|v| v.0).collect::<Vec<_>>(),
         &per_referral.values().map(|v| v.1).collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-/// Inserts the `purchase_levels` rows of the levels not paid in full; `earning_ids` are the ids
-/// of the plan's earnings. A `paid` level is its commission earning, and readers see it through
-/// the `purchase_level_outcomes` view (migration `20261203000002`).
-async fn insert_levels(
-    tx: &mut PgConnection,
-    levels: &[LevelOutcome],
-    earning_ids: &[i64],
-) -> sqlx::Result<()> {
-    let levels: Vec<&LevelOutcome> = levels
-        .iter()
-        .filter(|o| o.outcome != Outcome::Paid)
-        .collect();
-    if levels.is_empty() {
-        return Ok(());
-    }
-    let earnings: Vec<Option<i64>> = levels
-        .iter()
-        .map(|o| o.earning.map(|e| earning_ids[e]))
-        .collect();
-    let earners: Vec<Option<i64>> = levels
-        .iter()
-        .map(|o| o.earner_id.map(UserId::get))
-        .collect();
-    sqlx::query!(
-        r#"insert into purchase_levels (purchase_id, level, earner_id, outcome, rate, amount, earning_id)
-           select * from unnest($1::text[], $2::int2[], $3::int8[], $4::text[], $5::numeric[], $6::numeric[], $7::int8[])"#,
         &levels.iter().map(|o| o.purchase_id.clone()).collect::<Vec<_>>(),
         &levels.iter().map(|o| i16::from(o.level)).collect::<Vec<_>>(),
-        &earners as &[Option<i64>],
-        &levels.iter().map(|o| o.outcome.as_str().to_owned()).collect::<Vec<_>>(),
+        &level_earners as &[Option<i64>],
+        &levels
+            .iter()
+            .map(|o| o.outcome.as_str().to_owned())
+            .collect::<Vec<_>>(),
         &levels.iter().map(|o| o.rate).collect::<Vec<_>>(),
-        &levels.iter().map(|o| o.amount.as_decimal()).collect::<Vec<_>>(),
-        &earnings as &[Option<i64>],
+        &levels
+            .iter()
+            .map(|o| o.amount.as_decimal())
+            .collect::<Vec<_>>(),
+        &level_earnings as &[Option<i64>],
     )
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(())
+    let mut by_position = vec![(0i64, OffsetDateTime::UNIX_EPOCH); earnings.len()];
+    for row in rows {
+        by_position[usize::try_from(row.n - 1).expect("ordinality starts at 1")] =
+            (row.id, row.created_at);
+    }
+    Ok(by_position)
 }
 
 #[cfg(test)]
