@@ -11,8 +11,8 @@
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
 //! statement over arrays (`unnest`). A batch without repeated purchase ids takes seven:
 //! `BEGIN` with its gate, the purchases, the buyers' uplines, the earners' locks, their
-//! per-level totals, every write of the plan (one statement), `COMMIT`. Only the last three
-//! run under the earners' row locks.
+//! per-level totals, every write of the plan (one statement), `COMMIT`. The last four, from
+//! the lock statement on, run under the earners' row locks.
 
 pub mod lifecycle;
 mod plan;
@@ -540,8 +540,8 @@ async fn write_rejections(
     Ok(())
 }
 
-/// Writes a batch's plan in one statement, so that the part of the transaction under the
-/// earners' row locks is one round trip: inserts the earnings, queues them in the outbox
+/// Writes a batch's plan in one statement, so that the writes made under the earners' row
+/// locks take one round trip: inserts the earnings, queues them in the outbox
 /// (leased to `lease`'s holder, if any), holds the pending ones in `commission_holds` until
 /// `hold` from now, updates `earner_balances` (seq, money), `earner_levels` and
 /// `earner_referrals` with the batch's sums per row, and inserts the `purchase_levels` rows of
