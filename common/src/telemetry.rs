@@ -1,6 +1,7 @@
 //! Logging with `tracing` (human or JSON) and the process-wide Prometheus recorder.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -49,14 +50,34 @@ pub fn init_tracing(settings: &LogSettings) {
     let _already_set = tracing_subscriber::registry().with(layer).try_init();
 }
 
-/// The process's Prometheus recorder, installed on first use.
+/// How often the recorder's histogram samples are folded into their summaries, whether or not
+/// anyone scrapes `/metrics` (a scrape folds them in too). The library's own default, in seconds.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The process's Prometheus recorder, installed on first use, with its upkeep thread.
+///
+/// A histogram keeps each sample it records (24 bytes: the value and an `Instant`) until upkeep
+/// or a scrape folds it into its summary, whose size is fixed. `install_recorder` leaves upkeep
+/// to the caller, so without the thread a process that nobody scrapes grows for as long as it
+/// runs: the worker records two samples a batch (docs/perf.md "Worker memory").
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .install_recorder()
-                .expect("the Prometheus recorder is installed once, guarded by OnceLock")
+                .expect("the Prometheus recorder is installed once, guarded by OnceLock");
+            let upkeep = handle.clone();
+            let started = std::thread::Builder::new()
+                .name("metrics-upkeep".to_owned())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples are kept until /metrics is scraped");
+            }
+            handle
         })
         .clone()
 }

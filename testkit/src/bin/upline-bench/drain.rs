@@ -17,7 +17,7 @@ use upline_testkit::order::{self, Order};
 use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
-use super::env::{cpu_report, seed_tree, Bench, BenchEnv};
+use super::env::{batch_report, cpu_report, seed_tree, Bench, BenchEnv};
 use super::{progress, progress_done};
 
 #[derive(Debug, clap::Args)]
@@ -158,6 +158,7 @@ async fn baseline(
         sent.len() as f64 / secs,
         cpu_report(&cpu_before, &env.cpu(), started.elapsed())
     );
+    println!("  ledger batches: {}", batch_report(env.batches().await?));
     verify(env, sent).await?;
     Ok((sent.len() as f64 / secs, secs))
 }
@@ -233,6 +234,7 @@ async fn drain(
         if writing == 0 { 0.0 } else { 100.0 * waiting as f64 / writing as f64 },
         SAMPLE_EVERY.as_millis(),
     );
+    println!("  ledger batches: {}", batch_report(env.batches().await?));
     verify(env, sent).await?;
     Ok((sent.len() as f64 / secs, secs))
 }

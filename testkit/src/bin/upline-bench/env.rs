@@ -132,6 +132,37 @@ impl BenchEnv {
         out
     }
 
+    /// The purchase batches the workers have written so far, from each worker's
+    /// `upline_batch_size` summary on `/metrics`: (batches, purchases in them).
+    ///
+    /// # Errors
+    /// A worker's `/metrics` cannot be read, or a value there is not a number.
+    pub async fn batches(&self) -> anyhow::Result<(f64, f64)> {
+        let (mut batches, mut purchases) = (0.0, 0.0);
+        for s in self
+            .services
+            .iter()
+            .filter(|s| s.name.starts_with("worker"))
+        {
+            let text = self
+                .http
+                .get(format!("{}/metrics", s.base))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("upline_batch_size_count ") {
+                    batches += v.trim().parse::<f64>().context("upline_batch_size_count")?;
+                } else if let Some(v) = line.strip_prefix("upline_batch_size_sum ") {
+                    purchases += v.trim().parse::<f64>().context("upline_batch_size_sum")?;
+                }
+            }
+        }
+        Ok((batches, purchases))
+    }
+
     /// Stops the services (SIGTERM) and removes the database and vhost unless kept.
     pub async fn finish(mut self) {
         for s in &mut self.services {
@@ -297,4 +328,15 @@ pub async fn subscribe(url: &str, subscribe: &Subscribe) -> anyhow::Result<Ws> {
         }
         other => anyhow::bail!("subscription refused: {other:?}"),
     }
+}
+
+/// `batches` of [`BenchEnv::batches`] as a report line: how many, and their mean size.
+pub fn batch_report((batches, purchases): (f64, f64)) -> String {
+    if batches == 0.0 {
+        return "none recorded".to_owned();
+    }
+    format!(
+        "{batches:.0} batches, {:.1} purchases each on average",
+        purchases / batches
+    )
 }

@@ -19,7 +19,7 @@ use upline_testkit::order::Order;
 use upline_testkit::{oracle, pipeline};
 
 use super::churn;
-use super::env::{cpu_report, rss_bytes, seed_tree, subscribe, Bench, BenchEnv};
+use super::env::{batch_report, cpu_report, rss_bytes, seed_tree, subscribe, Bench, BenchEnv};
 use super::{progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
@@ -328,6 +328,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, total_time)
     );
+    println!("ledger batches  {}", batch_report(env.batches().await?));
     if let Some(w) = window {
         print_windows(w, &windows, &samples);
     }
