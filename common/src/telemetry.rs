@@ -56,7 +56,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The process's Prometheus recorder, installed on first use, with its upkeep thread.
 ///
-/// A histogram keeps each sample it records (24 bytes: the value and an `Instant`) until upkeep
+/// A histogram keeps each sample it records (about 16 bytes, the value and when) until upkeep
 /// or a scrape folds it into its summary, whose size is fixed. `install_recorder` leaves upkeep
 /// to the caller, so without the thread a process that nobody scrapes grows for as long as it
 /// runs: the worker records two samples a batch (docs/perf.md "Worker memory").

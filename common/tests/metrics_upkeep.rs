@@ -1,5 +1,5 @@
-//! The process's Prometheus recorder keeps every histogram sample (a value and an `Instant`)
-//! until it is folded into its summary, by a scrape of `/metrics` or by upkeep. A worker that
+//! The process's Prometheus recorder keeps every histogram sample (the value and when) until
+//! it is folded into its summary, by a scrape of `/metrics` or by upkeep. A worker that
 //! nobody scrapes records two samples a batch, so without upkeep its memory grew for as long as
 //! it ran (docs/perf.md "Worker memory").
 //!

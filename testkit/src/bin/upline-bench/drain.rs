@@ -158,7 +158,6 @@ async fn baseline(
         sent.len() as f64 / secs,
         cpu_report(&cpu_before, &env.cpu(), started.elapsed())
     );
-    println!("  ledger batches: {}", batch_report(env.batches().await?));
     verify(env, sent).await?;
     Ok((sent.len() as f64 / secs, secs))
 }
