@@ -1,5 +1,6 @@
 //! What the pipeline has recorded so far, read straight from its database: how many purchases
-//! are in the ledger, how many earning events still wait in the outbox.
+//! are in the ledger, how many earning events still wait in the outbox; and a value from a
+//! service's `/metrics`.
 
 use std::time::{Duration, Instant};
 
@@ -68,4 +69,14 @@ pub async fn wait_outbox_empty(db: &PgPool, within: Duration) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value of the first sample in `metrics` (a service's `/metrics`, Prometheus text) whose
+/// line `picks`; `None` when no line does or its value is not a number.
+pub fn metric_value(metrics: &str, picks: impl Fn(&str) -> bool) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| picks(l))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
 }

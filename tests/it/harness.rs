@@ -78,14 +78,7 @@ pub async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
         .expect("metrics text")
 }
 
-/// The value of the first sample in `metrics` whose line `picks`.
-pub fn metric_value(metrics: &str, picks: impl Fn(&str) -> bool) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| picks(l))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-}
+pub use upline_testkit::pipeline::metric_value;
 
 pub fn user_id(id: i64) -> UserId {
     UserId::new(id).expect("a positive user id")

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::Message;
 use upline_common::protocol::{ServerMessage, Subscribe};
 use upline_common::Settings;
+use upline_testkit::pipeline::metric_value;
 use upline_testkit::rabbit::RabbitAdmin;
 use upline_testkit::sandbox::Sandbox;
 use upline_testkit::spawn::{self, ServiceCommand};
@@ -136,7 +137,7 @@ impl BenchEnv {
     /// `upline_batch_size` summary on `/metrics`: (batches, purchases in them).
     ///
     /// # Errors
-    /// A worker's `/metrics` cannot be read, or a value there is not a number.
+    /// A worker's `/metrics` cannot be read, or lacks either value.
     pub async fn batches(&self) -> anyhow::Result<(f64, f64)> {
         let (mut batches, mut purchases) = (0.0, 0.0);
         for s in self
@@ -152,13 +153,12 @@ impl BenchEnv {
                 .error_for_status()?
                 .text()
                 .await?;
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("upline_batch_size_count ") {
-                    batches += v.trim().parse::<f64>().context("upline_batch_size_count")?;
-                } else if let Some(v) = line.strip_prefix("upline_batch_size_sum ") {
-                    purchases += v.trim().parse::<f64>().context("upline_batch_size_sum")?;
-                }
-            }
+            let value = |name: &str| {
+                metric_value(&text, |l| l.starts_with(&format!("{name} ")))
+                    .with_context(|| format!("{name} on {}/metrics", s.base))
+            };
+            batches += value("upline_batch_size_count")?;
+            purchases += value("upline_batch_size_sum")?;
         }
         Ok((batches, purchases))
     }
