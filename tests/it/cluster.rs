@@ -28,15 +28,17 @@ async fn purchase_when_accepted(app: &TestApp, purchase_id: &str, buyer_id: i64)
                 json!({"purchase_id": purchase_id, "buyer_id": buyer_id, "amount": "2000.00"}),
             )
             .await;
-        match r.status().as_u16() {
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        match status {
             202 => return,
             503 => {}
-            other => panic!(
-                "{purchase_id}: {other} {}",
-                r.text().await.unwrap_or_default()
-            ),
+            other => panic!("{purchase_id}: {other} {body}"),
         }
-        assert!(Instant::now() < deadline, "{purchase_id} never accepted");
+        assert!(
+            Instant::now() < deadline,
+            "{purchase_id} never accepted; the last answer was 503 {body}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
