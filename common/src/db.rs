@@ -24,11 +24,11 @@ use crate::{Level, UserId};
 
 pub mod standby;
 
-/// The schema, compiled in from `migrations/`.
 /// Entries in the leaderboard snapshot (`leaderboard_entries`, docs/contract.md §6), so also
 /// the largest `limit` of `GET /api/leaderboard`.
 pub const LEADERBOARD_ENTRIES: i32 = 100;
 
+/// The schema, compiled in from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Connects (retrying with backoff until the server answers or `cancel` fires), creating the
@@ -46,6 +46,37 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 pub async fn connect_and_migrate(
     settings: &DatabaseSettings,
     cancel: &CancellationToken,
+) -> anyhow::Result<PgPool> {
+    connect_and_migrate_with(settings, cancel, Checkout::Ping).await
+}
+
+/// How a pool checks a connection before it hands it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkout {
+    /// Ping every connection first (sqlx's `test_before_acquire`), one round trip: a
+    /// connection the server dropped is replaced before anyone uses it. For request handlers,
+    /// whose failure a client would see.
+    Ping,
+    /// Ping only a connection idle for [`PING_WHEN_IDLE`] or longer, as HikariCP does (its
+    /// `aliveBypassWindowMs`): a connection in steady use goes out without the round trip. One
+    /// the server dropped meanwhile fails its first statement instead. For the worker, whose
+    /// batches treat that like a server lost mid-batch: the batch stays unacknowledged and is
+    /// retried (docs/perf.md, "One ping less per batch").
+    PingWhenIdle,
+}
+
+/// How long a pooled connection may sit idle and still be handed out without a ping under
+/// [`Checkout::PingWhenIdle`]: 500 ms, HikariCP's default.
+pub const PING_WHEN_IDLE: Duration = Duration::from_millis(500);
+
+/// [`connect_and_migrate`], with connections checked out as `checkout` says.
+///
+/// # Errors
+/// As [`connect_and_migrate`].
+pub async fn connect_and_migrate_with(
+    settings: &DatabaseSettings,
+    cancel: &CancellationToken,
+    checkout: Checkout,
 ) -> anyhow::Result<PgPool> {
     let hosts = Hosts::parse(&settings.url)?;
     let url = if hosts.urls.len() == 1 {
@@ -91,7 +122,7 @@ pub async fn connect_and_migrate(
     // Set when the pool moves to another host: connections made before then are closed
     // instead of being handed out (they lead to the old primary).
     let moved_at = Moved::default();
-    let pool = pool_options(settings, &moved_at)
+    let pool = pool_options(settings, &moved_at, checkout)
         .connect_with(options)
         .await
         .context("connecting to PostgreSQL")?;
@@ -206,15 +237,30 @@ async fn in_recovery(url: &str) -> sqlx::Result<bool> {
 }
 
 /// The pool settings of `settings`, with connections made before `moved_at` (set when the
-/// pool is pointed at another host) closed instead of handed out.
-fn pool_options(settings: &DatabaseSettings, moved_at: &Moved) -> PgPoolOptions {
+/// pool is pointed at another host) closed instead of handed out, and checked out as
+/// `checkout` says.
+fn pool_options(
+    settings: &DatabaseSettings,
+    moved_at: &Moved,
+    checkout: Checkout,
+) -> PgPoolOptions {
     let moved = moved_at.clone();
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
-        .before_acquire(move |_, meta| {
+        .test_before_acquire(checkout == Checkout::Ping)
+        .before_acquire(move |conn, meta| {
             let moved_at = *moved.lock().expect("not poisoned");
-            Box::pin(async move { Ok(moved_at.is_none_or(|at| meta.age < at.elapsed())) })
+            Box::pin(async move {
+                if moved_at.is_some_and(|at| meta.age >= at.elapsed()) {
+                    return Ok(false);
+                }
+                if checkout == Checkout::PingWhenIdle && meta.idle_for >= PING_WHEN_IDLE {
+                    // An error closes the connection and the pool takes another.
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
         })
 }
 

@@ -399,3 +399,83 @@ async fn dead_letters_are_listed_shown_and_replayed_with_upline_dlq() {
     assert_eq!(app.earnings(b.id).await["total"], "100.00");
     app.stop().await;
 }
+
+/// Ends the session `pid` from `admin` and waits (up to 10 s) until the server has let it go.
+async fn terminate(admin: &PgPool, pid: i32) {
+    sqlx::query("select pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(admin)
+        .await
+        .expect("terminate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: bool =
+            sqlx::query_scalar("select exists (select 1 from pg_stat_activity where pid = $1)")
+                .bind(pid)
+                .fetch_one(admin)
+                .await
+                .expect("pg_stat_activity");
+        if !alive {
+            return;
+        }
+        assert!(Instant::now() < deadline, "session {pid} never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The worker's pool (`Checkout::PingWhenIdle`) pings a connection before handing it out only
+/// when it sat idle for `PING_WHEN_IDLE` or longer. A connection the server dropped while it
+/// was idle that long is replaced before anyone uses it; one dropped moments after its last use
+/// may fail the next statement, as an infrastructure error (the worker retries the batch), and
+/// is never handed out again (sqlx tests a connection as it comes back to the pool).
+#[tokio::test]
+async fn a_pool_that_pings_only_idle_connections_never_hands_out_a_dropped_one_twice() {
+    use upline_common::db::{self, Checkout, ErrorClass, PING_WHEN_IDLE};
+    let sandbox = sandbox().await;
+    let mut settings = sandbox.settings.database.clone();
+    settings.max_connections = 1;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let pool = db::connect_and_migrate_with(&settings, &cancel, Checkout::PingWhenIdle)
+        .await
+        .expect("connect");
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&settings.url)
+        .await
+        .expect("connect");
+    let backend = || sqlx::query_scalar::<_, i32>("select pg_backend_pid()").fetch_one(&pool);
+    // Back in the pool (its test on release done) before the server drops it.
+    let idle = || async {
+        while pool.num_idle() < 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+
+    // Dropped, then idle for longer than PING_WHEN_IDLE: the ping finds it gone.
+    let first = backend().await.expect("a connection");
+    idle().await;
+    terminate(&admin, first).await;
+    tokio::time::sleep(PING_WHEN_IDLE + Duration::from_millis(100)).await;
+    let second = backend()
+        .await
+        .expect("a connection dropped while idle is replaced before use");
+    assert_ne!(first, second);
+
+    // Dropped moments after its last use: it goes out unpinged, unless this machine took
+    // longer than PING_WHEN_IDLE to get here.
+    idle().await;
+    terminate(&admin, second).await;
+    match backend().await {
+        Ok(third) => assert_ne!(third, second, "a dropped connection was used"),
+        Err(e) => {
+            assert_eq!(db::classify(&e), ErrorClass::Infrastructure, "{e}");
+            let third = backend()
+                .await
+                .expect("the connection that failed is not handed out again");
+            assert_ne!(third, second);
+        }
+    }
+    pool.close().await;
+    admin.close().await;
+    sandbox.destroy().await.expect("drop test database");
+}

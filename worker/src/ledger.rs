@@ -12,7 +12,9 @@
 //! statement over arrays (`unnest`). A batch without repeated purchase ids takes seven:
 //! `BEGIN` with its gate, the purchases, the buyers' uplines, the earners' locks, their
 //! per-level totals, every write of the plan (one statement), `COMMIT`. The last four, from
-//! the lock statement on, run under the earners' row locks.
+//! the lock statement on, run under the earners' row locks. Taking the connection from the
+//! pool adds none while the worker is busy: the worker's pool pings only a connection that
+//! sat idle (`upline_common::db::Checkout::PingWhenIdle`).
 
 pub mod lifecycle;
 mod plan;

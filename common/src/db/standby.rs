@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
-use super::{in_recovery, pool_options, Hosts, Moved, FOLLOW_EVERY};
+use super::{in_recovery, pool_options, Checkout, Hosts, Moved, FOLLOW_EVERY};
 use crate::config::DatabaseSettings;
 
 /// How long one check's query may take before the standby is treated as unreachable.
@@ -72,7 +72,7 @@ impl ReportReads {
         // Lazily, at the first host: the task points it at the standby it finds.
         let options = PgConnectOptions::from_str(&hosts.urls[0])?;
         let standby = Arc::new(Standby {
-            pool: pool_options(settings, &moved_at).connect_lazy_with(options),
+            pool: pool_options(settings, &moved_at, Checkout::Ping).connect_lazy_with(options),
             fresh: AtomicBool::new(false),
         });
         let max_lag = Duration::from_secs(settings.standby_max_lag_secs);
