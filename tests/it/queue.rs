@@ -217,3 +217,90 @@ async fn one_batch_holding_repeats_a_conflict_a_rejection_and_garbage_records_ea
     assert_eq!(dead.delivery.data, b"{ not json");
     app.stop().await;
 }
+
+/// A consumer of this test's own on `upline.purchases`, at priority 0 like the worker's second
+/// consumer, that takes deliveries and never acknowledges them.
+async fn bystander(app: &TestApp) -> (lapin::Connection, lapin::Consumer) {
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .basic_qos(5, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-priority".into(), AMQPValue::LongInt(0));
+    let consumer = channel
+        .basic_consume(
+            upline_common::amqp::PURCHASES_QUEUE,
+            "bystander",
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("consume");
+    (conn, consumer)
+}
+
+/// How many deliveries `consumer` gets within `within`.
+async fn deliveries_within(consumer: &mut lapin::Consumer, within: Duration) -> usize {
+    use futures_util::StreamExt;
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, consumer.next()).await {
+        delivery.expect("a delivery");
+        n += 1;
+    }
+    n
+}
+
+/// The worker's first consumer has the highest priority (`x-priority`), so under light load it
+/// takes every purchase and batches are not split between consumers; only what overflows its
+/// prefetch goes to the consumers below it. Seen from a bystander consumer at the second
+/// consumer's priority: it gets nothing while purchases come one at a time (with equal
+/// priorities the broker would hand it every third), and its share once a backlog fills the
+/// first consumer's prefetch; what it held is paid once it lets go.
+#[tokio::test]
+async fn the_first_consumer_takes_every_purchase_until_its_prefetch_is_full() {
+    let app = TestApp::spawn_with(Services::default(), |s| {
+        s.worker.consumers = 2;
+        s.worker.prefetch = 2;
+        s.worker.batch_size = 2;
+    })
+    .await;
+    let (_, _, c) = app.chain_abc().await;
+    let (conn, mut consumer) = bystander(&app).await;
+
+    for i in 0..6 {
+        let id = format!("light-{i}");
+        app.purchase(&id, c.id, "2000.00").await;
+        assert_eq!(
+            deliveries_within(&mut consumer, Duration::from_millis(300)).await,
+            0,
+            "{id}: under light load the first consumer takes every purchase"
+        );
+        app.wait_processed(&id).await;
+    }
+
+    let backlog: Vec<upline_testkit::order::Order> = (0..40)
+        .map(|i| {
+            upline_testkit::order::Order::new(
+                format!("backlog-{i}"),
+                crate::harness::user_id(c.id),
+                "2000.00".parse().expect("amount"),
+            )
+        })
+        .collect();
+    app.publish_all(backlog).await;
+    let held = deliveries_within(&mut consumer, Duration::from_secs(2)).await;
+    assert!(held > 0, "a backlog overflows to the lower priority");
+    conn.close(200, "done").await.expect("close");
+    app.wait_purchase_count(46, Duration::from_secs(30)).await;
+    let earnings: i64 = sqlx::query_scalar("select count(*) from earnings")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(earnings, 46 * 2, "every purchase paid once");
+    app.stop().await;
+}

@@ -14,7 +14,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
@@ -29,6 +29,22 @@ pub struct ConsumerOptions {
     pub prefetch: u16,
     /// Most deliveries recorded in one transaction.
     pub batch_size: usize,
+    /// The consumer's priority on the queue (RabbitMQ's `x-priority` consumer argument): the
+    /// broker hands a delivery to a lower-priority consumer only while every higher-priority
+    /// one has its prefetch full. See [`ConsumerOptions::priority_of`].
+    pub priority: i32,
+}
+
+impl ConsumerOptions {
+    /// The priority of consumer number `consumer` (0, 1, …) of a worker with `consumers`:
+    /// `consumers - 1 - consumer`, so the first takes all the work until its prefetch is
+    /// full, the second only what overflows from it, and so on. Under light load one consumer
+    /// then takes every purchase and its batches are not split between two transactions
+    /// (each with a transaction's fixed cost); under a backlog the first one's prefetch fills
+    /// and all of them write (docs/perf.md, "One consumer until there is a backlog").
+    pub fn priority_of(consumer: u16, consumers: u16) -> i32 {
+        i32::from(consumers.saturating_sub(1).saturating_sub(consumer))
+    }
 }
 
 /// Runs one consumer on its own channel until `cancel` fires or the channel fails.
@@ -51,12 +67,14 @@ pub async fn consume(
     channel
         .basic_qos(options.prefetch, BasicQosOptions::default())
         .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-priority".into(), AMQPValue::LongInt(options.priority));
     let consumer = channel
         .basic_consume(
             amqp::PURCHASES_QUEUE,
             &tag,
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            arguments,
         )
         .await?;
     // Everything already delivered, up to batch_size, without waiting for more: under load
@@ -217,4 +235,17 @@ async fn handle(
     metrics::histogram!("upline_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("upline_batch_size").record(deliveries.len() as f64);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConsumerOptions;
+
+    /// The first consumer has the highest priority, the last 0; one consumer alone has 0.
+    #[test]
+    fn consumer_priorities_descend_to_zero() {
+        let priorities: Vec<i32> = (0..3).map(|i| ConsumerOptions::priority_of(i, 3)).collect();
+        assert_eq!(priorities, [2, 1, 0]);
+        assert_eq!(ConsumerOptions::priority_of(0, 1), 0);
+    }
 }
