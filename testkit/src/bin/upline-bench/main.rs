@@ -14,6 +14,7 @@ mod autovacuum;
 mod churn;
 mod drain;
 mod env;
+mod floor;
 mod reads;
 mod rest;
 mod webhooks;
@@ -64,6 +65,10 @@ enum Scenario {
     /// Signed webhooks: deliveries per second to local endpoints, commit-to-endpoint latency,
     /// exactly-once per endpoint after de-duplication, with optional slow endpoints.
     Webhooks(webhooks::WebhooksArgs),
+    /// The floor: the path of a purchase with upline's code removed (HTTP, a quorum queue
+    /// with confirms, a batch transaction of the ledger's round trips, a fan-out exchange, a
+    /// WebSocket); its latency next to `rest`'s.
+    Floor(floor::FloorArgs),
 }
 
 #[tokio::main]
@@ -92,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Reads(args) => reads::run(env, args).await,
         Scenario::Ws(args) => ws::run(env, args).await,
         Scenario::Webhooks(args) => webhooks::run(env, args).await,
+        Scenario::Floor(args) => floor::run(env, args).await,
     };
     autovacuum.restore().await;
     result
