@@ -12,7 +12,8 @@
 //!    fan-out exchange, and acknowledges the batch (the worker; the ledger's batch takes 7
 //!    round trips);
 //! 3. a consumer of an exclusive, auto-deleting queue bound to that exchange writes each id to
-//!    a WebSocket (the notifier);
+//!    a WebSocket (the notifier), with its transaction's start (PostgreSQL's `now()`), so that
+//!    the path splits there as `rest` splits it;
 //! 4. the load generator's WebSocket client reads it.
 //!
 //! Every role runs in this one process (the real services are four), over the real sockets.
@@ -38,6 +39,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use time::OffsetDateTime;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -208,22 +210,37 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
 
     // The load generator's WebSocket client.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{base}/ws")).await?;
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Each id's send time, by the monotonic clock and the wall clock (to split the path at the
+    // transaction's start, PostgreSQL's now(), which the consumer sends along with the id).
+    let sent: Arc<Mutex<HashMap<String, (Instant, OffsetDateTime)>>> = Arc::default();
     let delivered = Arc::new(AtomicU64::new(0));
     let observer = {
         let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut latency = Latency::new();
+            let (mut latency, mut to_tx, mut from_tx) =
+                (Latency::new(), Latency::new(), Latency::new());
             loop {
                 let msg = tokio::select! {
                     () = stop.cancelled() => break,
                     msg = ws.next() => msg,
                 };
                 match msg {
-                    Some(Ok(Message::Text(id))) => {
-                        let at = sent.lock().expect("not poisoned").remove(id.as_str());
-                        if let Some(t0) = at {
+                    Some(Ok(Message::Text(text))) => {
+                        let Some((id, started)) = text.split_once(' ') else {
+                            continue;
+                        };
+                        let at = sent.lock().expect("not poisoned").remove(id);
+                        if let Some((t0, wall)) = at {
                             latency.record(t0.elapsed());
+                            let started = started
+                                .parse::<i128>()
+                                .ok()
+                                .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok());
+                            if let Some(started) = started {
+                                let now = OffsetDateTime::now_utc();
+                                to_tx.record((started - wall).try_into().unwrap_or_default());
+                                from_tx.record((now - started).try_into().unwrap_or_default());
+                            }
                             delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -231,7 +248,7 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
                     None | Some(Err(_)) => break,
                 }
             }
-            latency
+            (latency, to_tx, from_tx)
         })
     };
 
@@ -257,7 +274,9 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
                 let id = format!("f{task}-{n}");
                 n += 1;
                 let t0 = Instant::now();
-                sent.lock().expect("not poisoned").insert(id.clone(), t0);
+                sent.lock()
+                    .expect("not poisoned")
+                    .insert(id.clone(), (t0, OffsetDateTime::now_utc()));
                 let ok = http
                     .post(&url)
                     .body(id.clone())
@@ -303,7 +322,7 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     let wall = started.elapsed();
     let cpu_after = env.cpu();
     stop.cancel();
-    let latency = observer.await?;
+    let (latency, to_tx, from_tx) = observer.await?;
     for c in consumers {
         c.await?.context("a floor consumer failed")?;
     }
@@ -323,6 +342,14 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     );
     println!("HTTP latency    {}", http_latency.summary());
     println!("to WebSocket    {}", latency.summary());
+    println!(
+        "  of which      POST → transaction start {}",
+        to_tx.summary()
+    );
+    println!(
+        "                transaction start → WebSocket {}",
+        from_tx.summary()
+    );
     println!(
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, wall)
@@ -412,10 +439,13 @@ async fn consume(
             .map(|d| String::from_utf8_lossy(&d.data).into_owned())
             .collect();
         let mut tx = db.begin().await?;
-        sqlx::query("insert into floor_rows (id) select * from unnest($1::text[])")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        let started: OffsetDateTime = sqlx::query_scalar(
+            "with rows as (insert into floor_rows (id) select * from unnest($1::text[])) select now()",
+        )
+        .bind(&ids)
+        .fetch_one(&mut *tx)
+        .await?;
+        let started = started.unix_timestamp_nanos();
         for _ in 3..round_trips {
             sqlx::query("select 1").execute(&mut *tx).await?;
         }
@@ -427,7 +457,7 @@ async fn consume(
                     OUT_EXCHANGE,
                     "",
                     BasicPublishOptions::default(),
-                    id.as_bytes(),
+                    format!("{id} {started}").as_bytes(),
                     BasicProperties::default(),
                 )
                 .await?;
