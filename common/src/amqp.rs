@@ -228,6 +228,17 @@ pub fn backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
+/// The arguments that make a declared queue a quorum queue (`x-queue-type: quorum`), to add
+/// a queue's other arguments to.
+pub fn quorum_queue() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
 /// Declares the whole topology of SPEC §3 on channels of `conn`; idempotent.
 ///
 /// Both queues are quorum queues, so that on a cluster they keep working while a majority of
@@ -272,11 +283,7 @@ pub async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
         durable: true,
         ..Default::default()
     };
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    let mut args = quorum_queue();
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(PURCHASES_DLX.into()),
@@ -299,13 +306,8 @@ pub async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
             )
             .await?;
     }
-    let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
     let channel = match channel
-        .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, quorum)
+        .queue_declare(PURCHASES_DEAD_QUEUE, durable_queue, quorum_queue())
         .await
     {
         Ok(_) => channel,
@@ -348,11 +350,7 @@ pub fn is_precondition_failed(error: &lapin::Error) -> bool {
 /// # Errors
 /// Broker errors (a 403 when the user may not configure `upline.webhooks.*`).
 pub async fn declare_webhook_queues(channel: &Channel) -> lapin::Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    let mut args = quorum_queue();
     args.insert(
         "x-max-length".into(),
         AMQPValue::LongLongInt(WEBHOOK_QUEUE_MAX_LENGTH),

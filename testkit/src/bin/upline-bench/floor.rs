@@ -35,7 +35,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -92,11 +92,9 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
         "floor (the path with upline's code removed): {} s, {} messages/s, {} connections, {} consumers, {} round trips a batch",
         args.duration, args.rate, args.connections, args.consumers, args.round_trips
     );
-    sqlx::query(
-        "create table floor_rows (id text primary key, at timestamptz not null default now())",
-    )
-    .execute(&env.db)
-    .await?;
+    sqlx::query("create table floor_rows (id text primary key)")
+        .execute(&env.db)
+        .await?;
     // As the worker's pool: no ping before handing out a connection in steady use.
     let db = PgPoolOptions::new()
         .max_connections(8)
@@ -105,16 +103,13 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
         .await?;
     let conn = amqp::connect(&env.settings.amqp, "upline-bench-floor").await?;
     let setup = conn.create_channel().await?;
-    let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    setup.queue_declare(IN_QUEUE, durable, quorum).await?;
+    setup
+        .queue_declare(IN_QUEUE, durable, amqp::quorum_queue())
+        .await?;
     setup
         .exchange_declare(
             OUT_EXCHANGE,
