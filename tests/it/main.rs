@@ -18,6 +18,7 @@ mod notifier_limits;
 mod openapi;
 mod outbox;
 mod payouts;
+mod plans;
 mod purchases;
 mod queue;
 mod refunds;
