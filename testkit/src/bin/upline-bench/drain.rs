@@ -17,7 +17,7 @@ use upline_testkit::order::{self, Order};
 use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
-use super::env::{batch_report, cpu_report, seed_tree, Bench, BenchEnv};
+use super::env::{batch_report, cpu_report, seed_tree, stat_cpu, Bench, BenchEnv};
 use super::{progress, progress_done};
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +43,13 @@ pub struct DrainArgs {
     /// Skip the PostgreSQL-alone baseline.
     #[arg(long)]
     no_baseline: bool,
+    /// Run the PostgreSQL-alone baseline a second time while two busy threads of this process
+    /// take about this many cores between them (each busy for its share of every 10 ms). They
+    /// stand in for the CPU that RabbitMQ and the worker take during a drain (about 0.7 cores
+    /// on two cores), to tell how much of the drain's gap to the ledger alone is sharing the
+    /// cores. The bench's CPU in the report includes them.
+    #[arg(long)]
+    load_cores: Option<f64>,
     #[arg(long)]
     keep: bool,
 }
@@ -86,6 +93,26 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
             "PostgreSQL alone (ledger batches, no broker)".to_owned(),
             r?,
         ));
+        if let Some(cores) = args.load_cores.filter(|&c| c > 0.0) {
+            let mut env = BenchEnv::new(bench, "baseline", args.keep).await?;
+            let load = BusyLoad::start(cores);
+            println!("PostgreSQL alone, again, beside busy threads asked for {cores:.2} cores:");
+            let r = baseline(
+                &mut env,
+                &sent,
+                args.users,
+                batch_size,
+                usize::from(consumers),
+            )
+            .await;
+            let took = load.finish();
+            println!("  the busy threads took {took:.2} cores");
+            env.finish().await;
+            rows.push((
+                format!("PostgreSQL alone, {took:.2} cores busy beside it"),
+                r?,
+            ));
+        }
     }
     for &workers in args.workers.iter().filter(|&&w| w > 0) {
         let mut env = BenchEnv::new(bench, "drain", args.keep).await?;
@@ -104,6 +131,76 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
         println!("| {name} | {rate:.0} | {secs:.1} |");
     }
     Ok(())
+}
+
+/// Two threads that keep about `cores` cores busy between them until [`BusyLoad::finish`]:
+/// every 10 ms each spins for as long as it is behind its share of CPU time (read from
+/// `/proc/thread-self/stat`), so that it takes its share even while other processes hold the
+/// cores, and sleeps the rest.
+struct BusyLoad {
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    /// Each thread's CPU seconds when it ends.
+    threads: Vec<std::thread::JoinHandle<f64>>,
+}
+
+impl BusyLoad {
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    fn start(cores: f64) -> BusyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let share = (cores / 2.0).clamp(0.0, 1.0);
+        let threads = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let cpu = || {
+                        std::fs::read_to_string("/proc/thread-self/stat")
+                            .ok()
+                            .and_then(|s| stat_cpu(&s))
+                            .unwrap_or(0.0)
+                    };
+                    let (began, cpu_before) = (Instant::now(), cpu());
+                    while !stop.load(Ordering::Relaxed) {
+                        let period = Instant::now();
+                        let behind = share * began.elapsed().as_secs_f64() - (cpu() - cpu_before);
+                        let busy = Self::PERIOD
+                            .mul_f64((behind / Self::PERIOD.as_secs_f64()).clamp(0.0, 1.0));
+                        while period.elapsed() < busy {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::sleep(Self::PERIOD.saturating_sub(period.elapsed()));
+                    }
+                    cpu() - cpu_before
+                })
+            })
+            .collect();
+        BusyLoad {
+            stop,
+            started: Instant::now(),
+            threads,
+        }
+    }
+
+    /// Stops the threads; returns the cores they kept busy on average.
+    fn finish(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let cpu: f64 = self
+            .threads
+            .drain(..)
+            .map(|t| t.join().unwrap_or(0.0))
+            .sum();
+        cpu / self.started.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for BusyLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Applies the purchases with the ledger directly; returns (purchases/s, seconds).

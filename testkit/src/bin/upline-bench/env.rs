@@ -235,7 +235,9 @@ pub fn cpu_by_command(comm: &str) -> f64 {
         .sum()
 }
 
-fn stat_cpu(stat: &str) -> Option<f64> {
+/// CPU seconds in a `/proc/<pid>/stat` (or `/proc/thread-self/stat`) line: user and system,
+/// with those of waited-for children.
+pub fn stat_cpu(stat: &str) -> Option<f64> {
     // Fields after "(comm)": state is field 3; utime 14, stime 15, cutime 16, cstime 17.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
