@@ -29,14 +29,7 @@ async fn processed(app: &TestApp) -> i64 {
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_and_restarted_leaves_totals_exactly_right() {
-    let app = TestApp::spawn_with(
-        Services {
-            worker: false,
-            broker: true,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::spawn_with(Services::NO_WORKER, |_| {}).await;
     // Two roots, four in the middle, eight buyers.
     let roots = [
         app.register("Root A", None).await,

@@ -33,6 +33,15 @@ pub struct Services {
     pub broker: bool,
 }
 
+impl Services {
+    /// The broker up and no in-process worker: the test drives the ledger, or starts and stops
+    /// workers of its own.
+    pub const NO_WORKER: Services = Services {
+        worker: false,
+        broker: true,
+    };
+}
+
 impl Default for Services {
     fn default() -> Self {
         Services {

@@ -152,17 +152,11 @@ async fn pipelined_direct_batches_reach_the_broker_once_each_in_seq_order() {
 /// interleaved): each earner's events still reach the broker once each, in `seq` order.
 #[tokio::test]
 async fn a_large_batchs_events_reach_the_broker_in_each_earners_seq_order() {
-    let mut app = TestApp::spawn_with(
-        Services {
-            worker: false,
-            ..Services::default()
-        },
-        |s| {
-            s.worker.outbox_poll_ms = 3_600_000;
-            s.worker.batch_size = 512;
-            s.worker.consumers = 1;
-        },
-    )
+    let mut app = TestApp::spawn_with(Services::NO_WORKER, |s| {
+        s.worker.outbox_poll_ms = 3_600_000;
+        s.worker.batch_size = 512;
+        s.worker.consumers = 1;
+    })
     .await;
     let (a, b, c) = app.chain_abc().await;
     let (conn, mut deliveries) = earnings_consumer(&app).await;
@@ -250,14 +244,7 @@ async fn a_dead_workers_leased_rows_wait_out_the_lease_then_any_relay_publishes_
 /// claim now takes its ids from an array evaluated once.
 #[tokio::test]
 async fn a_relay_claims_at_most_one_batch_whatever_plan_the_planner_picks() {
-    let app = TestApp::spawn_with(
-        Services {
-            worker: false,
-            broker: true,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::spawn_with(Services::NO_WORKER, |_| {}).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let worker = app.spawn_stoppable_worker(stop.clone()).await;
     let (_, _, c) = app.chain_abc().await;

@@ -38,14 +38,7 @@ fn item(rules: &Rules, purchase_id: String, buyer: i64) -> Item {
 /// larger batch gets a plan made for its size. Every batch still pays both levels.
 #[tokio::test]
 async fn small_batches_run_on_generic_plans_and_large_ones_get_plans_of_their_own() {
-    let app = TestApp::spawn_with(
-        Services {
-            worker: false,
-            broker: true,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::spawn_with(Services::NO_WORKER, |_| {}).await;
     let (_, _, c) = app.chain_abc().await;
     let rules = app.settings.commission.rules().expect("rules");
     let pool = PgPoolOptions::new()

@@ -79,24 +79,16 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
     let sent = purchases(args.purchases, args.users);
     let mut rows = Vec::new();
     if !args.no_baseline {
-        let mut env = BenchEnv::new(bench, "baseline", args.keep).await?;
-        let r = baseline(
-            &mut env,
-            &sent,
-            args.users,
-            batch_size,
-            usize::from(consumers),
-        )
-        .await;
-        env.finish().await;
-        rows.push((
-            "PostgreSQL alone (ledger batches, no broker)".to_owned(),
-            r?,
-        ));
-        if let Some(cores) = args.load_cores.filter(|&c| c > 0.0) {
+        // The ledger alone; then, with --load-cores, again beside busy threads.
+        let loads = std::iter::once(None).chain(args.load_cores.filter(|&c| c > 0.0).map(Some));
+        for cores in loads {
             let mut env = BenchEnv::new(bench, "baseline", args.keep).await?;
-            let load = BusyLoad::start(cores);
-            println!("PostgreSQL alone, again, beside busy threads asked for {cores:.2} cores:");
+            let load = cores.map(|cores| {
+                println!(
+                    "PostgreSQL alone, again, beside busy threads asked for {cores:.2} cores:"
+                );
+                BusyLoad::start(cores)
+            });
             let r = baseline(
                 &mut env,
                 &sent,
@@ -105,13 +97,16 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
                 usize::from(consumers),
             )
             .await;
-            let took = load.finish();
-            println!("  the busy threads took {took:.2} cores");
+            let label = match load {
+                None => "PostgreSQL alone (ledger batches, no broker)".to_owned(),
+                Some(load) => {
+                    let took = load.finish();
+                    println!("  the busy threads took {took:.2} cores");
+                    format!("PostgreSQL alone, {took:.2} cores busy beside it")
+                }
+            };
             env.finish().await;
-            rows.push((
-                format!("PostgreSQL alone, {took:.2} cores busy beside it"),
-                r?,
-            ));
+            rows.push((label, r?));
         }
     }
     for &workers in args.workers.iter().filter(|&&w| w > 0) {
