@@ -27,6 +27,9 @@ fn as_postgres(program: &str) -> Command {
 pub const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 /// How long any one step (a server start, a restart, a connection) may take.
 pub const WAIT: Duration = Duration::from_secs(60);
+/// How many times a RabbitMQ node is started before a port taken under it fails the test
+/// ([`RabbitNode::start_with_cookie`]).
+pub const BOOT_ATTEMPTS: u32 = 3;
 
 /// A fresh directory under the system temp dir, readable by other users (the `postgres` user
 /// must reach a cluster below it), removed on drop.
@@ -365,11 +368,42 @@ impl RabbitNode {
     }
 
     /// [`RabbitNode::start`] with a given Erlang cookie (nodes of one cluster share theirs).
+    ///
+    /// The node's ports are picked free, then released for RabbitMQ to bind; a test running
+    /// beside this one may take one in between, and the node then fails to boot with
+    /// `eaddrinuse`. It is started again, with other ports, in a directory of its own, up to
+    /// [`BOOT_ATTEMPTS`] times.
     pub async fn start_with_cookie(
         dir: &Path,
         tls: Option<&ServerTls>,
         cookie_value: &str,
     ) -> RabbitNode {
+        let mut attempt = 1;
+        loop {
+            let dir = if attempt == 1 {
+                dir.to_owned()
+            } else {
+                let again = dir.join(format!("attempt-{attempt}"));
+                std::fs::create_dir(&again).expect("create a node dir for another attempt");
+                again
+            };
+            let mut node = Self::spawn(&dir, tls, cookie_value);
+            match node.boot().await {
+                Ok(()) => return node,
+                Err(log) if attempt < BOOT_ATTEMPTS && log.contains("eaddrinuse") => {
+                    eprintln!(
+                        "RabbitMQ node {} found its port taken (attempt {attempt}); starting it again on other ports",
+                        node.name
+                    );
+                    attempt += 1;
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+    }
+
+    /// Starts `rabbitmq-server` for a node in `dir`, on free ports, without waiting for it.
+    fn spawn(dir: &Path, tls: Option<&ServerTls>, cookie_value: &str) -> RabbitNode {
         let name = format!(
             "upline-test-{:08x}@localhost",
             rand::thread_rng().gen::<u32>()
@@ -429,14 +463,12 @@ impl RabbitNode {
             .stderr(log)
             .kill_on_drop(true);
         let server = cmd.spawn().expect("start rabbitmq-server");
-        let mut node = RabbitNode {
+        RabbitNode {
             name,
             port,
             dir: dir.to_owned(),
             server,
-        };
-        node.await_startup().await;
-        node
+        }
     }
 
     /// `rabbitmqctl -n <this node>`, with this node's HOME (and so its cookie).
@@ -457,6 +489,14 @@ impl RabbitNode {
     /// `await_startup` fails at once while the node has not registered with epmd yet, hence
     /// the loop.
     pub async fn await_startup(&mut self) {
+        if let Err(log) = self.boot().await {
+            panic!("{log}");
+        }
+    }
+
+    /// [`RabbitNode::await_startup`], but a server that exits before booting is an `Err` with
+    /// its output, for the caller to judge; a node still not up after [`WAIT`] panics.
+    async fn boot(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
         loop {
             let status = tokio::time::timeout(
@@ -471,11 +511,14 @@ impl RabbitNode {
             )
             .await;
             if matches!(status, Ok(Ok(s)) if s.success()) {
-                return;
+                return Ok(());
             }
             let log = || std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
             if let Ok(Some(exit)) = self.server.try_wait() {
-                panic!("rabbitmq-server exited ({exit}) before booting:\n{}", log());
+                return Err(format!(
+                    "rabbitmq-server exited ({exit}) before booting:\n{}",
+                    log()
+                ));
             }
             assert!(
                 Instant::now() < deadline,
