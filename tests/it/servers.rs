@@ -29,7 +29,7 @@ pub const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 pub const WAIT: Duration = Duration::from_secs(60);
 /// How many times a RabbitMQ node is started before a port taken under it fails the test
 /// ([`RabbitNode::start_with_cookie`]).
-pub const BOOT_ATTEMPTS: u32 = 3;
+const BOOT_ATTEMPTS: u32 = 3;
 
 /// A fresh directory under the system temp dir, readable by other users (the `postgres` user
 /// must reach a cluster below it), removed on drop.

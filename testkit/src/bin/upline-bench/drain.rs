@@ -44,7 +44,8 @@ pub struct DrainArgs {
     #[arg(long)]
     no_baseline: bool,
     /// Run the PostgreSQL-alone baseline a second time while two busy threads of this process
-    /// take about this many cores between them (each busy for its share of every 10 ms). They
+    /// take about this many cores between them (each spinning while behind its share of CPU
+    /// time, checked every 10 ms). They
     /// stand in for the CPU that RabbitMQ and the worker take during a drain (about 0.7 cores
     /// on two cores), to tell how much of the drain's gap to the ledger alone is sharing the
     /// cores. The bench's CPU in the report includes them.
@@ -179,22 +180,23 @@ impl BusyLoad {
 
     /// Stops the threads; returns the cores they kept busy on average.
     fn finish(mut self) -> f64 {
+        self.stop() / self.started.elapsed().as_secs_f64()
+    }
+
+    /// Stops and joins the threads still running; the CPU seconds they took.
+    fn stop(&mut self) -> f64 {
         self.stop.store(true, Ordering::Relaxed);
-        let cpu: f64 = self
-            .threads
+        self.threads
             .drain(..)
             .map(|t| t.join().unwrap_or(0.0))
-            .sum();
-        cpu / self.started.elapsed().as_secs_f64()
+            .sum()
     }
 }
 
 impl Drop for BusyLoad {
+    /// An error in the baseline must not leave the threads spinning.
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.stop();
     }
 }
 
