@@ -8,10 +8,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use futures_util::stream::{self, StreamExt};
+use futures_util::{future, FutureExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
-use upline_common::amqp::Publisher;
+use upline_common::amqp::{self, Publisher};
+use upline_common::events::EarningEvent;
 use upline_common::UserId;
 use upline_testkit::order::{self, Order};
 use upline_testkit::{oracle, pipeline};
@@ -51,6 +58,15 @@ pub struct DrainArgs {
     /// cores. The bench's CPU in the report includes them.
     #[arg(long)]
     load_cores: Option<f64>,
+    /// Run the PostgreSQL-alone baseline once more beside the broker's part of a drain, with
+    /// no worker: the backlog is first published to `upline.purchases`; while the ledger
+    /// applies it, consumers in this process take the same purchases from the queue, publish
+    /// each committed batch's earning events to `upline.earnings` with publisher confirms,
+    /// and acknowledge the purchases once the ledger has committed as many. The drain's limit
+    /// with the worker's own code taken out (docs/perf.md, "The drain with the worker taken
+    /// out").
+    #[arg(long)]
+    broker_load: bool,
     #[arg(long)]
     keep: bool,
 }
@@ -80,34 +96,24 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
     let sent = purchases(args.purchases, args.users);
     let mut rows = Vec::new();
     if !args.no_baseline {
-        // The ledger alone; then, with --load-cores, again beside busy threads.
-        let loads = std::iter::once(None).chain(args.load_cores.filter(|&c| c > 0.0).map(Some));
-        for cores in loads {
+        // The ledger alone; then, as asked, beside busy threads and beside the broker's part.
+        let besides = std::iter::once(Beside::Nothing)
+            .chain(args.load_cores.filter(|&c| c > 0.0).map(Beside::Busy))
+            .chain(args.broker_load.then_some(Beside::Broker { prefetch }));
+        for beside in besides {
             let mut env = BenchEnv::new(bench, "baseline", args.keep).await?;
-            let load = cores.map(|cores| {
-                println!(
-                    "PostgreSQL alone, again, beside busy threads asked for {cores:.2} cores:"
-                );
-                BusyLoad::start(cores)
-            });
             let r = baseline(
                 &mut env,
                 &sent,
                 args.users,
                 batch_size,
                 usize::from(consumers),
+                beside,
             )
             .await;
-            let label = match load {
-                None => "PostgreSQL alone (ledger batches, no broker)".to_owned(),
-                Some(load) => {
-                    let took = load.finish();
-                    println!("  the busy threads took {took:.2} cores");
-                    format!("PostgreSQL alone, {took:.2} cores busy beside it")
-                }
-            };
             env.finish().await;
-            rows.push((label, r?));
+            let (label, r) = r?;
+            rows.push((label, r));
         }
     }
     for &workers in args.workers.iter().filter(|&&w| w > 0) {
@@ -200,14 +206,27 @@ impl Drop for BusyLoad {
     }
 }
 
-/// Applies the purchases with the ledger directly; returns (purchases/s, seconds).
+/// What runs beside a PostgreSQL-alone baseline.
+#[derive(Debug, Clone, Copy)]
+enum Beside {
+    /// Nothing: the ledger has the machine to itself.
+    Nothing,
+    /// A [`BusyLoad`] asked for this many cores.
+    Busy(f64),
+    /// A [`BrokerLoad`], its consumers with this prefetch.
+    Broker { prefetch: u16 },
+}
+
+/// Applies the purchases with the ledger directly, with `beside` running next to it; returns
+/// the scenario's name and (purchases/s, seconds).
 async fn baseline(
     env: &mut BenchEnv,
     sent: &[Order],
     users: i64,
     batch_size: usize,
     concurrency: usize,
-) -> anyhow::Result<(f64, f64)> {
+    beside: Beside,
+) -> anyhow::Result<(String, (f64, f64))> {
     seed_tree(&env.db, users).await?;
     let rules = Arc::new(env.settings.commission.rules()?);
     let items: Vec<Item> = sent
@@ -223,15 +242,38 @@ async fn baseline(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let done = Arc::new(AtomicU64::new(0));
+    let broker = match beside {
+        Beside::Broker { prefetch } => {
+            println!("PostgreSQL alone, again, beside the broker's part of a drain (no worker):");
+            Some(BrokerLoad::start(env, sent, concurrency, prefetch, batch_size).await?)
+        }
+        _ => None,
+    };
+    let busy = match beside {
+        Beside::Busy(cores) => {
+            println!("PostgreSQL alone, again, beside busy threads asked for {cores:.2} cores:");
+            Some(BusyLoad::start(cores))
+        }
+        _ => None,
+    };
+    let done = broker
+        .as_ref()
+        .map_or_else(Default::default, |b| b.committed.clone());
+    let events = broker.as_ref().map(|b| b.events.clone());
     let cpu_before = env.cpu();
     let started = Instant::now();
     let work = stream::iter(items.chunks(batch_size))
         .map(|chunk| {
-            let (db, rules, done) = (env.db.clone(), rules.clone(), done.clone());
+            let (db, rules, done, events) =
+                (env.db.clone(), rules.clone(), done.clone(), events.clone());
             async move {
-                ledger::record_batch(&db, &rules, chunk, None, None).await?;
-                let n = done.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+                let committed = ledger::record_batch(&db, &rules, chunk, None, None).await?;
+                if let Some(events) = events {
+                    // As the worker does: the events go to the publisher before the purchases
+                    // are acknowledged.
+                    let _ = events.send(committed.events);
+                }
+                let n = done.fetch_add(chunk.len() as u64, Ordering::SeqCst) + chunk.len() as u64;
                 if n % (batch_size as u64 * 50) < chunk.len() as u64 {
                     progress(&format!("PostgreSQL alone: {n}/{}", sent.len()));
                 }
@@ -241,19 +283,224 @@ async fn baseline(
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
         .await;
-    for r in work {
-        r?;
-    }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    // The publisher ends once every sender is gone.
+    drop(events);
     progress_done();
     println!(
-        "PostgreSQL alone: {} purchases in {secs:.1} s = {:.0}/s (batches of {batch_size}, {concurrency} at a time); CPU (cores) {}",
+        "PostgreSQL alone: {} purchases in {secs:.1} s = {:.0}/s (batches of {batch_size}, {concurrency} at a time); CPU (cores) {cpu}",
         sent.len(),
         sent.len() as f64 / secs,
-        cpu_report(&cpu_before, &env.cpu(), started.elapsed())
     );
+    if let Some(e) = work.into_iter().find_map(Result::err) {
+        // The loads stop as they are dropped.
+        return Err(e.into());
+    }
+    let label = match (busy, broker) {
+        (Some(load), _) => {
+            let took = load.finish();
+            println!("  the busy threads took {took:.2} cores");
+            format!("PostgreSQL alone, {took:.2} cores busy beside it")
+        }
+        (_, Some(broker)) => {
+            let (acked, published) = broker.finish().await?;
+            println!(
+                "  the broker's part kept pace: when the ledger had committed all {} purchases, {acked} were acknowledged and {published} earning events confirmed",
+                sent.len()
+            );
+            "PostgreSQL alone, beside the broker's part of a drain".to_owned()
+        }
+        _ => "PostgreSQL alone (ledger batches, no broker)".to_owned(),
+    };
     verify(env, sent).await?;
-    Ok((sent.len() as f64 / secs, secs))
+    Ok((label, (sent.len() as f64 / secs, secs)))
+}
+
+/// The broker's part of a drain, with no worker: the backlog waits on `upline.purchases`;
+/// consumers take it as ready (up to the batch size at a time) and acknowledge a batch once
+/// the ledger beside them has committed as many purchases; a publisher sends each committed
+/// batch's earning events to `upline.earnings` with publisher confirms, as the worker's relay
+/// does right after a commit. The purchases it takes are not the ones the ledger applies,
+/// only as many.
+struct BrokerLoad {
+    /// Purchases the ledger has committed; the consumers acknowledge up to it.
+    committed: Arc<AtomicU64>,
+    /// Each committed batch's events, for the publisher.
+    events: tokio::sync::mpsc::UnboundedSender<Vec<EarningEvent>>,
+    acked: Arc<AtomicU64>,
+    published: Arc<AtomicU64>,
+    total: u64,
+    conn: lapin::Connection,
+    /// The consumers' channels.
+    channels: Vec<lapin::Channel>,
+    /// The consumers, aborted when dropped (as on an error of the ledger).
+    consumers: tokio::task::JoinSet<anyhow::Result<()>>,
+    publisher: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BrokerLoad {
+    /// Publishes `sent` to `upline.purchases` (untimed), then starts `consumers` consumers
+    /// with `prefetch` and the publisher.
+    async fn start(
+        env: &BenchEnv,
+        sent: &[Order],
+        consumers: usize,
+        prefetch: u16,
+        batch_size: usize,
+    ) -> anyhow::Result<BrokerLoad> {
+        let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
+            .with_connection_name("upline-bench");
+        let currency = env.settings.commission.rules()?.currency;
+        for (i, window) in sent.chunks(2000).enumerate() {
+            order::publish(&publisher, window, &currency).await?;
+            progress(&format!(
+                "publishing the backlog: {}/{}",
+                ((i + 1) * 2000).min(sent.len()),
+                sent.len()
+            ));
+        }
+        progress_done();
+        publisher.close().await;
+
+        let conn = amqp::connect(&env.settings.amqp, "upline-bench-broker-load").await?;
+        let (committed, acked, published, taken) = Default::default();
+        let total = sent.len() as u64;
+        let (mut channels, mut tasks) = (Vec::new(), tokio::task::JoinSet::new());
+        for k in 0..consumers {
+            let channel = conn.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let deliveries = channel
+                .basic_consume(
+                    amqp::PURCHASES_QUEUE,
+                    &format!("upline-bench-{k}"),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            tasks.spawn(consume(
+                deliveries,
+                batch_size,
+                Arc::clone(&taken),
+                Arc::clone(&committed),
+                Arc::clone(&acked),
+                total,
+            ));
+            channels.push(channel);
+        }
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let publisher = tokio::spawn(publish_events(channel, rx, Arc::clone(&published)));
+        Ok(BrokerLoad {
+            committed,
+            events,
+            acked,
+            published,
+            total,
+            conn,
+            channels,
+            consumers: tasks,
+            publisher,
+        })
+    }
+
+    /// What had been acknowledged and confirmed when called: (purchases, earning events);
+    /// then waits (up to a minute) for the rest and closes the connection.
+    async fn finish(mut self) -> anyhow::Result<(u64, u64)> {
+        let now = (
+            self.acked.load(Ordering::SeqCst),
+            self.published.load(Ordering::SeqCst),
+        );
+        drop(self.events);
+        let rest = tokio::time::timeout(Duration::from_secs(60), async {
+            self.publisher.await??;
+            while self.acked.load(Ordering::SeqCst) < self.total {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        self.consumers.abort_all();
+        for channel in &self.channels {
+            let _ = channel.close(200, "bench done").await;
+        }
+        let _ = self.conn.close(200, "bench done").await;
+        match rest {
+            Ok(r) => r.map(|()| now),
+            Err(_) => bail!("the broker load did not finish within a minute of the ledger"),
+        }
+    }
+}
+
+/// One consumer of [`BrokerLoad`]: takes the deliveries that are ready, up to `batch_size`,
+/// waits until the ledger has committed as many purchases as all consumers have taken, and
+/// acknowledges the batch at once.
+async fn consume(
+    mut deliveries: lapin::Consumer,
+    batch_size: usize,
+    taken: Arc<AtomicU64>,
+    committed: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    total: u64,
+) -> anyhow::Result<()> {
+    while acked.load(Ordering::SeqCst) < total {
+        let Some(first) = deliveries.next().await else {
+            break;
+        };
+        let mut batch = vec![first?];
+        while batch.len() < batch_size {
+            match deliveries.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                _ => break,
+            }
+        }
+        let through = taken.fetch_add(batch.len() as u64, Ordering::SeqCst) + batch.len() as u64;
+        while committed.load(Ordering::SeqCst) < through {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = batch.last().expect("a batch holds a delivery at least");
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        acked.fetch_add(batch.len() as u64, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// The publisher of [`BrokerLoad`]: each batch of events, every publish queued before any
+/// is awaited, then its confirms.
+async fn publish_events(
+    channel: lapin::Channel,
+    mut batches: tokio::sync::mpsc::UnboundedReceiver<Vec<EarningEvent>>,
+    published: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    while let Some(events) = batches.recv().await {
+        let publishes = events.iter().map(|event| {
+            let (channel, key) = (&channel, event.routing_key());
+            let body = serde_json::to_vec(event).expect("an EarningEvent always serialises");
+            async move {
+                channel
+                    .basic_publish(
+                        amqp::EARNINGS_EXCHANGE,
+                        &key,
+                        BasicPublishOptions::default(),
+                        &body,
+                        amqp::persistent_json(),
+                    )
+                    .await
+            }
+        });
+        for confirm in future::try_join_all(publishes).await? {
+            if !confirm.await?.is_ack() {
+                bail!("the broker refused an earning event");
+            }
+        }
+        published.fetch_add(events.len() as u64, Ordering::SeqCst);
+    }
+    Ok(())
 }
 
 /// Publishes the backlog, then times `workers` worker processes draining it.
