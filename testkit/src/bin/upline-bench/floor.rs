@@ -73,6 +73,10 @@ pub struct FloorArgs {
     /// Most deliveries in one batch.
     #[arg(long, default_value_t = 1024)]
     batch_size: usize,
+    /// Seconds at the start whose messages are left out of the latency figures, as with
+    /// `rest --warmup-secs`; the to-WebSocket figures with them are printed too.
+    #[arg(long, default_value_t = 0)]
+    warmup_secs: u64,
     #[arg(long)]
     keep: bool,
 }
@@ -209,11 +213,17 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     // transaction's start, PostgreSQL's now(), which the consumer sends along with the id).
     let sent: Arc<Mutex<HashMap<String, (Instant, OffsetDateTime)>>> = Arc::default();
     let delivered = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let warmed = started + Duration::from_secs(args.warmup_secs);
     let observer = {
         let (sent, delivered, stop) = (sent.clone(), delivered.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut latency, mut to_tx, mut from_tx) =
-                (Latency::new(), Latency::new(), Latency::new());
+            let (mut latency, mut to_tx, mut from_tx, mut with_warmup) = (
+                Latency::new(),
+                Latency::new(),
+                Latency::new(),
+                Latency::new(),
+            );
             loop {
                 let msg = tokio::select! {
                     () = stop.cancelled() => break,
@@ -226,6 +236,11 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
                         };
                         let at = sent.lock().expect("not poisoned").remove(id);
                         if let Some((t0, wall)) = at {
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            with_warmup.record(t0.elapsed());
+                            if t0 < warmed {
+                                continue;
+                            }
                             latency.record(t0.elapsed());
                             let started = started
                                 .parse::<i128>()
@@ -236,21 +251,19 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
                                 to_tx.record((started - wall).try_into().unwrap_or_default());
                                 from_tx.record((now - started).try_into().unwrap_or_default());
                             }
-                            delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Some(Ok(_)) => {}
                     None | Some(Err(_)) => break,
                 }
             }
-            (latency, to_tx, from_tx)
+            (latency, to_tx, from_tx, with_warmup)
         })
     };
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let accepted = Arc::new(AtomicU64::new(0));
     let cpu_before = env.cpu();
@@ -278,7 +291,9 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
                     .send()
                     .await
                     .is_ok_and(|r| r.status() == StatusCode::ACCEPTED);
-                latency.record(t0.elapsed());
+                if t0 >= warmed {
+                    latency.record(t0.elapsed());
+                }
                 if ok {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -317,7 +332,7 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     let wall = started.elapsed();
     let cpu_after = env.cpu();
     stop.cancel();
-    let (latency, to_tx, from_tx) = observer.await?;
+    let (latency, to_tx, from_tx, with_warmup) = observer.await?;
     for c in consumers {
         c.await?.context("a floor consumer failed")?;
     }
@@ -345,6 +360,13 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
         "                transaction start → WebSocket {}",
         from_tx.summary()
     );
+    if args.warmup_secs > 0 {
+        println!(
+            "  warm-up       the messages sent in the first {} s are left out above; with them, to WebSocket {}",
+            args.warmup_secs,
+            with_warmup.summary()
+        );
+    }
     println!(
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, wall)

@@ -48,6 +48,12 @@ pub struct RestArgs {
     /// connection every 2–10 s and reconnecting with `since` (churn).
     #[arg(long, default_value_t = 0)]
     churn: usize,
+    /// Seconds at the start whose purchases are left out of the latency figures; they are
+    /// still sent, processed, delivered and checked. The first purchases after the services
+    /// start pay for first connections and cold caches in every process (docs/perf.md, "The
+    /// first second"). The purchase → WebSocket figures with them are printed too.
+    #[arg(long, default_value_t = 0)]
+    warmup_secs: u64,
     /// Keep the benchmark's database and vhost afterwards.
     #[arg(long)]
     keep: bool,
@@ -110,6 +116,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
 
     // The observer: one admin subscription to every earning.
     let started = Instant::now();
+    let warmed = started + Duration::from_secs(args.warmup_secs);
     let window = args.window_secs.map(|w| Duration::from_secs(w.max(1)));
     let sent: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let delivered = Arc::new(AtomicU64::new(0));
@@ -122,8 +129,11 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
             // PostgreSQL's now(): the start of the transaction that credited it).
             let (mut latency, mut to_ledger, mut from_ledger) =
                 (Latency::new(), Latency::new(), Latency::new());
+            // The whole path including the warm-up's purchases.
+            let mut with_warmup = Latency::new();
             // By the window the purchase was sent in.
             let mut windows: Vec<Latency> = Vec::new();
+            let mut slowest = Slowest::default();
             loop {
                 let msg = tokio::select! {
                     () = stop.cancelled() => break,
@@ -151,6 +161,10 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                         .expect("not poisoned")
                         .remove(earning.purchase_id.as_deref().unwrap_or_default());
                     if let Some((t, wall)) = sent_at {
+                        with_warmup.record(t.elapsed());
+                        if t < warmed {
+                            continue;
+                        }
                         latency.record(t.elapsed());
                         if let Some(w) = window {
                             let i = (t.duration_since(started).as_secs() / w.as_secs()) as usize;
@@ -160,12 +174,22 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                             windows[i].record(t.elapsed());
                         }
                         let (created, now) = (earning.created_at, time::OffsetDateTime::now_utc());
-                        to_ledger.record((created - wall).try_into().unwrap_or_default());
-                        from_ledger.record((now - created).try_into().unwrap_or_default());
+                        let to: Duration = (created - wall).try_into().unwrap_or_default();
+                        let from: Duration = (now - created).try_into().unwrap_or_default();
+                        to_ledger.record(to);
+                        from_ledger.record(from);
+                        slowest.add(t.elapsed(), to, from, t.duration_since(started));
                     }
                 }
             }
-            (latency, to_ledger, from_ledger, windows)
+            (
+                latency,
+                to_ledger,
+                from_ledger,
+                windows,
+                slowest,
+                with_warmup,
+            )
         })
     };
 
@@ -226,7 +250,9 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
                 let buyer = UserId::new(buyer).expect("a positive id");
                 let order = Order::new(id.clone(), buyer, amount);
                 let r = client.post_purchase(&order).await;
-                latency.record(t0.elapsed());
+                if t0 >= warmed {
+                    latency.record(t0.elapsed());
+                }
                 match r {
                     Ok(r) if r.status().as_u16() == 202 => {
                         accepted.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +323,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     let total_time = started.elapsed();
     let cpu_after = env.cpu();
     stop_observer.cancel();
-    let (e2e, to_ledger, from_ledger, windows) = observer.await?;
+    let (e2e, to_ledger, from_ledger, windows, slowest, with_warmup) = observer.await?;
     let churned = match churn {
         Some(task) => Some(task.await?),
         None => None,
@@ -324,6 +350,14 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
         "                ledger transaction start → WebSocket {}",
         from_ledger.summary()
     );
+    println!("  slowest       {slowest}");
+    if args.warmup_secs > 0 {
+        println!(
+            "  warm-up       the purchases sent in the first {} s are left out above; with them, to WebSocket {}",
+            args.warmup_secs,
+            with_warmup.summary()
+        );
+    }
     println!(
         "CPU (cores)     {}",
         cpu_report(&cpu_before, &cpu_after, total_time)
@@ -360,6 +394,57 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
 }
 
 /// Each service's RSS and the hot tables' row versions, now.
+/// The purchases slowest to reach the WebSocket, to tell whether a tail is one stage's or the
+/// whole machine's: each as its total, split at the ledger transaction's start, and when it
+/// was sent.
+#[derive(Debug, Default)]
+struct Slowest(Vec<SlowPurchase>);
+
+#[derive(Debug)]
+struct SlowPurchase {
+    total: Duration,
+    to_ledger: Duration,
+    from_ledger: Duration,
+    sent: Duration,
+}
+
+impl Slowest {
+    /// How many are kept.
+    const KEEP: usize = 5;
+
+    fn add(&mut self, total: Duration, to_ledger: Duration, from_ledger: Duration, sent: Duration) {
+        self.0.push(SlowPurchase {
+            total,
+            to_ledger,
+            from_ledger,
+            sent,
+        });
+        self.0.sort_by_key(|p| std::cmp::Reverse(p.total));
+        self.0.truncate(Self::KEEP);
+    }
+}
+
+impl std::fmt::Display for Slowest {
+    /// `12.31 ms (POST → transaction 2.10 + → WebSocket 10.21) at 4.5 s; …`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(
+                f,
+                "{:.2} ms (POST → transaction {:.2} + → WebSocket {:.2}) at {:.1} s",
+                ms(p.total),
+                ms(p.to_ledger),
+                ms(p.from_ledger),
+                p.sent.as_secs_f64()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
     let rss = env
         .services
