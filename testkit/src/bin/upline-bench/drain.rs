@@ -349,20 +349,7 @@ impl BrokerLoad {
         prefetch: u16,
         batch_size: usize,
     ) -> anyhow::Result<BrokerLoad> {
-        let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
-            .with_connection_name("upline-bench");
-        let currency = env.settings.commission.rules()?.currency;
-        for (i, window) in sent.chunks(2000).enumerate() {
-            order::publish(&publisher, window, &currency).await?;
-            progress(&format!(
-                "publishing the backlog: {}/{}",
-                ((i + 1) * 2000).min(sent.len()),
-                sent.len()
-            ));
-        }
-        progress_done();
-        publisher.close().await;
-
+        publish_backlog(env, sent).await?;
         let conn = amqp::connect(&env.settings.amqp, "upline-bench-broker-load").await?;
         let (committed, acked, published, taken) = Default::default();
         let total = sent.len() as u64;
@@ -503,15 +490,9 @@ async fn publish_events(
     Ok(())
 }
 
-/// Publishes the backlog, then times `workers` worker processes draining it.
-async fn drain(
-    env: &mut BenchEnv,
-    sent: &[Order],
-    users: i64,
-    workers: usize,
-    extra: &[(&str, String)],
-) -> anyhow::Result<(f64, f64)> {
-    seed_tree(&env.db, users).await?;
+/// Publishes `sent` to `upline.purchases`, persistent and confirmed, in windows of 2,000;
+/// returns how long that took.
+async fn publish_backlog(env: &BenchEnv, sent: &[Order]) -> anyhow::Result<Duration> {
     let publisher = Publisher::new(env.settings.amqp.clone(), Default::default())
         .with_connection_name("upline-bench");
     let currency = env.settings.commission.rules()?.currency;
@@ -525,13 +506,26 @@ async fn drain(
         ));
     }
     progress_done();
-    let publish = started.elapsed().as_secs_f64();
+    let took = started.elapsed();
+    publisher.close().await;
+    Ok(took)
+}
+
+/// Publishes the backlog, then times `workers` worker processes draining it.
+async fn drain(
+    env: &mut BenchEnv,
+    sent: &[Order],
+    users: i64,
+    workers: usize,
+    extra: &[(&str, String)],
+) -> anyhow::Result<(f64, f64)> {
+    seed_tree(&env.db, users).await?;
+    let publish = publish_backlog(env, sent).await?.as_secs_f64();
     println!(
         "published {} purchases in {publish:.1} s = {:.0}/s (persistent, confirmed)",
         sent.len(),
         sent.len() as f64 / publish
     );
-    publisher.close().await;
 
     let cpu_before = env.cpu();
     let started = Instant::now();
