@@ -8,15 +8,17 @@
 //!    quorum queue and answers `202` after the publisher confirm (the api);
 //! 2. a consumer with manual acknowledgements takes whatever deliveries are ready as one batch
 //!    and runs one transaction of `--round-trips` round trips (`BEGIN`, one `insert` of the
-//!    batch's ids, `select 1`s, `COMMIT` with `synchronous_commit` on), publishes each id to a
-//!    fan-out exchange, and acknowledges the batch (the worker; the ledger's batch takes 7
-//!    round trips);
+//!    batch's ids, `select 1`s, `COMMIT` with `synchronous_commit` on), publishes each id
+//!    `--events` times to a fan-out exchange (once per earning), and acknowledges the batch
+//!    (the worker; the ledger's batch takes 7 round trips);
 //! 3. a consumer of an exclusive, auto-deleting queue bound to that exchange writes each id to
 //!    a WebSocket (the notifier), with its transaction's start (PostgreSQL's `now()`), so that
 //!    the path splits there as `rest` splits it;
 //! 4. the load generator's WebSocket client reads it.
 //!
 //! Every role runs in this one process (the real services are four), over the real sockets.
+//! With `--rate 0` each connection sends its next message as soon as the last is answered:
+//! REST as fast as possible, with upline's code removed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +60,8 @@ pub struct FloorArgs {
     /// Seconds of load.
     #[arg(long, default_value_t = 20)]
     duration: u64,
-    /// Messages per second in total.
+    /// Messages per second in total; `0` = as fast as the connections go (each sends its next
+    /// message when the last is answered), as `rest` without `--rate`.
     #[arg(long, default_value_t = 20)]
     rate: u64,
     /// Concurrent HTTP connections.
@@ -70,6 +73,10 @@ pub struct FloorArgs {
     /// Consumers taking batches from the quorum queue, each with its own channel.
     #[arg(long, default_value_t = 2)]
     consumers: usize,
+    /// Messages the consumer publishes to the fan-out exchange per message it commits: one per
+    /// earning, so 2 is a purchase paying the default two levels.
+    #[arg(long, default_value_t = 1)]
+    events: usize,
     /// Most deliveries in one batch.
     #[arg(long, default_value_t = 1024)]
     batch_size: usize,
@@ -92,9 +99,16 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     if args.round_trips < 3 {
         bail!("--round-trips is at least 3 (BEGIN, the insert, COMMIT)");
     }
+    if args.events == 0 {
+        bail!("--events is at least 1 (the observer waits for each message's first)");
+    }
+    let rate = match args.rate {
+        0 => "as fast as possible".to_owned(),
+        r => format!("{r} messages/s"),
+    };
     println!(
-        "floor (the path with upline's code removed): {} s, {} messages/s, {} connections, {} consumers, {} round trips a batch",
-        args.duration, args.rate, args.connections, args.consumers, args.round_trips
+        "floor (the path with upline's code removed): {} s, {rate}, {} connections, {} consumers, {} round trips a batch, {} events a message",
+        args.duration, args.connections, args.consumers, args.round_trips, args.events
     );
     sqlx::query("create table floor_rows (id text primary key)")
         .execute(&env.db)
@@ -182,6 +196,7 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
             format!("floor-worker-{n}"),
             args.batch_size,
             args.round_trips,
+            args.events,
             stop.clone(),
         )));
     }
@@ -271,14 +286,20 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     for task in 0..args.connections {
         let (http, sent, accepted) = (http.clone(), sent.clone(), accepted.clone());
         let url = format!("http://{base}/m");
-        let interval = Duration::from_secs_f64(args.connections as f64 / args.rate.max(1) as f64);
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
         tasks.push(tokio::spawn(async move {
             let mut latency = Latency::new();
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticker = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             let mut n = 0u64;
             while Instant::now() < deadline {
-                ticker.tick().await;
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
                 let id = format!("f{task}-{n}");
                 n += 1;
                 let t0 = Instant::now();
@@ -349,6 +370,11 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     println!(
         "accepted        {accepted_n} messages in {:.1} s, {rows} rows committed",
         wall.as_secs_f64()
+    );
+    println!(
+        "end to end      all {accepted_n} committed and delivered after {:.1} s = {:.0} messages/s",
+        wall.as_secs_f64(),
+        accepted_n as f64 / wall.as_secs_f64()
     );
     println!("HTTP latency    {}", http_latency.summary());
     println!("to WebSocket    {}", latency.summary());
@@ -421,6 +447,7 @@ async fn consume(
     tag: String,
     batch_size: usize,
     round_trips: usize,
+    events: usize,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     channel
@@ -467,7 +494,7 @@ async fn consume(
             sqlx::query("select 1").execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        for id in &ids {
+        for id in ids.iter().flat_map(|id| std::iter::repeat_n(id, events)) {
             // Not waited for here: routing to the notifier's queue does not wait for it.
             let _confirm = channel
                 .basic_publish(
