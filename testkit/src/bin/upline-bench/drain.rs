@@ -24,7 +24,10 @@ use upline_testkit::order::{self, Order};
 use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
-use super::env::{batch_report, cpu_report, seed_tree, stat_cpu, Bench, BenchEnv};
+use super::env::{
+    batch_report, cpu_report, run_queue_wait, sched_by_command, seed_tree, stat_cpu, Bench,
+    BenchEnv,
+};
 use super::{progress, progress_done};
 
 #[derive(Debug, clap::Args)]
@@ -528,6 +531,7 @@ async fn drain(
     );
 
     let cpu_before = env.cpu();
+    let sched_before = sched_by_command("postgres");
     let started = Instant::now();
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let sampler = tokio::spawn(lock_waits(env.db.clone(), stop_sampling.clone()));
@@ -553,6 +557,7 @@ async fn drain(
     let secs = started.elapsed().as_secs_f64();
     progress_done();
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    let run_queue = run_queue_wait(&sched_before, &sched_by_command("postgres"));
     stop_sampling.store(true, Ordering::Relaxed);
     let (waiting, writing, samples) = sampler.await??;
     // Events: wait for the outbox to empty (all earning events confirmed by the broker).
@@ -567,6 +572,10 @@ async fn drain(
         "  row-lock waits: {:.1} % of the time in writing transactions ({samples} samples of pg_stat_activity every {} ms: {waiting} of {writing} session samples holding a transaction id were waiting on a lock)",
         if writing == 0 { 0.0 } else { 100.0 * waiting as f64 / writing as f64 },
         SAMPLE_EVERY.as_millis(),
+    );
+    println!(
+        "  run-queue waits: PostgreSQL's processes waited {:.0} ms for a core per second on one",
+        1000.0 * run_queue
     );
     println!("  ledger batches: {}", batch_report(env.batches().await?));
     verify(env, sent).await?;

@@ -249,6 +249,63 @@ pub fn stat_cpu(stat: &str) -> Option<f64> {
     Some(ticks / TICKS)
 }
 
+/// Per thread of every process whose command name is `comm`: (seconds on a core, seconds
+/// waiting on a run queue for one), from `/proc/<pid>/task/<tid>/schedstat` (nanoseconds).
+pub fn sched_by_command(comm: &str) -> HashMap<u32, (f64, f64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let is_comm = |pid: &std::path::Path| {
+        std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.trim_end() == comm)
+    };
+    for process in dir.filter_map(Result::ok).map(|e| e.path()) {
+        if !process
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            || !is_comm(&process)
+        {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(process.join("task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(Result::ok) {
+            let tid = task.file_name().to_string_lossy().parse::<u32>();
+            let stat = std::fs::read_to_string(task.path().join("schedstat"));
+            if let (Ok(tid), Ok(stat)) = (tid, stat) {
+                let mut f = stat
+                    .split_whitespace()
+                    .map(|n| n.parse::<f64>().unwrap_or(0.0));
+                if let (Some(on), Some(waiting)) = (f.next(), f.next()) {
+                    out.insert(tid, (on / 1e9, waiting / 1e9));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Between two [`sched_by_command`] samples, over the threads alive at the second (those
+/// started in between from zero; those ended in between are not counted): how long they
+/// waited for a core per second they ran on one (`1.0` = as long waiting as running). A
+/// thread waits when it is ready to run while others hold the cores, so on a machine with
+/// cores to spare this is near 0.
+pub fn run_queue_wait(before: &HashMap<u32, (f64, f64)>, after: &HashMap<u32, (f64, f64)>) -> f64 {
+    let (on, waiting) = after
+        .iter()
+        .map(|(tid, (on, w))| {
+            let (on0, w0) = before.get(tid).copied().unwrap_or_default();
+            (on - on0, w - w0)
+        })
+        .fold((0.0, 0.0), |(a, b), (on, w)| (a + on, b + w));
+    if on > 0.0 {
+        waiting / on
+    } else {
+        0.0
+    }
+}
+
 /// Resident memory of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
