@@ -264,6 +264,7 @@ async fn baseline(
         .map_or_else(Default::default, |b| b.committed.clone());
     let events = broker.as_ref().map(|b| b.events.clone());
     let cpu_before = env.cpu();
+    let sched_before = sched_by_command("postgres");
     let started = Instant::now();
     let work = stream::iter(items.chunks(batch_size))
         .map(|chunk| {
@@ -288,6 +289,7 @@ async fn baseline(
         .await;
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    let run_queue = run_queue_wait(&sched_before, &sched_by_command("postgres"));
     // The publisher ends once every sender is gone.
     drop(events);
     progress_done();
@@ -296,6 +298,7 @@ async fn baseline(
         sent.len(),
         sent.len() as f64 / secs,
     );
+    print_run_queue(run_queue);
     if let Some(e) = work.into_iter().find_map(Result::err) {
         // The loads stop as they are dropped.
         return Err(e.into());
@@ -573,13 +576,18 @@ async fn drain(
         if writing == 0 { 0.0 } else { 100.0 * waiting as f64 / writing as f64 },
         SAMPLE_EVERY.as_millis(),
     );
-    println!(
-        "  run-queue waits: PostgreSQL's processes waited {:.0} ms for a core per second on one",
-        1000.0 * run_queue
-    );
+    print_run_queue(run_queue);
     println!("  ledger batches: {}", batch_report(env.batches().await?));
     verify(env, sent).await?;
     Ok((sent.len() as f64 / secs, secs))
+}
+
+/// Prints a [`run_queue_wait`] of PostgreSQL's processes.
+fn print_run_queue(waited: f64) {
+    println!(
+        "  run-queue waits: PostgreSQL's processes waited {:.0} ms for a core per second on one",
+        1000.0 * waited
+    );
 }
 
 /// How often [`lock_waits`] looks at `pg_stat_activity`.

@@ -213,10 +213,10 @@ fn machine_busy() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// CPU seconds of every process whose command name is `comm`, children included.
-pub fn cpu_by_command(comm: &str) -> f64 {
+/// The `/proc/<pid>` folders of every process whose command name is `comm`.
+fn processes_named(comm: &str) -> Vec<std::path::PathBuf> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter(|e| {
@@ -225,12 +225,16 @@ pub fn cpu_by_command(comm: &str) -> f64 {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| {
-            s.split_once(" (")
-                .and_then(|(_, r)| r.split_once(')'))
-                .is_some_and(|(c, _)| c == comm)
-        })
+        .map(|e| e.path())
+        .filter(|p| std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim_end() == comm))
+        .collect()
+}
+
+/// CPU seconds of every process whose command name is `comm`, children included.
+pub fn cpu_by_command(comm: &str) -> f64 {
+    processes_named(comm)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p.join("stat")).ok())
         .filter_map(|s| stat_cpu(&s))
         .sum()
 }
@@ -253,20 +257,7 @@ pub fn stat_cpu(stat: &str) -> Option<f64> {
 /// waiting on a run queue for one), from `/proc/<pid>/task/<tid>/schedstat` (nanoseconds).
 pub fn sched_by_command(comm: &str) -> HashMap<u32, (f64, f64)> {
     let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    let is_comm = |pid: &std::path::Path| {
-        std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.trim_end() == comm)
-    };
-    for process in dir.filter_map(Result::ok).map(|e| e.path()) {
-        if !process
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-            || !is_comm(&process)
-        {
-            continue;
-        }
+    for process in processes_named(comm) {
         let Ok(tasks) = std::fs::read_dir(process.join("task")) else {
             continue;
         };

@@ -67,6 +67,8 @@ struct WindowSample {
     rss: Vec<(String, f64)>,
     /// Dead and live row versions of the hot tables (`pg_stat_user_tables`).
     tables: Vec<(String, i64, i64)>,
+    /// CPU seconds so far, as [`BenchEnv::cpu`].
+    cpu: Vec<(String, f64)>,
 }
 
 pub async fn run(bench: Bench<'_>, args: RestArgs) -> anyhow::Result<()> {
@@ -366,7 +368,7 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     );
     println!("ledger batches  {}", batch_report(env.batches().await?));
     if let Some(w) = window {
-        print_windows(w, &windows, &samples);
+        print_windows(w, &windows, &samples, &cpu_before);
     }
     if let Some(c) = &churned {
         println!(
@@ -466,13 +468,20 @@ async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
         accepted,
         rss,
         tables,
+        cpu: env.cpu(),
     })
 }
 
 /// One line per soak window, then the last window against the first.
-fn print_windows(window: Duration, latency: &[Latency], samples: &[WindowSample]) {
+fn print_windows(
+    window: Duration,
+    latency: &[Latency],
+    samples: &[WindowSample],
+    cpu_at_start: &[(String, f64)],
+) {
     let w = window.as_secs();
     let mut before = 0;
+    let mut cpu_before = cpu_at_start;
     for (i, s) in samples.iter().enumerate() {
         let rss: Vec<String> = s
             .rss
@@ -485,15 +494,17 @@ fn print_windows(window: Duration, latency: &[Latency], samples: &[WindowSample]
             .map(|(n, dead, live)| format!("{n} {dead}/{live}"))
             .collect();
         println!(
-            "window {:>5}-{:<5} s  {:>6} purchases  to WebSocket {}\n                     RSS MiB: {}; dead/live rows: {}",
+            "window {:>5}-{:<5} s  {:>6} purchases  to WebSocket {}\n                     RSS MiB: {}; dead/live rows: {}\n                     CPU (cores) {}",
             i as u64 * w,
             (i as u64 + 1) * w,
             s.accepted - before,
             latency.get(i).map_or("no samples".into(), Latency::summary),
             rss.join(", "),
-            tables.join(", ")
+            tables.join(", "),
+            cpu_report(cpu_before, &s.cpu, window)
         );
         before = s.accepted;
+        cpu_before = &s.cpu;
     }
     let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
         return;
