@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use upline_common::amqp;
 
 use super::env::{cpu_report, Bench, BenchEnv};
-use super::{progress, progress_done, Latency};
+use super::{pacer, progress, progress_done, Latency};
 
 /// The quorum queue the handler publishes to.
 const IN_QUEUE: &str = "floor.in";
@@ -286,15 +286,10 @@ async fn scenario(env: &BenchEnv, args: &FloorArgs) -> anyhow::Result<()> {
     for task in 0..args.connections {
         let (http, sent, accepted) = (http.clone(), sent.clone(), accepted.clone());
         let url = format!("http://{base}/m");
-        let interval = (args.rate > 0)
-            .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
+        let (rate, connections) = (args.rate, args.connections);
         tasks.push(tokio::spawn(async move {
             let mut latency = Latency::new();
-            let mut ticker = interval.map(|i| {
-                let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                t
-            });
+            let mut ticker = pacer(Some(rate), connections);
             let mut n = 0u64;
             while Instant::now() < deadline {
                 if let Some(t) = ticker.as_mut() {

@@ -143,6 +143,17 @@ impl Latency {
     }
 }
 
+/// One load-generator connection's pace when `rate` requests a second are shared by
+/// `connections`: a ticker whose missed ticks are delayed, not bunched; `None` (no rate) = as
+/// fast as the answers come.
+fn pacer(rate: Option<u64>, connections: usize) -> Option<tokio::time::Interval> {
+    rate.filter(|&r| r > 0).map(|r| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(connections as f64 / r as f64));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    })
+}
+
 /// A live progress line on stderr.
 fn progress(line: &str) {
     eprint!("\r\x1b[2K  {line}");

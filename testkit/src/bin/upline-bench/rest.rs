@@ -20,7 +20,7 @@ use upline_testkit::{oracle, pipeline};
 
 use super::churn;
 use super::env::{batch_report, cpu_report, rss_bytes, seed_tree, subscribe, Bench, BenchEnv};
-use super::{progress, progress_done, Latency};
+use super::{pacer, progress, progress_done, Latency};
 
 #[derive(Debug, clap::Args)]
 pub struct RestArgs {
@@ -221,17 +221,11 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
             failed.clone(),
         );
         let users = args.users;
-        let interval = args
-            .rate
-            .map(|r| Duration::from_secs_f64(args.connections as f64 / r as f64));
+        let (rate, connections) = (args.rate, args.connections);
         tasks.push(tokio::spawn(async move {
             let mut latency = Latency::new();
             let mut sent_list = Vec::new();
-            let mut ticker = interval.map(|i| {
-                let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                t
-            });
+            let mut ticker = pacer(rate, connections);
             let mut n = 0u64;
             while Instant::now() < deadline {
                 if let Some(t) = ticker.as_mut() {
@@ -397,7 +391,6 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Each service's RSS and the hot tables' row versions, now.
 /// The purchases slowest to reach the WebSocket, to tell whether a tail is one stage's or the
 /// whole machine's: each as its total, split at the ledger transaction's start, and when it
 /// was sent.
@@ -452,6 +445,7 @@ impl std::fmt::Display for Slowest {
     }
 }
 
+/// Each service's RSS, the hot tables' row versions and the CPU used so far, now.
 async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
     let rss = env
         .services
