@@ -122,6 +122,15 @@ pub struct WorkerSettings {
     /// [`MAX_LEDGER_WRITERS`]): each consumer's batches pass ledger gate `consumer number mod
     /// ledger_writers` first (docs/perf.md, "Ledger gates").
     pub ledger_writers: u16,
+    /// Whether a worker's consumer number i consumes only while it holds consumer slot i, a
+    /// PostgreSQL advisory lock, so that across all workers one consumer of each number
+    /// consumes and the rest stand by (docs/perf.md, "Standby consumers"). `false`: every
+    /// consumer of every worker consumes.
+    pub standby: bool,
+    /// How often (ms) a standby consumer tries for its slot, and a consumer holding one checks
+    /// in: a stopped or crashed worker's slots pass to a standby within about this long, a
+    /// holder cut off from PostgreSQL loses them within three times this. 100 to 60,000.
+    pub standby_poll_ms: u64,
     /// How often the outbox relay looks for earnings left unpublished by a crashed worker (ms).
     pub outbox_poll_ms: u64,
     /// Largest purchase message, in bytes; bigger ones are dead-lettered with their reason.
@@ -413,6 +422,12 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.commission.rules().context("commission settings")?;
         self.payout.minimum()?;
+        if !(100..=60_000).contains(&self.worker.standby_poll_ms) {
+            bail!(
+                "worker.standby_poll_ms must be between 100 and 60000, found {}",
+                self.worker.standby_poll_ms
+            );
+        }
         if self.worker.leaderboard_refresh_ms < 100 {
             bail!("worker.leaderboard_refresh_ms must be at least 100");
         }
@@ -805,6 +820,18 @@ mod tests {
         assert_eq!(settings.notifier.buffer, 1024);
         let e = load(&[DEVELOPMENT, ("UPLINE__NOTIFIER__USER_BUFFER", "0")]).expect_err("zero");
         assert!(format!("{e:#}").contains("notifier.user_buffer"), "{e:#}");
+    }
+
+    #[test]
+    fn standby_is_on_polls_every_second_and_refuses_polls_out_of_range() {
+        let settings = load(&[DEVELOPMENT]).expect("defaults load");
+        assert!(settings.worker.standby);
+        assert_eq!(settings.worker.standby_poll_ms, 1000);
+        for refused in ["99", "60001"] {
+            let e = load(&[DEVELOPMENT, ("UPLINE__WORKER__STANDBY_POLL_MS", refused)])
+                .expect_err("out of range");
+            assert!(format!("{e:#}").contains("worker.standby_poll_ms"), "{e:#}");
+        }
     }
 
     #[test]

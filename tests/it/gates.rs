@@ -1,9 +1,14 @@
 //! Ledger gates (docs/perf.md, "Ledger gates"): a purchase batch waits at its gate before it
-//! writes anything.
+//! writes anything; and standby consumers ("Standby consumers"): one consumer of each number
+//! consumes across all workers.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Services, TestApp};
+use upline_testkit::pipeline;
+use upline_testkit::spawn::{Service, ServiceCommand};
+
+use crate::harness::{metrics_text, Services, TestApp};
 
 /// With `worker.ledger_writers = 1` every consumer's batches pass gate 0. While another
 /// session holds gate 0, a purchase is not recorded: the worker's session waits for the gate
@@ -62,5 +67,142 @@ async fn a_batch_waits_at_its_ledger_gate_before_it_writes() {
     holder.rollback().await.expect("let go of gate 0");
     let report = app.wait_processed("gated-1").await;
     assert_eq!(report["status"], "processed");
+    app.stop().await;
+}
+
+/// The consumers `upline.purchases` has now, as the broker counts them.
+async fn queue_consumers(channel: &lapin::Channel) -> u32 {
+    channel
+        .queue_declare(
+            upline_common::amqp::PURCHASES_QUEUE,
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("look at upline.purchases")
+        .consumer_count()
+}
+
+/// Sessions holding a consumer slot in the app's database.
+async fn slots_held(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_locks
+         where granted and locktype = 'advisory'
+           and database = (select oid from pg_database where datname = current_database())
+           and classid::int8 = hashtext('upline.consumer_slot')::oid::int8",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("count the consumer slots held")
+}
+
+/// Polls `check` every 50 ms until it is true, or fails with `what` after `within`.
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `upline worker` as a process of its own with two consumers, a standby poll of
+/// 200 ms and small batches.
+fn spawn_worker(app: &TestApp) -> Service {
+    ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), "worker")
+        .settings(&app.settings)
+        .env("UPLINE__WORKER__CONSUMERS", "2")
+        .env("UPLINE__WORKER__STANDBY_POLL_MS", "200")
+        .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
+        // Small batches, so that the kill lands inside the stream.
+        .env("UPLINE__WORKER__BATCH_SIZE", "16")
+        .env("UPLINE__WORKER__PREFETCH", "32")
+        .spawn()
+        .expect("the upline binary starts")
+}
+
+/// docs/perf.md, "Standby consumers": two workers of two consumers each put two consumers on
+/// `upline.purchases`, the first worker's, holding consumer slots 0 and 1; the second's stand
+/// by, consuming nothing. When the first worker is killed (SIGKILL, mid-stream), the second's
+/// consumers take the slots and finish the stream: every purchase recorded once, every earning
+/// published.
+#[tokio::test]
+async fn one_consumer_per_slot_and_standbys_take_over_from_a_killed_worker() {
+    let app = TestApp::spawn_with(Services::NO_WORKER, |_| {}).await;
+    let (_, _, c) = app.chain_abc().await;
+    let conn = app.amqp().await;
+    let channel = conn.create_channel().await.expect("channel");
+    let http = reqwest::Client::new();
+
+    let mut first = spawn_worker(&app);
+    first
+        .wait_ready(&http, Duration::from_secs(30))
+        .await
+        .expect("first worker ready");
+    wait_for(
+        Duration::from_secs(10),
+        "the first worker's consumers did not take the slots",
+        || async { slots_held(&app).await == 2 && queue_consumers(&channel).await == 2 },
+    )
+    .await;
+    let mut second = spawn_worker(&app);
+    second
+        .wait_ready(&http, Duration::from_secs(30))
+        .await
+        .expect("second worker ready");
+    // Ten of the standbys' polls: still two consumers on the queue, two slots held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        (queue_consumers(&channel).await, slots_held(&app).await),
+        (2, 2),
+        "standbys consume nothing"
+    );
+    for (worker, held) in [(&first, 2), (&second, 0)] {
+        let metrics = metrics_text(&http, &worker.base()).await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == format!("upline_consumer_slots_held {held}")),
+            "upline_consumer_slots_held {held} on {}/metrics:\n{metrics}",
+            worker.base()
+        );
+    }
+
+    app.publish_purchases("standby", c.id, 300).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the slots' holder did not start on the stream",
+        || async { pipeline::purchases(&app.db).await.expect("count") > 0 },
+    )
+    .await;
+    first.kill().await;
+    app.publish_purchases("after-the-kill", c.id, 300).await;
+    app.wait_purchase_count(600, Duration::from_secs(60)).await;
+    assert_eq!(
+        (queue_consumers(&channel).await, slots_held(&app).await),
+        (2, 2),
+        "the second worker's consumers took the slots"
+    );
+    pipeline::wait_outbox_empty(&app.db, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // Each of the 600 purchases credited c's referrer and grand-referrer once, seq gap-free.
+    let rows: Vec<(i64, i64, i64)> =
+        sqlx::query_as("select earner_id, count(*), max(seq) from earnings group by 1 order by 1")
+            .fetch_all(&app.db)
+            .await
+            .expect("earnings");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (earner, count, max_seq) in rows {
+        assert_eq!((count, max_seq), (600, 600), "earner {earner}");
+    }
+    second.kill().await;
+    conn.close(200, "done").await.ok();
     app.stop().await;
 }

@@ -227,12 +227,14 @@ async fn the_same_refund_three_times_claws_back_once() {
 
 /// Twelve refunds of 200.00 against one 2000.00 purchase, consumed by two workers one message
 /// at a time: exactly ten apply, two are rejected, and the clawbacks add up to the
-/// commissions exactly — the purchase row's lock serialises them.
+/// commissions exactly — the purchase row's lock serialises them. Without standby consumers,
+/// so that both workers' consumers consume at once.
 #[tokio::test]
 async fn concurrent_refunds_of_one_purchase_across_two_workers() {
     let mut app = TestApp::spawn_with(Services::default(), |s| {
         s.worker.prefetch = 1;
         s.worker.batch_size = 1;
+        s.worker.standby = false;
     })
     .await;
     app.spawn_worker().await;

@@ -21,6 +21,7 @@ use upline_common::amqp;
 use upline_common::db::{classify, ErrorClass};
 
 use crate::process::{process_batch, Ctx, Disposition, Message};
+use crate::standby::ConsumerSlot;
 
 /// How one consumer takes work from the queue.
 #[derive(Debug, Clone, Copy)]
@@ -47,17 +48,69 @@ impl ConsumerOptions {
     }
 }
 
-/// Runs one consumer on its own channel until `cancel` fires or the channel fails.
-/// On cancel, the batch in hand is finished first; prefetched deliveries go back to the queue
-/// when the channel closes.
+/// Runs consumer number `number` of its worker for as long as `cancel` allows. With
+/// `standby` (`worker.standby`, polling every `worker.standby_poll_ms`) it takes turns with the
+/// other workers' consumers of the same number: it stands by until it holds consumer slot
+/// `number` ([`ConsumerSlot`]), consumes while it holds it, and stands by again if it loses
+/// it. Without, it simply consumes.
 ///
 /// # Errors
 /// Broker errors (the caller reconnects).
-pub async fn consume(
+pub async fn consume_in_turn(
+    ctx: Ctx,
+    conn: &Connection,
+    options: ConsumerOptions,
+    (tag, number): (String, u16),
+    standby: Option<Duration>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(poll) = standby else {
+        return consume(ctx, conn, options, tag, cancel.clone(), cancel).await;
+    };
+    loop {
+        let Some(mut slot) = ConsumerSlot::take(&ctx.db, number, poll, &cancel).await else {
+            return Ok(());
+        };
+        tracing::info!(%tag, slot = slot.number(), "holding the consumer slot; consuming purchases");
+        let stop = cancel.child_token();
+        let consuming = consume(
+            ctx.clone(),
+            conn,
+            options,
+            tag.clone(),
+            stop.clone(),
+            cancel.clone(),
+        );
+        tokio::pin!(consuming);
+        let result = tokio::select! {
+            r = &mut consuming => r,
+            () = slot.lost(poll) => {
+                stop.cancel();
+                consuming.await
+            }
+        };
+        slot.release().await;
+        result?;
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        tracing::warn!(%tag, slot = number, "consumer slot lost; standing by");
+    }
+}
+
+/// Runs one consumer on its own channel until `stop` fires or the channel fails.
+/// On stop, the batch in hand is finished first: retried while the database is unavailable
+/// unless `cancel` (shutdown) fires too. Prefetched deliveries go back to the queue when the
+/// channel closes.
+///
+/// # Errors
+/// Broker errors (the caller reconnects).
+async fn consume(
     ctx: Ctx,
     conn: &Connection,
     options: ConsumerOptions,
     tag: String,
+    stop: CancellationToken,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
@@ -83,7 +136,7 @@ pub async fn consume(
     tracing::debug!(%tag, ?options, "consuming purchases");
     let result = loop {
         let next = tokio::select! {
-            () = cancel.cancelled() => break Ok(()),
+            () = stop.cancelled() => break Ok(()),
             next = batches.next() => next,
         };
         let Some(chunk) = next else {

@@ -12,6 +12,7 @@ pub mod outbox;
 pub mod process;
 pub mod retention;
 pub mod schedule;
+pub mod standby;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Shown from the start, so that a standby's /metrics reads 0 rather than nothing.
+    metrics::gauge!("upline_consumer_slots_held").set(0.0);
     tracing::info!(
         consumers = settings.worker.consumers,
         prefetch = settings.worker.prefetch,
@@ -142,6 +145,10 @@ async fn session(
 
     let session = shutdown.child_token();
     let mut tasks = JoinSet::new();
+    let standby = settings
+        .worker
+        .standby
+        .then(|| Duration::from_millis(settings.worker.standby_poll_ms));
     for i in 0..settings.worker.consumers {
         let (mut ctx, conn, cancel) = (ctx.clone(), conn.clone(), session.clone());
         ctx.gate = Some(ledger::Gate::for_consumer(
@@ -154,7 +161,9 @@ async fn session(
             priority: consumer::ConsumerOptions::priority_of(i, settings.worker.consumers),
         };
         let tag = format!("upline-worker-{}-{i}", std::process::id());
-        tasks.spawn(async move { consumer::consume(ctx, &conn, options, tag, cancel).await });
+        tasks.spawn(async move {
+            consumer::consume_in_turn(ctx, &conn, options, (tag, i), standby, cancel).await
+        });
     }
     // The relay stops only after the consumers: its last sweep then publishes what their last
     // batches committed, instead of leaving it to the next worker.

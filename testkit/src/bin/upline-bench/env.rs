@@ -134,10 +134,12 @@ impl BenchEnv {
     }
 
     /// The purchase batches the workers have written so far, from each worker's
-    /// `upline_batch_size` summary on `/metrics`: (batches, purchases in them).
+    /// `upline_batch_size` summary on `/metrics`: (batches, purchases in them). A worker
+    /// that has written no batch yet (a standby, docs/perf.md "Standby consumers") has no
+    /// summary and counts 0.
     ///
     /// # Errors
-    /// A worker's `/metrics` cannot be read, or lacks either value.
+    /// A worker's `/metrics` cannot be read, or has the summary without both values.
     pub async fn batches(&self) -> anyhow::Result<(f64, f64)> {
         let (mut batches, mut purchases) = (0.0, 0.0);
         for s in self
@@ -153,6 +155,9 @@ impl BenchEnv {
                 .error_for_status()?
                 .text()
                 .await?;
+            if !text.contains("upline_batch_size_count") {
+                continue;
+            }
             let value = |name: &str| {
                 metric_value(&text, |l| l.starts_with(&format!("{name} ")))
                     .with_context(|| format!("{name} on {}/metrics", s.base))
