@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 /// it is held until the session ends; trying holds no snapshot while the slot is taken.
 const TRY_TAKE: &str = "select pg_try_advisory_lock(hashtext('upline.consumer_slot'), $1)";
 
+/// Ends the slot's session on the server's side after `$1` ms without a statement
+/// (`idle_session_timeout`, PostgreSQL 14 and later).
+const SET_IDLE_TIMEOUT: &str = "select set_config('idle_session_timeout', $1, false)";
+
 /// A consumer slot held by this process: the connection whose session holds the slot's lock.
 /// Dropping it closes the connection, which lets the slot go.
 #[derive(Debug)]
@@ -41,8 +45,8 @@ impl ConsumerSlot {
     /// or a database that cannot be reached, is simply tried again at the next poll.
     ///
     /// The slot's connection is made with the pool's current connect options (so it follows
-    /// a failover) and `idle_session_timeout` at three polls: a holder cut off from PostgreSQL
-    /// loses its slot within three polls, since it checks in every poll
+    /// a failover), and its session gets `idle_session_timeout` at three polls: a holder cut
+    /// off from PostgreSQL loses its slot within three polls, since it checks in every poll
     /// ([`ConsumerSlot::lost`]).
     pub async fn take(
         db: &PgPool,
@@ -53,16 +57,23 @@ impl ConsumerSlot {
         let number = i32::from(number);
         let mut conn: Option<PgConnection> = None;
         let mut announced = false;
+        // Warned once per run of failed tries, so that a database that keeps refusing the
+        // slot's session does not go unseen.
+        let mut failing = false;
         loop {
             let attempt = async {
                 if conn.is_none() {
-                    let timeout = (poll * 3).as_millis().to_string();
-                    let options = db
-                        .connect_options()
-                        .as_ref()
-                        .clone()
-                        .options([("idle_session_timeout", timeout.as_str())]);
-                    conn = Some(options.connect().await?);
+                    let mut session = db.connect_options().connect().await?;
+                    // PostgreSQL before 14 has no such setting; the slot works without it,
+                    // only a holder cut off from the server keeps it until TCP gives up.
+                    if let Err(e) = sqlx::query(SET_IDLE_TIMEOUT)
+                        .bind((poll * 3).as_millis().to_string())
+                        .execute(&mut session)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "no idle_session_timeout for the slot's session");
+                    }
+                    conn = Some(session);
                 }
                 let session = conn.as_mut().expect("connected above");
                 sqlx::query_scalar::<_, bool>(TRY_TAKE)
@@ -74,6 +85,9 @@ impl ConsumerSlot {
                 () = cancel.cancelled() => return None,
                 r = tokio::time::timeout(poll.max(Duration::from_secs(5)), attempt) => r,
             };
+            if matches!(outcome, Ok(Ok(_))) {
+                failing = false;
+            }
             match outcome {
                 Ok(Ok(true)) => {
                     let conn = conn.take().expect("connected above");
@@ -89,14 +103,18 @@ impl ConsumerSlot {
                 }
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
-                    tracing::debug!(slot = number, error = %e, "could not try for the consumer slot; trying again");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(slot = number, error = %e, "could not try for the consumer slot; trying again every poll");
+                    }
                     conn = None;
                 }
                 Err(_) => {
-                    tracing::debug!(
-                        slot = number,
-                        "trying for the consumer slot timed out; trying again"
-                    );
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(
+                            slot = number,
+                            "trying for the consumer slot timed out; trying again every poll"
+                        );
+                    }
                     conn = None;
                 }
             }
