@@ -40,8 +40,9 @@ pub struct RestArgs {
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// A soak's report: every this many seconds, the purchase → WebSocket latency of the
-    /// purchases sent in that window, each service's resident memory and the hot tables' dead
-    /// rows; at the end, the last window against the first.
+    /// purchases sent in that window, each service's resident memory, the hot tables' dead
+    /// rows, the CPU per process and what PostgreSQL's active sessions waited on (sampled every
+    /// 50 ms); at the end, the last window against the first.
     #[arg(long)]
     window_secs: Option<u64>,
     /// WebSocket subscribers beside the observer that each follow one earner, dropping the
@@ -69,6 +70,96 @@ struct WindowSample {
     tables: Vec<(String, i64, i64)>,
     /// CPU seconds so far, as [`BenchEnv::cpu`].
     cpu: Vec<(String, f64)>,
+    /// What PostgreSQL's active sessions were doing over the window, from [`WaitEvents`].
+    waits: WaitCounts,
+}
+
+/// How often a soak looks at what PostgreSQL's sessions are waiting on.
+const WAIT_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// Over one window: how many times `pg_stat_activity` was sampled, and how many session
+/// samples were active per wait event (`wait_event_type:wait_event`, or `running` for none:
+/// on a core or waiting for one).
+#[derive(Debug, Default, Clone)]
+struct WaitCounts {
+    polls: u64,
+    by_event: std::collections::BTreeMap<String, u64>,
+}
+
+/// Samples the active sessions of the bench's database every [`WAIT_SAMPLE_EVERY`] until
+/// stopped, counting what each is waiting on; a soak takes the counts at each window's end.
+/// It tells a window slowed by waiting on the disk (`IO:WALSync`, `LWLock:WALWrite`) from one
+/// slowed by locks or by the cores.
+struct WaitEvents {
+    counts: Arc<Mutex<WaitCounts>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl WaitEvents {
+    fn start(db: sqlx::PgPool) -> WaitEvents {
+        let counts: Arc<Mutex<WaitCounts>> = Arc::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (into, until) = (counts.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(WAIT_SAMPLE_EVERY);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = until.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let rows: Vec<(String, i64)> = match sqlx::query_as(
+                    "select coalesce(wait_event_type || ':' || wait_event, 'running'), count(*)
+                     from pg_stat_activity
+                     where datname = current_database() and state = 'active'
+                       and pid <> pg_backend_pid()
+                     group by 1",
+                )
+                .fetch_all(&db)
+                .await
+                {
+                    Ok(rows) => rows,
+                    Err(_) => continue,
+                };
+                let mut c = into.lock().expect("not poisoned");
+                c.polls += 1;
+                for (event, n) in rows {
+                    *c.by_event.entry(event).or_default() += n.unsigned_abs();
+                }
+            }
+        });
+        WaitEvents { counts, stop }
+    }
+
+    /// The counts since the last take.
+    fn take(&self) -> WaitCounts {
+        std::mem::take(&mut *self.counts.lock().expect("not poisoned"))
+    }
+}
+
+impl Drop for WaitEvents {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::fmt::Display for WaitCounts {
+    /// `1.42 active: running 61 %, IO:WALSync 22 %, …` (the mean number of active sessions,
+    /// then each event's share of the active session samples, largest first, the top five).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: u64 = self.by_event.values().sum();
+        if self.polls == 0 || total == 0 {
+            return f.write_str("no active session sampled");
+        }
+        let mut events: Vec<(&String, &u64)> = self.by_event.iter().collect();
+        events.sort_by(|a, b| b.1.cmp(a.1));
+        write!(f, "{:.2} active:", total as f64 / self.polls as f64)?;
+        for (i, (event, n)) in events.iter().take(5).enumerate() {
+            let sep = if i == 0 { " " } else { ", " };
+            write!(f, "{sep}{event} {:.0} %", 100.0 * **n as f64 / total as f64)?;
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(bench: Bench<'_>, args: RestArgs) -> anyhow::Result<()> {
@@ -267,11 +358,12 @@ async fn scenario(env: &mut BenchEnv, args: &RestArgs) -> anyhow::Result<()> {
     }
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut samples: Vec<WindowSample> = Vec::new();
+    let waits = window.map(|_| WaitEvents::start(env.db.clone()));
     while Instant::now() < deadline {
         ticker.tick().await;
-        if let Some(w) = window {
+        if let (Some(w), Some(waits)) = (window, &waits) {
             if started.elapsed() >= w * (samples.len() as u32 + 1) {
-                samples.push(sample(env, accepted.load(Ordering::Relaxed)).await?);
+                samples.push(sample(env, accepted.load(Ordering::Relaxed), waits.take()).await?);
             }
         }
         let secs = started.elapsed().as_secs_f64();
@@ -445,8 +537,9 @@ impl std::fmt::Display for Slowest {
     }
 }
 
-/// Each service's RSS, the hot tables' row versions and the CPU used so far, now.
-async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
+/// Each service's RSS, the hot tables' row versions and the CPU used so far, now; with the
+/// window's `waits`.
+async fn sample(env: &BenchEnv, accepted: u64, waits: WaitCounts) -> anyhow::Result<WindowSample> {
     let rss = env
         .services
         .iter()
@@ -463,6 +556,7 @@ async fn sample(env: &BenchEnv, accepted: u64) -> anyhow::Result<WindowSample> {
         rss,
         tables,
         cpu: env.cpu(),
+        waits,
     })
 }
 
@@ -488,14 +582,15 @@ fn print_windows(
             .map(|(n, dead, live)| format!("{n} {dead}/{live}"))
             .collect();
         println!(
-            "window {:>5}-{:<5} s  {:>6} purchases  to WebSocket {}\n                     RSS MiB: {}; dead/live rows: {}\n                     CPU (cores) {}",
+            "window {:>5}-{:<5} s  {:>6} purchases  to WebSocket {}\n                     RSS MiB: {}; dead/live rows: {}\n                     CPU (cores) {}\n                     PostgreSQL sessions, {}",
             i as u64 * w,
             (i as u64 + 1) * w,
             s.accepted - before,
             latency.get(i).map_or("no samples".into(), Latency::summary),
             rss.join(", "),
             tables.join(", "),
-            cpu_report(cpu_before, &s.cpu, window)
+            cpu_report(cpu_before, &s.cpu, window),
+            s.waits
         );
         before = s.accepted;
         cpu_before = &s.cpu;
