@@ -1,24 +1,17 @@
 //! A worker killed with SIGKILL in the middle of a stream loses and doubles nothing.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use upline_testkit::order::Order;
-use upline_testkit::spawn::{Service, ServiceCommand};
+use upline_testkit::spawn::Service;
 use upline_testkit::{oracle, pipeline};
 
 use crate::harness::{user_id, Services, TestApp};
 
 /// Starts `upline worker` as a separate process against the app's database and vhost.
 fn spawn_worker(app: &TestApp) -> Service {
-    ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), "worker")
-        .settings(&app.settings)
-        .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
-        // Small batches, so that the stream takes many transactions and the kill lands
-        // between (or inside) them rather than after one big batch.
-        .env("UPLINE__WORKER__BATCH_SIZE", "16")
-        .env("UPLINE__WORKER__PREFETCH", "32")
+    app.worker_process()
         .spawn()
         .expect("the upline binary starts")
 }

@@ -2,11 +2,10 @@
 //! writes anything; and standby consumers ("Standby consumers"): one consumer of each number
 //! consumes across all workers.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use upline_testkit::pipeline;
-use upline_testkit::spawn::{Service, ServiceCommand};
+use upline_testkit::spawn::Service;
 
 use crate::harness::{metrics_text, Services, TestApp};
 
@@ -115,14 +114,9 @@ where
 /// Starts `upline worker` as a process of its own with two consumers, a standby poll of
 /// 200 ms and small batches.
 fn spawn_worker(app: &TestApp) -> Service {
-    ServiceCommand::new(Path::new(env!("CARGO_BIN_EXE_upline")), "worker")
-        .settings(&app.settings)
+    app.worker_process()
         .env("UPLINE__WORKER__CONSUMERS", "2")
         .env("UPLINE__WORKER__STANDBY_POLL_MS", "200")
-        .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
-        // Small batches, so that the kill lands inside the stream.
-        .env("UPLINE__WORKER__BATCH_SIZE", "16")
-        .env("UPLINE__WORKER__PREFETCH", "32")
         .spawn()
         .expect("the upline binary starts")
 }

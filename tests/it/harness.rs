@@ -251,6 +251,20 @@ impl TestApp {
         Api::new(self.http.clone(), &base, ADMIN, PRODUCER)
     }
 
+    /// `upline worker` as a process of its own against this app's database and vhost, with
+    /// small batches (16, prefetch 32), so that a stream takes many transactions and a kill
+    /// lands inside it, and a 100 ms outbox sweep. Add settings with `.env`, then `.spawn()`.
+    pub fn worker_process(&self) -> upline_testkit::spawn::ServiceCommand {
+        upline_testkit::spawn::ServiceCommand::new(
+            std::path::Path::new(env!("CARGO_BIN_EXE_upline")),
+            "worker",
+        )
+        .settings(&self.settings)
+        .env("UPLINE__WORKER__OUTBOX_POLL_MS", "100")
+        .env("UPLINE__WORKER__BATCH_SIZE", "16")
+        .env("UPLINE__WORKER__PREFETCH", "32")
+    }
+
     /// Starts a worker in this process (for apps spawned without one).
     pub async fn spawn_worker(&mut self) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
