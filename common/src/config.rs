@@ -104,8 +104,8 @@ pub struct ApiSettings {
     pub request_timeout_secs: u64,
 }
 
-/// The most `worker.ledger_writers` can be: more batches writing at once than this is never
-/// useful, since they all credit the same top earners.
+/// The most `worker.ledger_writers` can be: more batches holding earners at once than this is
+/// never useful, since they all credit the same top earners.
 pub const MAX_LEDGER_WRITERS: u16 = 64;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,9 +118,10 @@ pub struct WorkerSettings {
     pub consumers: u16,
     /// Most purchases recorded in one transaction.
     pub batch_size: usize,
-    /// Purchase batches that may write at once across all workers (1 to
-    /// [`MAX_LEDGER_WRITERS`]): each consumer's batches pass ledger gate `consumer number mod
-    /// ledger_writers` first (docs/perf.md, "Ledger gates").
+    /// Purchase batches that may hold earners' rows at once across all workers (1 to
+    /// [`MAX_LEDGER_WRITERS`], default 1): each consumer's batches pass ledger gate `consumer
+    /// number mod ledger_writers` before they lock their first earner (docs/perf.md, "Ledger
+    /// gates", "The gate before the earners").
     pub ledger_writers: u16,
     /// Whether a worker's consumer number i consumes only while it holds consumer slot i, a
     /// PostgreSQL advisory lock, so that across all workers one consumer of each number
@@ -835,9 +836,9 @@ mod tests {
     }
 
     #[test]
-    fn ledger_writers_default_to_two_and_refuse_zero_and_more_than_the_maximum() {
+    fn ledger_writers_default_to_one_and_refuse_zero_and_more_than_the_maximum() {
         let settings = load(&[DEVELOPMENT]).expect("defaults load");
-        assert_eq!(settings.worker.ledger_writers, 2);
+        assert_eq!(settings.worker.ledger_writers, 1);
         for refused in ["0", "65"] {
             let e = load(&[DEVELOPMENT, ("UPLINE__WORKER__LEDGER_WRITERS", refused)])
                 .expect_err("out of range");

@@ -1,6 +1,7 @@
-//! Ledger gates (docs/perf.md, "Ledger gates"): a purchase batch waits at its gate before it
-//! writes anything; and standby consumers ("Standby consumers"): one consumer of each number
-//! consumes across all workers.
+//! Ledger gates (docs/perf.md, "Ledger gates", "The gate before the earners"): a purchase
+//! batch waits at its gate after inserting its purchases and before it locks an earner; and
+//! standby consumers ("Standby consumers"): one consumer of each number consumes across all
+//! workers.
 
 use std::time::{Duration, Instant};
 
@@ -10,17 +11,18 @@ use upline_testkit::spawn::Service;
 use crate::harness::{metrics_text, Services, TestApp};
 
 /// With `worker.ledger_writers = 1` every consumer's batches pass gate 0. While another
-/// session holds gate 0, a purchase is not recorded: the worker's session waits for the gate
-/// before its first write (no transaction id, so no row lock either). Once the gate is free,
-/// the purchase is processed.
+/// session holds gate 0, a purchase is not recorded: the worker's batch inserts its purchase
+/// (so it holds a transaction id), then waits for the gate before it locks its first earner.
+/// Meanwhile the earners' rows are free: another session locks them with `nowait`. Once the
+/// gate is free, the purchase is processed and its earners credited.
 #[tokio::test]
-async fn a_batch_waits_at_its_ledger_gate_before_it_writes() {
+async fn a_batch_waits_at_its_ledger_gate_before_it_locks_an_earner() {
     let app = TestApp::spawn_with(Services::default(), |s| {
         s.worker.ledger_writers = 1;
         s.worker.consumers = 2;
     })
     .await;
-    let (_, _, c) = app.chain_abc().await;
+    let (a, b, c) = app.chain_abc().await;
 
     let mut holder = app.db.begin().await.expect("begin");
     sqlx::query("select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), 0)")
@@ -29,7 +31,7 @@ async fn a_batch_waits_at_its_ledger_gate_before_it_writes() {
         .expect("take gate 0");
     app.purchase("gated-1", c.id, "2000.00").await;
 
-    // The worker's session waiting for gate 0, and its transaction id if it has one.
+    // The worker's session waiting for gate 0, and its transaction id.
     let deadline = Instant::now() + Duration::from_secs(20);
     let xid = loop {
         let waiting: Option<(Option<String>,)> = sqlx::query_as(
@@ -52,20 +54,42 @@ async fn a_batch_waits_at_its_ledger_gate_before_it_writes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(
-        xid, None,
-        "a batch waits at its gate before its first write"
+    assert!(
+        xid.is_some(),
+        "the batch inserts its purchases before the gate, so it waits with a transaction id"
     );
+    // No earner's row is held by the waiting batch: they lock at once from here.
+    let mut other = app.db.begin().await.expect("begin");
+    let locked: Vec<i64> = sqlx::query_scalar(
+        "select user_id from earner_balances where user_id = any($1)
+         order by user_id for no key update nowait",
+    )
+    .bind(vec![a.id, b.id])
+    .fetch_all(&mut *other)
+    .await
+    .expect("the earners' rows are not locked by a batch waiting at its gate");
+    assert_eq!(locked.len(), 2);
+    other.rollback().await.expect("let go of the earners");
     let recorded: i64 =
         sqlx::query_scalar("select count(*) from purchases where purchase_id = 'gated-1'")
             .fetch_one(&app.db)
             .await
             .expect("count");
-    assert_eq!(recorded, 0, "nothing is recorded before the gate is passed");
+    assert_eq!(
+        recorded, 0,
+        "nothing is committed before the gate is passed"
+    );
 
     holder.rollback().await.expect("let go of gate 0");
     let report = app.wait_processed("gated-1").await;
     assert_eq!(report["status"], "processed");
+    let credited: i64 = sqlx::query_scalar(
+        "select count(*) from earnings where purchase_id = 'gated-1' and kind = 'commission'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("count earnings");
+    assert_eq!(credited, 2, "both levels credited once the gate was passed");
     app.stop().await;
 }
 

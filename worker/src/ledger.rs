@@ -9,11 +9,12 @@
 //! that no other relay publishes them meanwhile (see `outbox.rs`).
 //!
 //! A batch costs a fixed number of round trips whatever its size: every step is one set-based
-//! statement over arrays (`unnest`). A batch without repeated purchase ids takes seven:
-//! `BEGIN` with its gate (and, for a small batch, generic plans: [`GENERIC_PLANS_UP_TO`]), the
-//! purchases, the buyers' uplines, the earners' locks, their
-//! per-level totals, every write of the plan (one statement), `COMMIT`. The last four, from
-//! the lock statement on, run under the earners' row locks. Taking the connection from the
+//! statement over arrays (`unnest`). A batch without repeated purchase ids takes eight:
+//! `BEGIN` (with, for a small batch, generic plans: [`GENERIC_PLANS_UP_TO`]), the purchases,
+//! the buyers' uplines, its ledger gate ([`Gate`]), the earners' locks, their per-level
+//! totals, every write of the plan (one statement), `COMMIT`. At most `worker.ledger_writers`
+//! batches run the last five, from the gate on, at once; the last four run under the earners'
+//! row locks. Taking the connection from the
 //! pool adds none while the worker is busy: the worker's pool pings only a connection that
 //! sat idle (`upline_common::db::Checkout::PingWhenIdle`).
 
@@ -103,19 +104,21 @@ pub struct Committed {
     pub events: Vec<EarningEvent>,
 }
 
-/// One of the ledger gates (docs/perf.md, "Ledger gates"): a batch passes its gate before it
-/// writes anything and holds it until its transaction ends, so at most
-/// `worker.ledger_writers` purchase batches write at once across all workers. Every batch
-/// credits the same few top earners; more writers at once only queue on those earners' row
-/// locks, and that queue makes the writer holding them slower (four workers drained at
-/// 0.67–0.84× the rate of one without gates). A gate is the transaction-level advisory lock
+/// One of the ledger gates (docs/perf.md, "Ledger gates" and "The gate before the earners"):
+/// a batch passes its gate after it has inserted its purchases and read their uplines, and
+/// before it locks its first earner; it holds the gate until its transaction ends. So at most
+/// `worker.ledger_writers` purchase batches hold earners' rows at once across all workers,
+/// while the next batches insert their purchases beside them. Every batch credits the same few
+/// top earners; more batches under those earners' row locks at once only queue on them, and
+/// that queue makes the batch holding them slower (four workers drained at 0.67–0.84× the rate
+/// of one without gates). A gate is the transaction-level advisory lock
 /// `(hashtext('upline.ledger_gate'), gate number)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gate(i32);
 
 impl Gate {
     /// The gate of consumer number `consumer` (0, 1, … within its worker) when `writers`
-    /// batches may write at once (`worker.ledger_writers`, at least 1): `consumer mod
+    /// batches may hold earners at once (`worker.ledger_writers`, at least 1): `consumer mod
     /// writers`. A worker's first `writers` consumers then never wait for each other.
     ///
     /// # Panics
@@ -125,13 +128,18 @@ impl Gate {
         Gate(i32::from(consumer % writers))
     }
 
-    /// The statement that waits for the gate and holds it until the transaction ends. It is
-    /// the transaction's first, so a waiting batch holds no row lock and no transaction id.
-    fn lock_statement(self) -> String {
-        format!(
-            "select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), {})",
+    /// Waits for the gate and holds it until the transaction ends. It runs right before the
+    /// earners' lock statement, so a waiting batch holds no earner's row, and the lock
+    /// statement's snapshot is taken once the gate is passed: it reads the earners as the
+    /// batch before left them.
+    async fn pass(self, tx: &mut PgConnection) -> sqlx::Result<()> {
+        sqlx::query!(
+            "select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), $1)",
             self.0
         )
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 }
 
@@ -147,32 +155,21 @@ impl Gate {
 /// 1,000-purchase batches ran as fast on generic plans in one test, but was not made to.
 pub const GENERIC_PLANS_UP_TO: usize = 64;
 
-/// The simple query that opens a batch's transaction, in one round trip: `BEGIN`, then the
-/// gate's lock when there is a gate ([`Gate`]), then `set local plan_cache_mode =
-/// force_generic_plan` for a batch of at most [`GENERIC_PLANS_UP_TO`] items. `None`: a plain
-/// `BEGIN` does.
-fn begin_statement(gate: Option<Gate>, items: usize) -> Option<String> {
-    let generic = items <= GENERIC_PLANS_UP_TO;
-    if gate.is_none() && !generic {
-        return None;
-    }
-    let mut sql = String::from("begin");
-    if let Some(gate) = gate {
-        sql.push_str("; ");
-        sql.push_str(&gate.lock_statement());
-    }
-    if generic {
-        sql.push_str("; set local plan_cache_mode = force_generic_plan");
-    }
-    Some(sql)
+/// The simple query that opens a batch's transaction, in one round trip: `BEGIN`, then `set
+/// local plan_cache_mode = force_generic_plan` for a batch of at most [`GENERIC_PLANS_UP_TO`]
+/// items. `None`: a plain `BEGIN` does.
+fn begin_statement(items: usize) -> Option<&'static str> {
+    (items <= GENERIC_PLANS_UP_TO)
+        .then_some("begin; set local plan_cache_mode = force_generic_plan")
 }
 
 /// Records a batch in one transaction. Items are applied in order: an earner's `seq` follows
 /// the order of the batch. Each credited earning is queued in `earning_outbox`, leased to
 /// `lease.holder` for `lease.duration` when a lease is given (the caller publishes the
 /// returned events itself), or free for any relay to take. With a `gate`, the transaction
-/// first waits for it ([`Gate`]). The gate, and generic plans for a small batch
-/// ([`GENERIC_PLANS_UP_TO`]), cost no round trip: they go with the `BEGIN`.
+/// waits for it before it locks its earners ([`Gate`]): one round trip more for a batch that
+/// credits anyone. Generic plans for a small batch ([`GENERIC_PLANS_UP_TO`]) cost none: they
+/// go with the `BEGIN`.
 ///
 /// # Errors
 /// Database errors; the transaction is rolled back and nothing of the batch is recorded.
@@ -183,11 +180,11 @@ pub async fn record_batch(
     lease: Option<&Lease>,
     gate: Option<Gate>,
 ) -> sqlx::Result<Committed> {
-    let mut tx = match begin_statement(gate, items.len()) {
+    let mut tx = match begin_statement(items.len()) {
         Some(sql) => pool.begin_with(sql).await?,
         None => pool.begin().await?,
     };
-    let committed = record_in(&mut tx, rules, items, lease).await?;
+    let committed = record_in(&mut tx, rules, items, lease, gate).await?;
     tx.commit().await?;
     Ok(committed)
 }
@@ -205,6 +202,7 @@ async fn record_in(
     rules: &Rules,
     items: &[Item],
     lease: Option<&Lease>,
+    gate: Option<Gate>,
 ) -> sqlx::Result<Committed> {
     let mut batch = Batch {
         items,
@@ -213,7 +211,7 @@ async fn record_in(
         events: Vec::new(),
     };
     let claimed = claim(tx, &mut batch).await?;
-    credit(tx, rules, &mut batch, &claimed, lease).await?;
+    credit(tx, rules, &mut batch, &claimed, lease, gate).await?;
     Ok(Committed {
         results: batch
             .results
@@ -411,14 +409,15 @@ async fn record_repeats(
 }
 
 /// Credits the uplines of the claimed valid purchases, in named steps: load the buyers'
-/// uplines, lock and load their earners, [`plan::plan`] the shares (the pure middle), then
-/// write the plan.
+/// uplines, pass the `gate` ([`Gate`]), lock and load their earners, [`plan::plan`] the
+/// shares (the pure middle), then write the plan.
 async fn credit(
     tx: &mut PgConnection,
     rules: &Rules,
     batch: &mut Batch<'_>,
     claimed: &[usize],
     lease: Option<&Lease>,
+    gate: Option<Gate>,
 ) -> sqlx::Result<()> {
     let (indexes, purchases): (Vec<usize>, Vec<&Purchase>) = claimed
         .iter()
@@ -431,6 +430,9 @@ async fn credit(
         return Ok(());
     }
     let uplines = load_uplines(tx, &purchases, rules.rates.len()).await?;
+    if let Some(gate) = gate {
+        gate.pass(tx).await?;
+    }
     let earners = lock_earners(tx, uplines.values().flatten().copied(), rules.rates.len()).await?;
     let plan = plan::plan(rules, &purchases, &uplines, earners);
     write_rejections(tx, &purchases, &plan.decisions).await?;
@@ -747,26 +749,14 @@ mod tests {
         assert_eq!(Gate::for_consumer(7, 8), Gate(7));
     }
 
-    /// A batch's `BEGIN` carries its gate's lock first, then generic plans when the batch is
-    /// small; a large batch without a gate begins plainly.
+    /// A small batch's `BEGIN` carries generic plans in the same round trip; a large batch
+    /// begins plainly.
     #[test]
     fn a_small_batch_begins_on_generic_plans_in_the_same_round_trip() {
-        let gate = Some(Gate::for_consumer(1, 2));
-        let lock = "select pg_advisory_xact_lock(hashtext('upline.ledger_gate'), 1)";
-        let generic = "set local plan_cache_mode = force_generic_plan";
-        assert_eq!(
-            begin_statement(gate, 1).as_deref(),
-            Some(format!("begin; {lock}; {generic}").as_str())
-        );
-        assert_eq!(
-            begin_statement(gate, GENERIC_PLANS_UP_TO + 1).as_deref(),
-            Some(format!("begin; {lock}").as_str())
-        );
-        assert_eq!(
-            begin_statement(None, GENERIC_PLANS_UP_TO).as_deref(),
-            Some(format!("begin; {generic}").as_str())
-        );
-        assert_eq!(begin_statement(None, GENERIC_PLANS_UP_TO + 1), None);
+        let generic = "begin; set local plan_cache_mode = force_generic_plan";
+        assert_eq!(begin_statement(1), Some(generic));
+        assert_eq!(begin_statement(GENERIC_PLANS_UP_TO), Some(generic));
+        assert_eq!(begin_statement(GENERIC_PLANS_UP_TO + 1), None);
     }
 
     /// The first item of each id is the candidate; candidates are inserted (and so locked) in

@@ -28,8 +28,8 @@ pub struct Ctx {
     pub circuit: Arc<crate::circuit::Circuit>,
     /// Largest message body read (`worker.max_message_bytes`); bigger ones are dead-lettered.
     pub max_message_bytes: usize,
-    /// The ledger gate this consumer's purchase batches pass before they write
-    /// ([`ledger::Gate`]); `None` writes without one.
+    /// The ledger gate this consumer's purchase batches pass before they lock their earners
+    /// ([`ledger::Gate`]); `None` locks them without one.
     pub gate: Option<ledger::Gate>,
 }
 

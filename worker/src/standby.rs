@@ -1,8 +1,8 @@
 //! Standby consumers (docs/perf.md, "Standby consumers"): across all workers, one consumer of
 //! each number consumes at a time; the others stand by.
 //!
-//! The ledger gates ([`crate::ledger::Gate`]) let `worker.ledger_writers` batches write at
-//! once, but a batch that waits at a gate is still a transaction in PostgreSQL, and more
+//! The ledger gates ([`crate::ledger::Gate`]) let `worker.ledger_writers` batches hold earners
+//! at once, but a batch that waits at a gate is still a transaction in PostgreSQL, and more
 //! batches in flight made the ones writing slower: four workers drained at 0.82–0.93× the
 //! rate of one ("Four workers, with one writer"). So a worker's consumer number i first takes
 //! consumer slot i, the session-level advisory lock `(hashtext('upline.consumer_slot'), i)` on

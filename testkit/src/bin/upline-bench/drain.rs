@@ -562,7 +562,7 @@ async fn drain(
     let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
     let run_queue = run_queue_wait(&sched_before, &sched_by_command("postgres"));
     stop_sampling.store(true, Ordering::Relaxed);
-    let (waiting, writing, samples) = sampler.await??;
+    let waits = sampler.await??;
     // Events: wait for the outbox to empty (all earning events confirmed by the broker).
     pipeline::wait_outbox_empty(&env.db, Duration::from_secs(1800)).await?;
     let with_events = started.elapsed().as_secs_f64();
@@ -572,9 +572,16 @@ async fn drain(
         sent.len() as f64 / secs
     );
     println!(
-        "  row-lock waits: {:.1} % of the time in writing transactions ({samples} samples of pg_stat_activity every {} ms: {waiting} of {writing} session samples holding a transaction id were waiting on a lock)",
-        if writing == 0 { 0.0 } else { 100.0 * waiting as f64 / writing as f64 },
+        "  row-lock waits: {:.1} % of the time in writing transactions; at a ledger gate {:.1} %; on other locks {:.1} % ({} samples of pg_stat_activity every {} ms: of {} session samples holding a transaction id, {} waited on a row lock, {} at a gate, {} on another lock)",
+        waits.share(waits.rows),
+        waits.share(waits.gate),
+        waits.share(waits.other),
+        waits.samples,
         SAMPLE_EVERY.as_millis(),
+        waits.writing,
+        waits.rows,
+        waits.gate,
+        waits.other,
     );
     print_run_queue(run_queue);
     println!("  ledger batches: {}", batch_report(env.batches().await?));
@@ -593,29 +600,61 @@ fn print_run_queue(waited: f64) {
 /// How often [`lock_waits`] looks at `pg_stat_activity`.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
-/// Samples `pg_stat_activity` of the bench's database until `stop`: per sample, the sessions
-/// in a transaction that has written (it holds a transaction id: the ledger's batches and the
-/// relay's statements, not the bench's own reads), and those of them waiting on a lock
-/// (`wait_event_type = 'Lock'`: a row lock shows as a wait on the holder's `transactionid` or
-/// on the `tuple`). Returns (waiting, writing, samples): waiting / writing is the share of
-/// write-transaction time spent waiting for locks.
-async fn lock_waits(db: sqlx::PgPool, stop: Arc<AtomicBool>) -> anyhow::Result<(i64, i64, u64)> {
-    let (mut waiting, mut writing, mut samples) = (0i64, 0i64, 0u64);
+/// What [`lock_waits`] counted: session samples of writing transactions, and of those the
+/// ones waiting on earners' rows and at a ledger gate.
+#[derive(Debug, Default, Clone, Copy)]
+struct LockWaits {
+    samples: u64,
+    /// Session samples holding a transaction id (the ledger's batches, the relay's writes) or
+    /// waiting at a gate.
+    writing: i64,
+    /// Of those, waiting on a row lock: on the holder's `transactionid`, or on the `tuple`.
+    rows: i64,
+    /// Of those, waiting on an advisory lock: a ledger gate (docs/perf.md, "Ledger gates").
+    gate: i64,
+    /// Of those, waiting on any other lock (a relation's, say).
+    other: i64,
+}
+
+impl LockWaits {
+    fn share(&self, n: i64) -> f64 {
+        if self.writing == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / self.writing as f64
+        }
+    }
+}
+
+/// Samples `pg_stat_activity` of the bench's database every [`SAMPLE_EVERY`] until `stop`:
+/// per sample, the sessions in a transaction that has written (it holds a transaction id: the
+/// ledger's batches and the relay's statements, not the bench's own reads) or that waits at a
+/// ledger gate (a build whose batches wait there before their first write has no transaction
+/// id yet), and those of them waiting on a lock (`wait_event_type = 'Lock'`), by the lock's
+/// kind. Each kind's count over
+/// the writing count is the share of write-transaction time spent waiting on it.
+async fn lock_waits(db: sqlx::PgPool, stop: Arc<AtomicBool>) -> anyhow::Result<LockWaits> {
+    let mut waits = LockWaits::default();
     while !stop.load(Ordering::Relaxed) {
-        let (w, x): (i64, i64) = sqlx::query_as(
-            "select count(*) filter (where wait_event_type = 'Lock'), count(*) \
+        let (writing, rows, gate, other): (i64, i64, i64, i64) = sqlx::query_as(
+            "select count(*), \
+                    count(*) filter (where wait_event_type = 'Lock' and wait_event in ('transactionid', 'tuple')), \
+                    count(*) filter (where wait_event_type = 'Lock' and wait_event = 'advisory'), \
+                    count(*) filter (where wait_event_type = 'Lock' and wait_event not in ('transactionid', 'tuple', 'advisory')) \
              from pg_stat_activity \
-             where datname = current_database() and backend_xid is not null \
-               and pid <> pg_backend_pid()",
+             where datname = current_database() and pid <> pg_backend_pid() \
+               and (backend_xid is not null or (wait_event_type = 'Lock' and wait_event = 'advisory'))",
         )
         .fetch_one(&db)
         .await?;
-        waiting += w;
-        writing += x;
-        samples += 1;
+        waits.samples += 1;
+        waits.writing += writing;
+        waits.rows += rows;
+        waits.gate += gate;
+        waits.other += other;
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
-    Ok((waiting, writing, samples))
+    Ok(waits)
 }
 
 async fn verify(env: &BenchEnv, sent: &[Order]) -> anyhow::Result<()> {
