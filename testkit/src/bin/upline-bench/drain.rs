@@ -25,8 +25,8 @@ use upline_testkit::{oracle, pipeline};
 use upline_worker::ledger::{self, Incoming, Item};
 
 use super::env::{
-    batch_report, cpu_report, run_queue_wait, sched_by_command, seed_tree, stat_cpu, Bench,
-    BenchEnv,
+    batch_report, cpu_report, forest_tree, run_queue_wait, sched_by_command, seed_forest,
+    seed_tree, stat_cpu, Bench, BenchEnv,
 };
 use super::{progress, progress_done};
 
@@ -70,6 +70,14 @@ pub struct DrainArgs {
     /// out").
     #[arg(long)]
     broker_load: bool,
+    /// Run the PostgreSQL-alone baseline once more for each number of partitions given
+    /// (comma-separated), on a forest of that many referral trees of `users / k` users each,
+    /// with one writer per tree: each applies, one batch after the other, the purchases whose
+    /// buyers are in its tree, and the writers run at once. No two writers ever share an
+    /// earner: a simulation of one writer per earner (docs/perf.md, "One writer per earner,
+    /// simulated"). No gate; the same purchases as every other scenario.
+    #[arg(long, value_delimiter = ',')]
+    partitions: Vec<i64>,
     #[arg(long)]
     keep: bool,
 }
@@ -118,6 +126,15 @@ pub async fn run(bench: Bench<'_>, args: DrainArgs) -> anyhow::Result<()> {
             let (label, r) = r?;
             rows.push((label, r));
         }
+    }
+    for &trees in &args.partitions {
+        let mut env = BenchEnv::new(bench, "partitions", args.keep).await?;
+        let r = partitioned(&mut env, &sent, args.users, batch_size, trees).await;
+        env.finish().await;
+        rows.push((
+            format!("PostgreSQL alone, {trees} partition(s) of the earners, one writer each"),
+            r?,
+        ));
     }
     for &workers in args.workers.iter().filter(|&&w| w > 0) {
         let mut env = BenchEnv::new(bench, "drain", args.keep).await?;
@@ -234,16 +251,7 @@ async fn baseline(
     let rules = Arc::new(env.settings.commission.rules()?);
     let items: Vec<Item> = sent
         .iter()
-        .map(|s| {
-            let purchase = s.to_purchase(&rules.currency)?;
-            let serde_json::Value::Object(body) = serde_json::to_value(s)? else {
-                unreachable!("an order serialises as an object")
-            };
-            Ok(Item {
-                incoming: Incoming::Valid(purchase),
-                body,
-            })
-        })
+        .map(|s| ledger_item(s, &rules.currency))
         .collect::<anyhow::Result<_>>()?;
     let broker = match beside {
         Beside::Broker { prefetch } => {
@@ -321,6 +329,70 @@ async fn baseline(
     };
     verify(env, sent).await?;
     Ok((label, (sent.len() as f64 / secs, secs)))
+}
+
+/// An order as the ledger's input, as the worker makes it from a message.
+fn ledger_item(order: &Order, currency: &str) -> anyhow::Result<Item> {
+    let purchase = order.to_purchase(currency)?;
+    let serde_json::Value::Object(body) = serde_json::to_value(order)? else {
+        unreachable!("an order serialises as an object")
+    };
+    Ok(Item {
+        incoming: Incoming::Valid(purchase),
+        body,
+    })
+}
+
+/// The ledger alone with one writer per partition of the earners: `trees` referral trees
+/// ([`seed_forest`]), and per tree one writer applying the batches of its buyers' purchases in
+/// turn, all writers at once, without gates. A buyer's earners are in the buyer's tree, so no
+/// two writers share an earner's row. Returns the scenario's (purchases/s, seconds).
+async fn partitioned(
+    env: &mut BenchEnv,
+    sent: &[Order],
+    users: i64,
+    batch_size: usize,
+    trees: i64,
+) -> anyhow::Result<(f64, f64)> {
+    seed_forest(&env.db, users, trees).await?;
+    let rules = Arc::new(env.settings.commission.rules()?);
+    let mut parts: Vec<Vec<Item>> = (0..trees).map(|_| Vec::new()).collect();
+    for order in sent {
+        parts[forest_tree(order.buyer_id.get(), users, trees)]
+            .push(ledger_item(order, &rules.currency)?);
+    }
+    let sizes: Vec<String> = parts.iter().map(|p| p.len().to_string()).collect();
+    let cpu_before = env.cpu();
+    let sched_before = sched_by_command("postgres");
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn(lock_waits(env.db.clone(), stop_sampling.clone()));
+    let started = Instant::now();
+    let writers = parts.iter().map(|items| {
+        let (db, rules) = (env.db.clone(), rules.clone());
+        async move {
+            for chunk in items.chunks(batch_size) {
+                ledger::record_batch(&db, &rules, chunk, None, None).await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        }
+    });
+    let done = future::try_join_all(writers).await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_report(&cpu_before, &env.cpu(), started.elapsed());
+    let run_queue = run_queue_wait(&sched_before, &sched_by_command("postgres"));
+    stop_sampling.store(true, Ordering::Relaxed);
+    let waits = sampler.await??;
+    done?;
+    println!(
+        "PostgreSQL alone, {trees} partition(s) of the earners: {} purchases in {secs:.1} s = {:.0}/s (batches of {batch_size}, one writer per partition, purchases per partition {}); CPU (cores) {cpu}",
+        sent.len(),
+        sent.len() as f64 / secs,
+        sizes.join(" / "),
+    );
+    print_lock_waits(&waits);
+    print_run_queue(run_queue);
+    verify(env, sent).await?;
+    Ok((sent.len() as f64 / secs, secs))
 }
 
 /// The broker's part of a drain, with no worker: the backlog waits on `upline.purchases`;
@@ -571,6 +643,15 @@ async fn drain(
         sent.len(),
         sent.len() as f64 / secs
     );
+    print_lock_waits(&waits);
+    print_run_queue(run_queue);
+    println!("  ledger batches: {}", batch_report(env.batches().await?));
+    verify(env, sent).await?;
+    Ok((sent.len() as f64 / secs, secs))
+}
+
+/// Prints what [`lock_waits`] counted.
+fn print_lock_waits(waits: &LockWaits) {
     println!(
         "  row-lock waits: {:.1} % of the time in writing transactions; at a ledger gate {:.1} %; on other locks {:.1} % ({} samples of pg_stat_activity every {} ms: of {} session samples holding a transaction id, {} waited on a row lock, {} at a gate, {} on another lock)",
         waits.share(waits.rows),
@@ -583,10 +664,6 @@ async fn drain(
         waits.gate,
         waits.other,
     );
-    print_run_queue(run_queue);
-    println!("  ledger batches: {}", batch_report(env.batches().await?));
-    verify(env, sent).await?;
-    Ok((sent.len() as f64 / secs, secs))
 }
 
 /// Prints a [`run_queue_wait`] of PostgreSQL's processes.

@@ -343,14 +343,30 @@ pub fn cpu_report(before: &[(String, f64)], after: &[(String, f64)], wall: Durat
 /// # Errors
 /// Database errors.
 pub async fn seed_tree(db: &PgPool, n: i64) -> anyhow::Result<()> {
+    seed_forest(db, n, 1).await
+}
+
+/// Seeds `trees` referral trees of `n / trees` users each (the last one takes what is left):
+/// tree k holds the users `k * m + 1 ..= (k + 1) * m`, where m is `n / trees` rounded up, with
+/// user `k * m + 1` at its root and each user referring 8 more, as [`seed_tree`] does for one.
+/// An earner's downline then stays in its tree: [`forest_tree`] is the tree of a buyer and of
+/// every earner it pays.
+///
+/// # Errors
+/// `trees` outside 1..=`n`; database errors.
+pub async fn seed_forest(db: &PgPool, n: i64, trees: i64) -> anyhow::Result<()> {
+    anyhow::ensure!(trees >= 1 && trees <= n, "between 1 and {n} trees");
     sqlx::query(
         r#"insert into users (id, name, email, referral_code, referrer_id, direct_referrals)
            select i, 'User ' || i, 'user' || i || '@bench.example', 'B' || lpad(to_hex(i), 10, '0'),
-                  case when i = 1 then null else (i - 2) / 8 + 1 end,
-                  greatest(0, least(8, $1 - (8 * (i - 1) + 1)))
-           from generate_series(1, $1::int8) i"#,
+                  case when j = 1 then null else k * m + (j - 2) / 8 + 1 end,
+                  greatest(0, least(8, least(m, $1 - k * m) - (8 * (j - 1) + 1)))
+           from (select i, (i - 1) / m as k, (i - 1) % m + 1 as j, m
+                 from generate_series(1, $1::int8) i,
+                      (select ($1::int8 + $2::int8 - 1) / $2::int8 as m) size) t"#,
     )
     .bind(n)
+    .bind(trees)
     .execute(db)
     .await?;
     sqlx::query("select setval(pg_get_serial_sequence('users', 'id'), $1)")
@@ -359,6 +375,12 @@ pub async fn seed_tree(db: &PgPool, n: i64) -> anyhow::Result<()> {
         .await?;
     sqlx::query("analyze users").execute(db).await?;
     Ok(())
+}
+
+/// The tree of [`seed_forest`]`(_, n, trees)` that user `id` is in: 0 to `trees - 1`.
+pub fn forest_tree(id: i64, n: i64, trees: i64) -> usize {
+    let m = (n + trees - 1) / trees;
+    usize::try_from((id - 1) / m).expect("ids start at 1")
 }
 
 /// A WebSocket client of the notifier.
