@@ -14,9 +14,9 @@
 //! the buyers' uplines, its ledger gate ([`Gate`]), the earners' locks, their per-level
 //! totals, every write of the plan (one statement), `COMMIT`. At most `worker.ledger_writers`
 //! batches run the last five, from the gate on, at once; the last four run under the earners'
-//! row locks. Taking the connection from the
-//! pool adds none while the worker is busy: the worker's pool pings only a connection that
-//! sat idle (`upline_common::db::Checkout::PingWhenIdle`).
+//! row locks. Taking the connection from the pool adds none while the worker is busy: the
+//! worker's pool pings only a connection that sat idle
+//! (`upline_common::db::Checkout::PingWhenIdle`).
 
 pub mod lifecycle;
 mod plan;
